@@ -1,0 +1,358 @@
+"""Configuration: the YAML file (or, for containers, environment variables) to validated settings.
+
+Loading is all or nothing: every problem is collected and reported with the path of the field
+it concerns (`accounts[1].key: no key named 'ops'`), and no message ever carries a secret value.
+Secret files and variables are read here, at start and again on SIGHUP.
+"""
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from balance_exporter.gemini.nonce import NonceUnit
+from balance_exporter.gemini.replies import Precision
+
+GEMINI_RATE_LIMIT_PER_SECOND = 10.0  # 600 requests per minute
+GEMINI_RECOMMENDED_PER_SECOND = 5.0
+DEFAULT_PRECISION_PLACES = 8
+# Fiat is kept in cents; crypto at its smallest on-chain unit where Gemini lists it so.
+DEFAULT_PRECISION: dict[str, int] = {
+    **dict.fromkeys(["USD", "EUR", "GBP", "SGD", "CAD", "AUD", "HKD", "CHF", "NZD"], 2),
+    "BTC": 8, "BCH": 8, "LTC": 8, "ZEC": 8, "DOGE": 8,
+    "ETH": 18,
+}
+ENV_PREFIX = "BALANCE_EXPORTER_"
+
+LabelText = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; `problems` are `path: message` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GeminiSettings(_Strict):
+    base_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")] = (
+        "https://api.gemini.com"
+    )
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    # An optional budget shared by all keys, for when Gemini counts per IP address.
+    requests_per_second: Annotated[float, Field(gt=0)] | None = None
+
+
+class KeySettings(_Strict):
+    name: LabelText
+    api_key: Annotated[str, Field(min_length=1)] | None = None
+    api_key_file: Path | None = None
+    api_secret: SecretStr | None = None
+    api_secret_file: Path | None = None
+    api_secret_env: Annotated[str, Field(min_length=1)] | None = None
+    nonce: NonceUnit = "milliseconds"
+    requests_per_second: Annotated[float, Field(gt=0)] = 2.0
+
+
+class AccountSettings(_Strict):
+    key: str
+    # Gemini's short name for the account; None for an account-scoped key.
+    account: Annotated[str, Field(min_length=1)] | None = None
+    # The `account` label value; defaults to `account`, then to the key's name.
+    name: LabelText | None = None
+    show_pending_balances: bool = False
+    interval_seconds: Annotated[float, Field(ge=1, le=86400)] = 30.0
+
+    @property
+    def label(self) -> str:
+        return self.name or self.account or self.key
+
+
+class PollingSettings(_Strict):
+    # Auth and configuration errors will not fix themselves: retry rarely.
+    rejected_retry_seconds: Annotated[float, Field(ge=1)] = 300.0
+    max_backoff_seconds: Annotated[float, Field(ge=1)] = 300.0
+
+
+class ExporterSettings(_Strict):
+    gemini: GeminiSettings = GeminiSettings()
+    keys: Annotated[list[KeySettings], Field(min_length=1)]
+    accounts: Annotated[list[AccountSettings], Field(min_length=1)]
+    precision: dict[str, Annotated[int, Field(ge=0, le=30)]] = {}
+    default_precision: Annotated[int, Field(ge=0, le=30)] = DEFAULT_PRECISION_PLACES
+    polling: PollingSettings = PollingSettings()
+
+    # ConfigError is no ValueError, so pydantic lets it through with its own paths intact.
+    @model_validator(mode="after")
+    def _check_references(self) -> "ExporterSettings":
+        problems = [*_key_problems(self.keys), *_account_problems(self)]
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+def _key_problems(keys: list[KeySettings]) -> list[str]:
+    problems: list[str] = []
+    seen: set[str] = set()
+    for index, key in enumerate(keys):
+        where = f"keys[{index}]"
+        if key.name in seen:
+            problems.append(f"{where}.name: another key is already named {key.name!r}")
+        seen.add(key.name)
+        if (key.api_key is None) == (key.api_key_file is None):
+            problems.append(f"{where}: set exactly one of api_key, api_key_file")
+        secret_sources = [key.api_secret, key.api_secret_file, key.api_secret_env]
+        if sum(source is not None for source in secret_sources) != 1:
+            problems.append(
+                f"{where}: set exactly one of api_secret_file, api_secret_env, api_secret"
+            )
+        limit = 1.0 if key.nonce == "seconds" else GEMINI_RATE_LIMIT_PER_SECOND
+        if key.requests_per_second > limit:
+            why = (
+                "a key with `nonce: seconds` needs a new whole second for every request"
+                if key.nonce == "seconds"
+                else "Gemini allows 600 requests per minute"
+            )
+            problems.append(
+                f"{where}.requests_per_second: {key.requests_per_second:g} is above {limit:g}; "
+                + why
+            )
+    return problems
+
+
+def _account_problems(settings: ExporterSettings) -> list[str]:
+    problems: list[str] = []
+    key_names = {key.name for key in settings.keys}
+    labels: set[str] = set()
+    targets: set[tuple[str, str | None]] = set()
+    for index, account in enumerate(settings.accounts):
+        where = f"accounts[{index}]"
+        if account.key not in key_names:
+            problems.append(f"{where}.key: no key named {account.key!r}")
+        if account.label in labels:
+            problems.append(f"{where}.name: another account is already named {account.label!r}")
+        labels.add(account.label)
+        target = (account.key, account.account)
+        if target in targets:
+            problems.append(f"{where}: key {account.key!r} already polls this account")
+        targets.add(target)
+    return problems
+
+
+def config_warnings(settings: ExporterSettings) -> list[str]:
+    return [
+        f"keys[{index}].requests_per_second: {key.requests_per_second:g} is above Gemini's "
+        f"recommended {GEMINI_RECOMMENDED_PER_SECOND:g} per second"
+        for index, key in enumerate(settings.keys)
+        if key.requests_per_second > GEMINI_RECOMMENDED_PER_SECOND
+    ]
+
+
+@dataclass(frozen=True)
+class ResolvedKey:
+    """A key with its API key and secret read from wherever the config points."""
+
+    name: str
+    api_key: str
+    api_secret: SecretStr
+    nonce: NonceUnit
+    requests_per_second: float
+
+    @property
+    def is_master(self) -> bool:
+        return self.api_key.startswith("master-")
+
+
+@dataclass(frozen=True)
+class Config:
+    settings: ExporterSettings
+    keys: dict[str, ResolvedKey]
+    warnings: tuple[str, ...]
+
+    @property
+    def precision(self) -> Precision:
+        return Precision({**DEFAULT_PRECISION, **self.settings.precision},
+                         self.settings.default_precision)
+
+    @property
+    def secrets(self) -> list[str]:
+        return [key.api_secret.get_secret_value() for key in self.keys.values()]
+
+
+def _read_text_file(path: Path, where: str, problems: list[str]) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        problems.append(f"{where}: cannot read {str(path)!r}: {reason}")
+        return None
+    if not text:
+        problems.append(f"{where}: {str(path)!r} is empty")
+        return None
+    return text
+
+
+def _resolve_key(
+    index: int, key: KeySettings, environ: Mapping[str, str], problems: list[str]
+) -> ResolvedKey | None:
+    where = f"keys[{index}]"
+    api_key = key.api_key
+    if key.api_key_file is not None:
+        api_key = _read_text_file(key.api_key_file, f"{where}.api_key_file", problems)
+    secret: str | None = None
+    if key.api_secret is not None:
+        secret = key.api_secret.get_secret_value()
+    elif key.api_secret_file is not None:
+        secret = _read_text_file(key.api_secret_file, f"{where}.api_secret_file", problems)
+    elif key.api_secret_env is not None:
+        secret = environ.get(key.api_secret_env) or None
+        if secret is None:
+            problems.append(f"{where}.api_secret_env: variable {key.api_secret_env} is not set")
+    if api_key is None or secret is None:
+        return None
+    return ResolvedKey(
+        name=key.name,
+        api_key=api_key,
+        api_secret=SecretStr(secret),
+        nonce=key.nonce,
+        requests_per_second=key.requests_per_second,
+    )
+
+
+def _master_key_problems(settings: ExporterSettings, keys: dict[str, ResolvedKey]) -> list[str]:
+    return [
+        f"accounts[{index}].account: key {account.key!r} is a master key, which needs the "
+        "account's short name (Gemini answers MissingAccounts without it)"
+        for index, account in enumerate(settings.accounts)
+        if account.account is None and account.key in keys and keys[account.key].is_master
+    ]
+
+
+def _format_location(location: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def validation_problems(
+    error: ValidationError,
+    name_location: Callable[[tuple[int | str, ...]], str] = _format_location,
+) -> list[str]:
+    return [
+        f"{name_location(tuple(detail['loc']))}: {detail['msg']}"
+        for detail in error.errors(include_input=False, include_url=False)
+    ]
+
+
+def build_config(document: object, environ: Mapping[str, str]) -> Config:
+    if not isinstance(document, dict):
+        raise ConfigError([f"(top level): expected a mapping, got {type(document).__name__}"])
+    try:
+        settings = ExporterSettings.model_validate(document)
+    except ValidationError as error:
+        raise ConfigError(validation_problems(error)) from None
+    problems: list[str] = []
+    keys = {
+        key.name: resolved
+        for index, key in enumerate(settings.keys)
+        if (resolved := _resolve_key(index, key, environ, problems)) is not None
+    }
+    problems += _master_key_problems(settings, keys)
+    if problems:
+        raise ConfigError(problems)
+    return Config(settings=settings, keys=keys, warnings=tuple(config_warnings(settings)))
+
+
+def read_config_file(path: Path) -> object:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ConfigError([f"{path}: cannot read: {reason}"]) from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        place = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise ConfigError([f"{path}: {place}{problem}"]) from None
+
+
+class EnvironmentSettings(BaseSettings):
+    """One key and its accounts from `BALANCE_EXPORTER_*` variables, for containers."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    api_key: str | None = None
+    api_key_file: Path | None = None
+    api_secret_file: Path | None = None
+    key_name: str = "default"
+    # Comma-separated short names; empty for an account-scoped key.
+    accounts: str = ""
+    base_url: str | None = None
+    timeout_seconds: float | None = None
+    nonce: Literal["milliseconds", "seconds"] | None = None
+    requests_per_second: float | None = None
+    interval_seconds: float | None = None
+    show_pending_balances: bool | None = None
+
+    @property
+    def is_configured(self) -> bool:
+        return self.api_key is not None or self.api_key_file is not None
+
+    def to_document(self) -> dict[str, Any]:
+        """The same shape as the YAML file, so both go through one validation."""
+        key: dict[str, Any] = {"name": self.key_name, "api_key": self.api_key,
+                               "api_key_file": self.api_key_file, "nonce": self.nonce,
+                               "requests_per_second": self.requests_per_second}
+        if self.api_secret_file is not None:
+            key["api_secret_file"] = self.api_secret_file
+        else:
+            key["api_secret_env"] = f"{ENV_PREFIX}API_SECRET"
+        names = [name.strip() for name in self.accounts.split(",") if name.strip()]
+        account_fields = {"interval_seconds": self.interval_seconds,
+                          "show_pending_balances": self.show_pending_balances}
+        accounts = [{"key": self.key_name, "account": name, **account_fields} for name in names]
+        gemini = {"base_url": self.base_url, "timeout_seconds": self.timeout_seconds}
+        return {
+            "gemini": _without_none(gemini),
+            "keys": [_without_none(key)],
+            "accounts": [_without_none(account) for account in accounts]
+            or [_without_none({"key": self.key_name, **account_fields})],
+        }
+
+
+def _without_none(fields: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """The config from `path`, or from `BALANCE_EXPORTER_*` variables when no file is given."""
+    environ = os.environ if environ is None else environ
+    if path is not None:
+        return build_config(read_config_file(path), environ)
+    try:
+        from_environment = EnvironmentSettings()
+    except ValidationError as error:
+        raise ConfigError(validation_problems(error, _variable_name)) from None
+    if not from_environment.is_configured:
+        raise ConfigError([
+            f"no configuration: pass --config.file, or set {ENV_PREFIX}API_KEY (see README); "
+            "`balance-exporter demo` runs against the built-in simulator"
+        ])
+    return build_config(from_environment.to_document(), environ)
+
+
+def _variable_name(location: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + str(location[0]).upper() if location else "(environment)"

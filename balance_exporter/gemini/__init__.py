@@ -1,0 +1,1 @@
+"""Everything that speaks Gemini's private REST API: signing, nonces, errors, replies."""

@@ -1,0 +1,29 @@
+"""Nonces that never go backwards.
+
+Gemini rejects a nonce that is not larger than the last one it saw from the same key, so the
+source remembers what it handed out and steps past it when the wall clock stalls or steps back.
+"""
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+NonceUnit = Literal["milliseconds", "seconds"]
+
+_NS_PER_UNIT: dict[NonceUnit, int] = {"milliseconds": 1_000_000, "seconds": 1_000_000_000}
+
+
+class NonceSource:
+    def __init__(self, unit: NonceUnit, wall_clock_ns: Callable[[], int] = time.time_ns) -> None:
+        self.unit = unit
+        self._ns_per_unit = _NS_PER_UNIT[unit]
+        self._wall_clock_ns = wall_clock_ns
+        self.last = 0
+
+    def next(self) -> int:
+        candidate = self._wall_clock_ns() // self._ns_per_unit
+        self.last = max(candidate, self.last + 1)
+        return self.last
+
+    def __repr__(self) -> str:
+        return f"NonceSource(unit={self.unit!r}, last={self.last})"

@@ -1,0 +1,214 @@
+"""The collector: renders a snapshot of the balance store as Prometheus metric families.
+
+It never does I/O and never raises into a scrape: values were fetched by the background pollers,
+and a bug here costs one scrape's balance families, counted in
+`gemini_exporter_collect_errors_total`, not the whole scrape.
+"""
+
+import gzip
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import structlog
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from balance_exporter import __version__
+from balance_exporter.gemini.replies import CurrencyBalance
+from balance_exporter.store import AccountSnapshot, BalanceStore
+
+log = structlog.get_logger("balance_exporter.metrics")
+
+_POLLED = (
+    "Polled in the background from Gemini's /v1/balances every "
+    "gemini_account_poll_interval_seconds, not fetched at scrape time."
+)
+
+
+@dataclass(frozen=True)
+class BalanceGauge:
+    name: str
+    field: str
+    help: str
+    pending: bool  # only for accounts that ask for pending balances
+
+
+BALANCE_GAUGES = (
+    BalanceGauge("gemini_balance_amount", "amount",
+                 "Confirmed balance (Gemini `amount`) in units of the currency.", False),
+    BalanceGauge("gemini_balance_available", "available",
+                 "Balance available for trading (Gemini `available`), in units of the currency.",
+                 False),
+    BalanceGauge("gemini_balance_available_for_withdrawal", "available_for_withdrawal",
+                 "Balance available for withdrawal (Gemini `availableForWithdrawal`).", False),
+    BalanceGauge("gemini_balance_pending_withdrawal", "pending_withdrawal",
+                 "Amount in withdrawals not yet confirmed (Gemini `pendingWithdrawal`).", True),
+    BalanceGauge("gemini_balance_pending_deposit", "pending_deposit",
+                 "Amount in deposits not yet credited (Gemini `pendingDeposit`).", True),
+)
+ACCOUNT_LABELS = ["account"]
+BALANCE_LABELS = ["account", "currency"]
+
+
+def _balance_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
+    for gauge in BALANCE_GAUGES:
+        family = GaugeMetricFamily(gauge.name, f"{gauge.help} {_POLLED}", labels=BALANCE_LABELS)
+        for snapshot in accounts:
+            if gauge.pending and not snapshot.target.show_pending_balances:
+                continue
+            balance: CurrencyBalance
+            for balance in snapshot.balances:
+                family.add_metric(
+                    [snapshot.target.label, balance.currency], getattr(balance, gauge.field)
+                )
+        yield family
+
+
+def _account_gauge(
+    name: str,
+    help_text: str,
+    accounts: Iterable[AccountSnapshot],
+    value: Callable[[AccountSnapshot], float | None],
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_text, labels=ACCOUNT_LABELS)
+    for snapshot in accounts:
+        sample = value(snapshot)
+        if sample is not None:
+            family.add_metric([snapshot.target.label], sample)
+    return family
+
+
+def _account_counter(
+    name: str, help_text: str, accounts: Iterable[AccountSnapshot],
+    value: Callable[[AccountSnapshot], int],
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help_text, labels=ACCOUNT_LABELS)
+    for snapshot in accounts:
+        family.add_metric([snapshot.target.label], value(snapshot))
+    return family
+
+
+def _health_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
+    yield _account_gauge(
+        "gemini_account_up",
+        "1 if the last poll of the account gave a usable reply (a stale one counts), else 0.",
+        accounts, lambda s: float(s.up))
+    yield _account_gauge(
+        "gemini_account_last_success_timestamp_seconds",
+        "Unix time of the last accepted (fresh) /v1/balances reply: data age is now minus this.",
+        accounts, lambda s: s.last_success_seconds)
+    yield _account_gauge(
+        "gemini_account_server_timestamp_seconds",
+        "Gemini's `_timestamp` of the last accepted reply, in seconds.",
+        accounts,
+        lambda s: None if s.server_timestamp_ns is None else s.server_timestamp_ns / 1e9)
+    yield _account_gauge(
+        "gemini_account_poll_duration_seconds", "Duration of the account's last poll.",
+        accounts, lambda s: s.last_poll_duration_seconds)
+    yield _account_gauge(
+        "gemini_account_poll_interval_seconds",
+        "Interval between polls of the account: the configured one, stretched to fit the "
+        "key's request budget.",
+        accounts, lambda s: s.target.interval_seconds)
+    yield _account_counter(
+        "gemini_account_polls", "Polls of the account, successful or not.",
+        accounts, lambda s: s.polls)
+    errors = CounterMetricFamily(
+        "gemini_account_poll_errors",
+        "Polls that gave no usable reply, by Gemini's reason or the local failure "
+        "(Timeout, ConnectionError, MalformedReply, HTTP<status>).",
+        labels=["account", "reason"])
+    for snapshot in accounts:
+        for reason, count in sorted(snapshot.errors.items()):
+            errors.add_metric([snapshot.target.label, reason], count)
+    yield errors
+    yield _account_counter(
+        "gemini_account_stale_replies",
+        "Replies ignored because their `_timestamp` was older than the last accepted one.",
+        accounts, lambda s: s.stale_replies)
+    yield _account_counter(
+        "gemini_account_unstamped_replies",
+        "Replies accepted without a `_timestamp` (staleness could not be checked).",
+        accounts, lambda s: s.unstamped_replies)
+    info = InfoMetricFamily(
+        "gemini_account", "The configured account and the key that polls it.",
+        labels=["account", "key", "account_type"])
+    for snapshot in accounts:
+        info.add_metric(
+            [snapshot.target.label, snapshot.target.key_name, snapshot.account_type], {})
+    yield info
+
+
+class BalanceCollector(Collector):
+    def __init__(self, store: BalanceStore) -> None:
+        self._store = store
+        self._collect_errors = 0
+
+    def describe(self) -> Iterable[Metric]:
+        # Describing nothing keeps the registry from running collect() at registration.
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            families = list(self._families())
+        except Exception:
+            self._collect_errors += 1
+            log.exception("rendering balances failed")
+            families = []
+        yield from families
+        yield CounterMetricFamily(
+            "gemini_exporter_collect_errors",
+            "Scrapes in which the balance families could not be rendered.",
+            value=self._collect_errors)
+
+    def _families(self) -> Iterator[Metric]:
+        accounts = self._store.account_snapshots()
+        yield from _balance_families(accounts)
+        yield from _health_families(accounts)
+        for name, help_text, field in (
+            ("gemini_key_requests", "Requests sent to Gemini with the key.", "requests"),
+            ("gemini_key_rate_limited", "Replies that said the key was rate limited (429).",
+             "rate_limited"),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["key"])
+            for key in self._store.key_snapshots():
+                family.add_metric([key.name], getattr(key, field))
+            yield family
+        build = InfoMetricFamily(
+            "gemini_exporter_build", "The exporter's version.", labels=["version"])
+        build.add_metric([__version__], {})
+        yield build
+
+
+def build_registry(store: BalanceStore, process_metrics: bool = True) -> CollectorRegistry:
+    """A registry of our own (never the global one), so tests and embedders stay isolated."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BalanceCollector(store))
+    if process_metrics:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry
+
+
+@dataclass(frozen=True)
+class Exposition:
+    body: bytes
+    content_type: str
+    content_encoding: str | None
+
+
+def render(registry: CollectorRegistry, accept: str, accept_encoding: str) -> Exposition:
+    """The registry in the format the scraper asked for, gzipped when it accepts gzip."""
+    encoder, content_type = choose_encoder(accept)
+    body = encoder(registry)
+    if "gzip" in accept_encoding.lower():
+        return Exposition(gzip.compress(body, compresslevel=6), content_type, "gzip")
+    return Exposition(body, content_type, None)

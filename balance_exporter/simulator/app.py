@@ -1,0 +1,338 @@
+"""The simulated Gemini over HTTP: the private endpoints the exporter uses, and a control API
+under `/_sim/` through which tests set balances and inject faults per account."""
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import random
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from balance_exporter.simulator.state import (
+    USD_PRICES,
+    Fault,
+    SimAccount,
+    SimKey,
+    SimState,
+    cast_number_format,
+    cast_timestamp_format,
+)
+
+STATE_KEY = web.AppKey("sim_state", SimState)
+TIME_BASED_NONCE_WINDOW_SECONDS = 30
+STALE_OFFSET_NS = 5_000_000_000
+
+
+class SimError(Exception):
+    def __init__(
+        self, status: int, reason: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.response = web.json_response(
+            {"result": "error", "reason": reason, "message": message},
+            status=status,
+            headers=headers,
+        )
+
+
+class ServerClock:
+    """Gemini's `_timestamp`: nanoseconds that only go forwards."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def stamp_ns(self) -> int:
+        self._last = max(time.time_ns(), self._last + 1)
+        return self._last
+
+
+CLOCK_KEY = web.AppKey("sim_clock", ServerClock)
+
+
+def _stamp_text(stamp_ns: int) -> str:
+    seconds, nanos = divmod(stamp_ns, 1_000_000_000)
+    moment = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{moment}.{nanos // 1000:06d}Z"
+
+
+def _authenticate(request: web.Request, state: SimState) -> tuple[SimKey, dict[str, Any]]:
+    """Gemini's header, signature and payload checks, in Gemini's order."""
+    headers = request.headers
+    for header, reason in (("X-GEMINI-APIKEY", "MissingApikeyHeader"),
+                           ("X-GEMINI-PAYLOAD", "MissingPayloadHeader"),
+                           ("X-GEMINI-SIGNATURE", "MissingSignatureHeader")):
+        if not headers.get(header):
+            raise SimError(400, reason, f"header {header} is missing")
+    key = state.keys.get(headers["X-GEMINI-APIKEY"])
+    if key is None:
+        raise SimError(400, "InvalidSignature", "unknown API key")
+    encoded = headers["X-GEMINI-PAYLOAD"].encode()
+    expected = hmac.new(key.api_secret.encode(), encoded, hashlib.sha384).hexdigest()
+    if not hmac.compare_digest(expected, headers["X-GEMINI-SIGNATURE"].lower()):
+        key.count("invalid_signature")
+        raise SimError(400, "InvalidSignature", "signature does not match the payload")
+    try:
+        payload = json.loads(base64.b64decode(encoded, validate=True))
+    except (binascii.Error, ValueError):
+        raise SimError(400, "InvalidJson", "payload is not base64 JSON") from None
+    if not isinstance(payload, dict):
+        raise SimError(400, "InvalidJson", "payload is not a JSON object")
+    if payload.get("request") != request.path:
+        raise SimError(400, "EndpointMismatch",
+                       f"payload request {payload.get('request')!r} is not {request.path!r}")
+    return key, payload
+
+
+def _check_nonce(key: SimKey, payload: dict[str, Any]) -> None:
+    raw = payload.get("nonce")
+    if raw is None:
+        raise SimError(400, "MissingNonce", "payload has no nonce")
+    try:
+        nonce = int(raw)
+    except (TypeError, ValueError):
+        raise SimError(400, "InvalidNonce", f"nonce {raw!r} is not a number") from None
+    if key.nonce == "seconds" and abs(nonce - time.time()) > TIME_BASED_NONCE_WINDOW_SECONDS:
+        key.count("invalid_nonce")
+        raise SimError(400, "InvalidNonce", f"time-based nonce {nonce} is not within 30 s of now")
+    if nonce <= key.last_nonce:
+        key.count("invalid_nonce")
+        raise SimError(400, "InvalidNonce",
+                       f"Nonce '{nonce}' has not increased since your last call to the API.")
+    key.last_nonce = nonce
+
+
+async def _admit(request: web.Request) -> tuple[SimKey, dict[str, Any]]:
+    """Everything a private request passes before its endpoint runs."""
+    state = request.app[STATE_KEY]
+    key, payload = _authenticate(request, state)
+    key.count("requests")
+    now = time.monotonic()
+    delay = key.limiter.admit(now)
+    if delay is None:
+        key.count("rate_limited")
+        raise SimError(429, "RateLimit", "Requests were made too frequently",
+                       {"Retry-After": str(key.limiter.retry_after(now))})
+    _check_nonce(key, payload)
+    if not key.roles & {"Auditor", "Trader", "FundManager"}:
+        raise SimError(403, "MissingRole", "API key lacks a role for this endpoint")
+    if delay > 0:
+        await asyncio.sleep(delay)
+    return key, payload
+
+
+def _account_for(key: SimKey, payload: dict[str, Any], state: SimState) -> SimAccount:
+    name = payload.get("account")
+    if key.is_master and name is None:
+        raise SimError(400, "MissingAccounts", "a master key must name an account")
+    name = name or key.accounts[0]
+    if name not in key.accounts:
+        raise SimError(400, "InvalidAccountName", f"no account {name!r} in this group")
+    account = state.accounts[name]
+    if account.type != "exchange":
+        raise SimError(400, "InvalidAccountName", f"{name!r} is a custody account")
+    return account
+
+
+def _number(value: Decimal, account: SimAccount) -> str | float:
+    return float(value) if account.number_format == "number" else str(value)
+
+
+def _balance_rows(
+    account: SimAccount, show_pending: bool, stamp_ns: int, distort: bool
+) -> list[dict[str, Any]]:
+    fields = ["amount", "available", "availableForWithdrawal"]
+    if show_pending:
+        fields += ["pendingWithdrawal", "pendingDeposit"]
+    rows = []
+    for currency, balance in account.balances.items():
+        row: dict[str, Any] = {"type": account.type, "currency": currency}
+        for name in fields:
+            value = balance.values[name] + (1_000_000 if distort else 0)
+            row[name] = _number(value, account)
+        if account.timestamp_format == "ns":
+            row["_timestamp"] = stamp_ns
+        elif account.timestamp_format == "iso":
+            row["_timestamp"] = _stamp_text(stamp_ns)
+        rows.append(row)
+    return rows
+
+
+async def _apply_fault(fault: Fault, account: SimAccount) -> web.Response | None:
+    """The reply a fault replaces the real one with; None when the real one goes out (latency)."""
+    if fault.kind == "latency":
+        await asyncio.sleep(fault.delay_seconds)
+        return None
+    if fault.kind == "rate_limit":
+        headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
+        raise SimError(429, fault.reason if fault.reason != "System" else "RateLimit",
+                       "Requests were made too frequently", headers)
+    if fault.kind in ("status", "auth"):
+        raise SimError(fault.status, fault.reason, f"injected {fault.kind} fault")
+    if fault.kind == "html":
+        page = f"<html><head><title>{fault.status} Bad Gateway</title></head></html>"
+        return web.Response(status=fault.status, text=page, content_type="text/html")
+    if fault.kind == "garbage":
+        return web.Response(status=200, text='[{"currency": "BTC", "amount": ',
+                            content_type="application/json")
+    raise AssertionError(f"unhandled fault {fault.kind}")
+
+
+async def balances_handler(request: web.Request) -> web.Response:
+    state, clock = request.app[STATE_KEY], request.app[CLOCK_KEY]
+    key, payload = await _admit(request)
+    account = _account_for(key, payload, state)
+    show_pending = bool(payload.get("showPendingBalances", False))
+    fault = account.take_fault()
+    if fault is not None and fault.kind == "stale":
+        account.stale_served += 1
+        stamp = max(1, account.last_stamp_ns - STALE_OFFSET_NS)
+        return web.json_response(_balance_rows(account, show_pending, stamp, distort=True))
+    if fault is not None and (replaced := await _apply_fault(fault, account)) is not None:
+        return replaced
+    account.served += 1
+    account.last_stamp_ns = clock.stamp_ns()
+    return web.json_response(_balance_rows(account, show_pending, account.last_stamp_ns, False))
+
+
+async def notional_handler(request: web.Request) -> web.Response:
+    key, payload = await _admit(request)
+    account = _account_for(key, payload, request.app[STATE_KEY])
+    quote = request.match_info["currency"].upper()
+    if quote not in USD_PRICES:
+        raise SimError(400, "InvalidCurrency", f"no notional prices in {quote}")
+    rows = []
+    for currency, balance in account.balances.items():
+        price = USD_PRICES.get(currency, Decimal(0)) / USD_PRICES[quote]
+        row: dict[str, Any] = {"currency": currency}
+        for name in ("amount", "available", "availableForWithdrawal"):
+            row[name] = _number(balance.values[name], account)
+            row[name + "Notional"] = _number((balance.values[name] * price).quantize(
+                Decimal("0.01")), account)
+        rows.append(row)
+    return web.json_response(rows)
+
+
+async def account_list_handler(request: web.Request) -> web.Response:
+    key, payload = await _admit(request)
+    if not key.is_master:
+        raise SimError(400, "InvalidApiKey", "/v1/account/list needs a master key")
+    limit = int(payload.get("limit_accounts", 500))
+    if not 1 <= limit <= 500:
+        raise SimError(400, "InvalidParameter", "limit_accounts must be 1 to 500")
+    state = request.app[STATE_KEY]
+    rows = [
+        {"name": name.title(), "account": name, "type": state.accounts[name].type,
+         "counterparty_id": f"EMONNYXH{index:04d}", "created": 1_589_310_000_000 + index,
+         "status": "open"}
+        for index, name in enumerate(key.accounts[:limit])
+    ]
+    return web.json_response(rows)
+
+
+@web.middleware
+async def sim_errors(
+    request: web.Request, handler: Callable[[web.Request], Any]
+) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+    except SimError as error:
+        return error.response
+    return response
+
+
+# ---- control API ----
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(text="body is not JSON") from None
+
+
+def _control_account(request: web.Request) -> SimAccount:
+    name = request.match_info["name"]
+    account = request.app[STATE_KEY].accounts.get(name)
+    if account is None:
+        raise web.HTTPNotFound(text=f"no account {name!r}")
+    return account
+
+
+async def control_state(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    return web.json_response({
+        "accounts": {name: account.describe() for name, account in state.accounts.items()},
+        "keys": {key.api_key: {**key.counters, "last_nonce": key.last_nonce}
+                 for key in state.keys.values()},
+    })
+
+
+async def control_set_balances(request: web.Request) -> web.Response:
+    account = _control_account(request)
+    try:
+        account.set_balances(await _json_body(request))
+    except ValueError as error:
+        raise web.HTTPBadRequest(text=str(error)) from None
+    return web.json_response(account.describe())
+
+
+async def control_patch_account(request: web.Request) -> web.Response:
+    account = _control_account(request)
+    body = await _json_body(request)
+    try:
+        if "timestamp_format" in body:
+            account.timestamp_format = cast_timestamp_format(body["timestamp_format"])
+        if "number_format" in body:
+            account.number_format = cast_number_format(body["number_format"])
+    except ValueError as error:
+        raise web.HTTPBadRequest(text=str(error)) from None
+    return web.json_response(account.describe())
+
+
+async def control_add_fault(request: web.Request) -> web.Response:
+    account = _control_account(request)
+    body = await _json_body(request)
+    try:
+        account.faults.append(Fault.from_document(body if isinstance(body, dict) else {}))
+    except (ValueError, TypeError) as error:
+        raise web.HTTPBadRequest(text=str(error)) from None
+    return web.json_response({"faults": len(account.faults)})
+
+
+async def control_clear_faults(request: web.Request) -> web.Response:
+    accounts = (
+        [_control_account(request)] if "name" in request.match_info
+        else list(request.app[STATE_KEY].accounts.values())
+    )
+    for account in accounts:
+        account.faults.clear()
+    return web.json_response({"cleared": [account.name for account in accounts]})
+
+
+async def control_drift(request: web.Request) -> web.Response:
+    request.app[STATE_KEY].drift(random.Random())
+    return web.json_response({"drifted": True})
+
+
+def build_simulator_app(state: SimState) -> web.Application:
+    app = web.Application(middlewares=[sim_errors])
+    app[STATE_KEY] = state
+    app[CLOCK_KEY] = ServerClock()
+    app.router.add_post("/v1/balances", balances_handler)
+    app.router.add_post("/v1/notionalbalances/{currency}", notional_handler)
+    app.router.add_post("/v1/account/list", account_list_handler)
+    app.router.add_get("/_sim/state", control_state)
+    app.router.add_put("/_sim/accounts/{name}/balances", control_set_balances)
+    app.router.add_patch("/_sim/accounts/{name}", control_patch_account)
+    app.router.add_post("/_sim/accounts/{name}/faults", control_add_fault)
+    app.router.add_delete("/_sim/accounts/{name}/faults", control_clear_faults)
+    app.router.add_delete("/_sim/faults", control_clear_faults)
+    app.router.add_post("/_sim/drift", control_drift)
+    return app

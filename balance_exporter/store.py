@@ -1,0 +1,139 @@
+"""The balance store: what the pollers last learned about each account, as immutable snapshots.
+
+Pollers write, the collector and the landing page read. Every update swaps in a new frozen
+snapshot, so a reader always sees one consistent state of an account without locks.
+The staleness rule lives here because the store owns each account's last accepted `_timestamp`.
+"""
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
+
+DEFAULT_ACCOUNT_TYPE = "exchange"
+
+
+@dataclass(frozen=True, slots=True)
+class AccountTarget:
+    """What is polled for one configured account."""
+
+    label: str
+    key_name: str
+    account: str | None
+    show_pending_balances: bool
+    # The interval the scheduler can keep, which may be longer than the configured one.
+    interval_seconds: float
+
+    @property
+    def identity(self) -> tuple[str, str, str | None, bool]:
+        """What must stay the same for balances to carry over a config reload."""
+        return (self.label, self.key_name, self.account, self.show_pending_balances)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSnapshot:
+    target: AccountTarget
+    balances: tuple[CurrencyBalance, ...] = ()
+    account_type: str = DEFAULT_ACCOUNT_TYPE
+    attempted: bool = False
+    up: bool = False
+    # Wall-clock time of the last accepted (fresh) reply: data age is measured from it.
+    last_success_seconds: float | None = None
+    server_timestamp_ns: int | None = None
+    polls: int = 0
+    errors: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    last_error: str | None = None
+    stale_replies: int = 0
+    unstamped_replies: int = 0
+    last_poll_duration_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeySnapshot:
+    name: str
+    requests: int = 0
+    rate_limited: int = 0
+
+
+class ReplyVerdict(enum.Enum):
+    ACCEPTED = "accepted"
+    STALE = "stale"
+
+
+class BalanceStore:
+    def __init__(self) -> None:
+        self._accounts: dict[str, AccountSnapshot] = {}
+        self._keys: dict[str, KeySnapshot] = {}
+
+    def configure(self, targets: Iterable[AccountTarget], key_names: Iterable[str]) -> None:
+        """Adopt a (new) set of accounts, keeping what is known of those that did not change."""
+        old_accounts = self._accounts
+        self._accounts = {}
+        for target in targets:
+            previous = old_accounts.get(target.label)
+            keep = previous is not None and previous.target.identity == target.identity
+            self._accounts[target.label] = (
+                replace(previous, target=target) if keep and previous else AccountSnapshot(target)
+            )
+        self._keys = {name: self._keys.get(name, KeySnapshot(name)) for name in key_names}
+
+    def record_reply(
+        self, label: str, reply: BalanceReply, duration_seconds: float, wall_seconds: float
+    ) -> ReplyVerdict:
+        """Store a parsed reply unless it is older than the last accepted one."""
+        current = self._accounts[label]
+        polled = replace(
+            current,
+            attempted=True,
+            up=True,
+            polls=current.polls + 1,
+            last_error=None,
+            last_poll_duration_seconds=duration_seconds,
+        )
+        stamp, last_stamp = reply.server_timestamp_ns, current.server_timestamp_ns
+        if stamp is not None and last_stamp is not None and stamp < last_stamp:
+            self._accounts[label] = replace(polled, stale_replies=current.stale_replies + 1)
+            return ReplyVerdict.STALE
+        self._accounts[label] = replace(
+            polled,
+            balances=reply.balances,
+            account_type=reply.account_type or current.account_type,
+            last_success_seconds=wall_seconds,
+            server_timestamp_ns=stamp if stamp is not None else last_stamp,
+            unstamped_replies=current.unstamped_replies + (stamp is None),
+        )
+        return ReplyVerdict.ACCEPTED
+
+    def record_failure(self, label: str, reason: str, duration_seconds: float) -> None:
+        """A poll that gave no usable reply: counted, while the last good balances stay."""
+        current = self._accounts[label]
+        errors = dict(current.errors)
+        errors[reason] = errors.get(reason, 0) + 1
+        self._accounts[label] = replace(
+            current,
+            attempted=True,
+            up=False,
+            polls=current.polls + 1,
+            errors=MappingProxyType(errors),
+            last_error=reason,
+            last_poll_duration_seconds=duration_seconds,
+        )
+
+    def record_request(self, key_name: str) -> None:
+        current = self._keys[key_name]
+        self._keys[key_name] = replace(current, requests=current.requests + 1)
+
+    def record_rate_limited(self, key_name: str) -> None:
+        current = self._keys[key_name]
+        self._keys[key_name] = replace(current, rate_limited=current.rate_limited + 1)
+
+    def account_snapshots(self) -> tuple[AccountSnapshot, ...]:
+        return tuple(self._accounts.values())
+
+    def key_snapshots(self) -> tuple[KeySnapshot, ...]:
+        return tuple(self._keys.values())
+
+    def all_attempted(self) -> bool:
+        return all(snapshot.attempted for snapshot in self._accounts.values())
