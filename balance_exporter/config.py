@@ -203,17 +203,23 @@ def _read_text_file(path: Path, where: str, problems: list[str]) -> str | None:
 
 
 def _resolve_key(
-    index: int, key: KeySettings, environ: Mapping[str, str], problems: list[str]
+    index: int,
+    key: KeySettings,
+    environ: Mapping[str, str],
+    base_dir: Path,
+    problems: list[str],
 ) -> ResolvedKey | None:
     where = f"keys[{index}]"
     api_key = key.api_key
     if key.api_key_file is not None:
-        api_key = _read_text_file(key.api_key_file, f"{where}.api_key_file", problems)
+        api_key = _read_text_file(base_dir / key.api_key_file, f"{where}.api_key_file", problems)
     secret: str | None = None
     if key.api_secret is not None:
         secret = key.api_secret.get_secret_value()
     elif key.api_secret_file is not None:
-        secret = _read_text_file(key.api_secret_file, f"{where}.api_secret_file", problems)
+        secret = _read_text_file(
+            base_dir / key.api_secret_file, f"{where}.api_secret_file", problems
+        )
     elif key.api_secret_env is not None:
         secret = environ.get(key.api_secret_env) or None
         if secret is None:
@@ -255,7 +261,10 @@ def validation_problems(
     ]
 
 
-def build_config(document: object, environ: Mapping[str, str]) -> Config:
+def build_config(
+    document: object, environ: Mapping[str, str], base_dir: Path | None = None
+) -> Config:
+    """Validate a config document; relative file paths in it are taken from `base_dir`."""
     if not isinstance(document, dict):
         raise ConfigError([f"(top level): expected a mapping, got {type(document).__name__}"])
     try:
@@ -266,7 +275,8 @@ def build_config(document: object, environ: Mapping[str, str]) -> Config:
     keys = {
         key.name: resolved
         for index, key in enumerate(settings.keys)
-        if (resolved := _resolve_key(index, key, environ, problems)) is not None
+        if (resolved := _resolve_key(index, key, environ, base_dir or Path(), problems))
+        is not None
     }
     problems += _master_key_problems(settings, keys)
     if problems:
@@ -341,7 +351,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     """The config from `path`, or from `BALANCE_EXPORTER_*` variables when no file is given."""
     environ = os.environ if environ is None else environ
     if path is not None:
-        return build_config(read_config_file(path), environ)
+        return build_config(read_config_file(path), environ, path.parent)
     try:
         from_environment = EnvironmentSettings()
     except ValidationError as error:

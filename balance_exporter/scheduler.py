@@ -41,6 +41,14 @@ class Clock(Protocol):
     async def sleep(self, seconds: float) -> None: ...
 
 
+class BalanceSource(Protocol):
+    """What a worker needs of the Gemini client (tests drive workers with a fake one)."""
+
+    async def fetch_balances(
+        self, key: ApiKey, account: str | None, show_pending_balances: bool
+    ) -> bytes: ...
+
+
 class SystemClock:
     def monotonic(self) -> float:
         return time.monotonic()
@@ -182,7 +190,7 @@ class KeyWorker:
         self,
         api_key: ApiKey,
         schedule: KeySchedule,
-        client: GeminiClient,
+        client: BalanceSource,
         store: BalanceStore,
         precision: Precision,
         clock: Clock,

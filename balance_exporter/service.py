@@ -96,8 +96,7 @@ class Service:
         host, port = parse_listen_address(self._web.listen_address)
         tls = web_config.tls_server_config if web_config else None
         site = web.TCPSite(
-            self._runner, host, port, ssl_context=ssl_context(tls) if tls else None,
-            shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+            self._runner, host, port, ssl_context=ssl_context(tls) if tls else None
         )
         await site.start()
         sockets = self._runner.addresses

@@ -55,6 +55,14 @@ def load_web_config(path: Path) -> WebConfig:
         if not hashed.get_secret_value().startswith(("$2a$", "$2b$", "$2y$"))
     ]
     tls = config.tls_server_config
+    if tls is not None:
+        # Like exporter-toolkit: relative paths are relative to the web config file.
+        tls = tls.model_copy(update={
+            name: path.parent / value
+            for name in ("cert_file", "key_file", "client_ca_file")
+            if (value := getattr(tls, name)) is not None
+        })
+        config = config.model_copy(update={"tls_server_config": tls})
     if tls is not None and tls.client_auth_type.startswith(("Verify", "RequireAndVerify")) and (
         tls.client_ca_file is None
     ):

@@ -36,9 +36,9 @@ async def _drift_forever(state: SimState, every_seconds: float) -> None:
 async def start_simulator(
     state: SimState, host: str = "127.0.0.1", port: int = 0, drift_seconds: float = 0.0
 ) -> RunningSimulator:
-    runner = web.AppRunner(build_simulator_app(state), access_log=None)
+    runner = web.AppRunner(build_simulator_app(state), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, shutdown_timeout=1.0)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     bound_host, bound_port = runner.addresses[0][:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host

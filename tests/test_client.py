@@ -1,0 +1,172 @@
+"""The client over a mocked transport: what it sends, and how each failure is typed."""
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aioresponses import aioresponses
+from pydantic import SecretStr
+from yarl import URL
+
+from balance_exporter.gemini.client import ApiKey, GeminiClient, parse_retry_after
+from balance_exporter.gemini.errors import (
+    GeminiError,
+    MalformedReply,
+    RateLimited,
+    RequestRejected,
+    TransientError,
+)
+from balance_exporter.gemini.nonce import NonceSource
+
+BASE = "https://api.example.test"
+URL_BALANCES = f"{BASE}/v1/balances"
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[GeminiClient]:
+    async with aiohttp.ClientSession() as session:
+        yield GeminiClient(session, BASE, timeout_seconds=0.5)
+
+
+@pytest.fixture
+def key() -> ApiKey:
+    return ApiKey("treasury", "master-abc", SecretStr("shh-secret"), NonceSource("milliseconds"))
+
+
+def sent(mocked: aioresponses) -> list[Any]:
+    """The requests the mock received for /v1/balances."""
+    assert mocked.requests is not None
+    return list(mocked.requests[("POST", URL(URL_BALANCES))])
+
+
+def error_body(reason: str, message: str = "nope") -> dict[str, str]:
+    return {"result": "error", "reason": reason, "message": message}
+
+
+async def test_sends_a_signed_post_with_account_and_pending_flag(
+    client: GeminiClient, key: ApiKey
+) -> None:
+    with aioresponses() as mocked:
+        mocked.post(URL_BALANCES, status=200, body=b"[]")
+        assert await client.fetch_balances(key, "primary", True) == b"[]"
+        (request,) = sent(mocked)
+    headers = request.kwargs["headers"]
+    payload = json.loads(base64.b64decode(headers["X-GEMINI-PAYLOAD"]))
+    assert payload["request"] == "/v1/balances"
+    assert payload["account"] == "primary"
+    assert payload["showPendingBalances"] is True
+    assert isinstance(payload["nonce"], int)
+    expected = hmac.new(b"shh-secret", headers["X-GEMINI-PAYLOAD"].encode(),
+                        hashlib.sha384).hexdigest()
+    assert headers["X-GEMINI-SIGNATURE"] == expected
+    assert headers["X-GEMINI-APIKEY"] == "master-abc"
+
+
+async def test_account_scoped_key_sends_no_account(client: GeminiClient, key: ApiKey) -> None:
+    with aioresponses() as mocked:
+        mocked.post(URL_BALANCES, status=200, body=b"[]")
+        await client.fetch_balances(key, None, False)
+        (request,) = sent(mocked)
+    payload = json.loads(base64.b64decode(request.kwargs["headers"]["X-GEMINI-PAYLOAD"]))
+    assert "account" not in payload
+
+
+async def test_concurrent_requests_on_one_key_go_one_at_a_time_in_nonce_order(
+    client: GeminiClient, key: ApiKey
+) -> None:
+    in_flight = 0
+    most_in_flight = 0
+    nonces: list[int] = []
+
+    async def slow_reply(url: URL, **kwargs: object) -> None:
+        nonlocal in_flight, most_in_flight
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        headers = kwargs["headers"]
+        assert isinstance(headers, dict)
+        nonces.append(json.loads(base64.b64decode(headers["X-GEMINI-PAYLOAD"]))["nonce"])
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+
+    with aioresponses() as mocked:
+        mocked.post(URL_BALANCES, status=200, body=b"[]", callback=slow_reply, repeat=True)
+        await asyncio.gather(*(client.fetch_balances(key, f"a{i}", False) for i in range(5)))
+    assert most_in_flight == 1
+    assert nonces == sorted(nonces)
+    assert len(set(nonces)) == 5
+
+
+@pytest.mark.parametrize(("status", "body", "error_type", "reason"), [
+    (400, error_body("InvalidSignature"), RequestRejected, "InvalidSignature"),
+    (400, error_body("InvalidNonce"), RequestRejected, "InvalidNonce"),
+    (400, error_body("MissingAccounts"), RequestRejected, "MissingAccounts"),
+    (400, error_body("InvalidAccountName"), RequestRejected, "InvalidAccountName"),
+    (403, error_body("MissingRole"), RequestRejected, "MissingRole"),
+    (401, b"", RequestRejected, "HTTP401"),
+    (403, b"<html>Forbidden</html>", RequestRejected, "HTTP403"),
+    (429, error_body("RateLimit"), RateLimited, "RateLimit"),
+    (429, error_body("Too Many Requests"), RateLimited, "TooManyRequests"),
+    (429, b"slow down", RateLimited, "RateLimit"),
+    (400, error_body("RateLimit"), RateLimited, "RateLimit"),
+    (500, error_body("System"), TransientError, "System"),
+    (503, error_body("Maintenance"), TransientError, "Maintenance"),
+    (502, b"<html><title>502 Bad Gateway</title></html>", TransientError, "HTTP502"),
+    (200, error_body("InvalidSignature"), RequestRejected, "InvalidSignature"),
+    (302, b"", MalformedReply, "MalformedReply"),
+])
+async def test_failures_become_typed_errors_keeping_the_reason(
+    client: GeminiClient, key: ApiKey, status: int, body: object,
+    error_type: type[GeminiError], reason: str,
+) -> None:
+    raw = json.dumps(body).encode() if isinstance(body, dict) else body
+    assert isinstance(raw, bytes)
+    with aioresponses() as mocked:
+        mocked.post(URL_BALANCES, status=status, body=raw)
+        with pytest.raises(error_type) as caught:
+            await client.fetch_balances(key, "primary", False)
+        # Never retried inside the client: exactly one request went out.
+        assert len(sent(mocked)) == 1
+    assert caught.value.reason == reason
+    assert caught.value.status == status
+
+
+async def test_rate_limit_keeps_retry_after(client: GeminiClient, key: ApiKey) -> None:
+    with aioresponses() as mocked:
+        mocked.post(URL_BALANCES, status=429, body=json.dumps(error_body("RateLimit")),
+                    headers={"Retry-After": "7"})
+        with pytest.raises(RateLimited) as caught:
+            await client.fetch_balances(key, "primary", False)
+    assert caught.value.retry_after == 7.0
+
+
+async def test_timeouts_and_connection_errors_are_transient(
+    client: GeminiClient, key: ApiKey
+) -> None:
+    with aioresponses() as mocked:
+        mocked.post(URL_BALANCES, exception=TimeoutError())
+        mocked.post(URL_BALANCES, exception=aiohttp.ClientConnectionError("refused"))
+        with pytest.raises(TransientError, match="Timeout"):
+            await client.fetch_balances(key, "primary", False)
+        with pytest.raises(TransientError, match="ConnectionError"):
+            await client.fetch_balances(key, "primary", False)
+
+
+def test_errors_do_not_carry_the_secret(key: ApiKey) -> None:
+    assert "shh-secret" not in repr(key)
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("5", 5.0), (None, None), ("", None), ("soon", None),
+    ("Wed, 21 Oct 2015 07:28:10 GMT", 10.0),
+])
+def test_retry_after_takes_seconds_or_an_http_date(
+    header: str | None, expected: float | None
+) -> None:
+    now = 1445412480.0  # 07:28:00 that day
+    assert parse_retry_after(header, now=now) == expected

@@ -1,0 +1,53 @@
+import json
+import logging
+
+import pytest
+import structlog
+
+from balance_exporter.logging import REDACTED, configure_logging, redactor
+
+
+def json_logging() -> None:
+    # Called inside each test, once capsys has replaced stderr.
+    configure_logging("debug", "json")
+    redactor.set_secrets(["TOPSECRET-long-value", "TOPSECRET"])
+
+
+def test_known_secret_values_are_blanked_anywhere_in_an_event(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    json_logging()
+    structlog.get_logger("t").error("failed with TOPSECRET-long-value in it",
+                                    detail=ValueError("TOPSECRET here"), count=3)
+    line = json.loads(capsys.readouterr().err)
+    assert line["event"] == f"failed with {REDACTED} in it"
+    assert line["detail"] == f"{REDACTED} here"
+    assert line["count"] == 3
+
+
+def test_secret_named_fields_are_blanked(capsys: pytest.CaptureFixture[str]) -> None:
+    json_logging()
+    structlog.get_logger("t").info("x", api_secret="whatever", password="p", signature="s")
+    line = json.loads(capsys.readouterr().err)
+    assert line["api_secret"] == line["password"] == line["signature"] == REDACTED
+
+
+def test_standard_library_loggers_share_the_format_and_redaction(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    json_logging()
+    logging.getLogger("aiohttp.server").warning("bad request with TOPSECRET")
+    line = json.loads(capsys.readouterr().err)
+    assert line["logger"] == "aiohttp.server"
+    assert line["level"] == "warning"
+    assert line["event"] == f"bad request with {REDACTED}"
+    assert "timestamp" in line
+
+
+def test_level_filters(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("warn", "console")
+    structlog.get_logger("t").info("quiet")
+    structlog.get_logger("t").warning("loud")
+    err = capsys.readouterr().err
+    assert "quiet" not in err
+    assert "loud" in err

@@ -1,0 +1,226 @@
+"""The exporter and simulator as real processes: signals, reload, CLI checks, logs."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import exporter_document, simulator_document
+
+SECRETS = ("TOPSECRET-master", "TOPSECRET-account")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "balance_exporter", *args]
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310  # loopback only
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+
+
+def wait_for(condition: Any, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def simulator_url(tmp_path: Path) -> Iterator[str]:
+    state = tmp_path / "sim.yml"
+    state.write_text(yaml.safe_dump(simulator_document()))
+    port = free_port()
+    process = subprocess.Popen(command("simulate", "--listen", f"127.0.0.1:{port}",
+                                       "--state", str(state)), stdout=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_get(f"{url}/_sim/state")[0] == 200, "simulator")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+class Exporter:
+    def __init__(self, config_path: Path, log_path: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            command("--config.file", str(config_path),
+                    "--web.listen-address", f"127.0.0.1:{self.port}", *flags),
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def metrics(self) -> str:
+        return http_get(f"{self.url}/metrics")[1]
+
+    def logs(self) -> str:
+        return self.log_path.read_text()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def config_path(tmp_path: Path, simulator_url: str) -> Path:
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(exporter_document(simulator_url)))
+    return path
+
+
+@pytest.fixture
+def running(config_path: Path, tmp_path: Path) -> Iterator[Exporter]:
+    exporter = Exporter(config_path, tmp_path / "exporter.log", "--log.level", "debug")
+    try:
+        wait_for(lambda: http_get(f"{exporter.url}/-/ready")[0] == 200, "exporter ready")
+        yield exporter
+    finally:
+        exporter.close()
+
+
+def test_sigterm_stops_cleanly_with_exit_code_0(running: Exporter) -> None:
+    running.process.send_signal(signal.SIGTERM)
+    # The bound is the contract (exit within 5 s), not a performance figure.
+    assert running.process.wait(timeout=5) == 0
+    assert '"exporter stopped"' in running.logs()
+
+
+def test_sigint_stops_cleanly_too(running: Exporter) -> None:
+    running.process.send_signal(signal.SIGINT)
+    assert running.process.wait(timeout=5) == 0
+
+
+def polls_of(metrics: str, account: str) -> float:
+    prefix = f'gemini_account_polls_total{{account="{account}"}} '
+    (line,) = [line for line in metrics.splitlines() if line.startswith(prefix)]
+    return float(line.removeprefix(prefix))
+
+
+def test_sighup_reloads_config_and_keeps_unchanged_accounts(
+    running: Exporter, config_path: Path, simulator_url: str
+) -> None:
+    before = polls_of(running.metrics(), "alpha")
+    document = exporter_document(simulator_url)
+    document["accounts"] = [
+        account for account in document["accounts"] if account.get("account") != "gamma"]
+    document["accounts"].append({"key": "treasury", "account": "gamma", "name": "renamed"})
+    config_path.write_text(yaml.safe_dump(document))
+    running.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: 'account="renamed"' in running.metrics(), "the reloaded account")
+    metrics = running.metrics()
+    assert 'gemini_balance_amount{account="alpha",currency="BTC"} 5.12345678' in metrics
+    assert polls_of(metrics, "alpha") >= before  # not reset: the account carried over
+    assert 'account="gamma"' not in metrics
+
+
+def test_bad_reload_is_rejected_and_the_old_config_keeps_running(
+    running: Exporter, config_path: Path
+) -> None:
+    config_path.write_text("keys: [}\n")
+    running.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "config reload rejected" in running.logs(), "the rejection log line")
+    assert running.process.poll() is None
+    before = polls_of(running.metrics(), "alpha")
+    wait_for(lambda: polls_of(running.metrics(), "alpha") > before, "polling to go on")
+
+
+def test_logs_are_json_for_every_logger_and_never_carry_secrets(
+    running: Exporter, simulator_url: str
+) -> None:
+    http_get(f"{running.url}/metrics")  # an aiohttp access log line at debug level
+    request = urllib.request.Request(  # noqa: S310  # loopback only
+        f"{simulator_url}/_sim/accounts/beta/faults", method="POST",
+        data=json.dumps({"kind": "auth", "reason": "InvalidSignature", "count": 1}).encode())
+    urllib.request.urlopen(request, timeout=2).close()  # noqa: S310
+    wait_for(lambda: "InvalidSignature" in running.logs(), "the auth error log line")
+    lines = [json.loads(line) for line in running.logs().splitlines()]
+    loggers = {line.get("logger") for line in lines}
+    assert {"balance_exporter.service", "aiohttp.access"} <= loggers
+    (rejected,) = [line for line in lines if line.get("reason") == "InvalidSignature"]
+    assert rejected["level"] == "error"
+    assert rejected["account"] == "beta"
+    assert rejected["key"] == "treasury"
+    assert "hint" in rejected
+    for secret in SECRETS:
+        assert secret not in running.logs()
+
+
+def test_config_check_prints_a_masked_summary(config_path: Path) -> None:
+    result = subprocess.run(command("--config.file", str(config_path), "--config.check"),
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "Config is valid." in result.stdout
+    assert "alpha: key treasury" in result.stdout
+    for secret in SECRETS:
+        assert secret not in result.stdout + result.stderr
+
+
+def test_invalid_config_exits_2_naming_the_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yml"
+    path.write_text("keys:\n  - {name: k, api_key: master-k, api_secret: TOPSECRET-master}\n"
+                    "accounts:\n  - {key: ops, account: a}\n")
+    for flags in (["--config.check"], []):
+        result = subprocess.run(command("--config.file", str(path), *flags),
+                                capture_output=True, text=True, check=False, timeout=30)
+        assert result.returncode == 2
+        assert "accounts[0].key: no key named 'ops'" in result.stderr
+        assert "TOPSECRET" not in result.stdout + result.stderr
+
+
+def test_version_flag() -> None:
+    result = subprocess.run(command("--version"), capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    assert result.stdout.startswith("balance-exporter ")
+
+
+def test_demo_serves_live_balances_without_credentials(tmp_path: Path) -> None:
+    port = free_port()
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("BALANCE_EXPORTER_")}
+    process = subprocess.Popen(
+        command("demo", "--web.listen-address", f"127.0.0.1:{port}", "--drift-seconds", "1"),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    try:
+        assert process.stdout is not None
+        announced = process.stdout.readline() + process.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in announced
+        wait_for(lambda: 'gemini_balance_amount{account="savings",currency="BTC"} 12.5'
+                 in http_get(f"http://127.0.0.1:{port}/metrics")[1], "demo balances")
+        assert "treasury-primary" in http_get(f"http://127.0.0.1:{port}/")[1]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=5) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

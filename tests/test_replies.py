@@ -1,0 +1,155 @@
+import json
+from decimal import Decimal
+
+import pytest
+
+from balance_exporter.gemini.errors import MalformedReply
+from balance_exporter.gemini.replies import Precision, parse_balances_reply, parse_timestamp_ns
+
+PRECISION = Precision({"USD": 2, "BTC": 8}, default_places=8)
+STAMP_NS = 1_710_547_200_000_000_000
+
+
+def reply(*rows: dict[str, object]) -> bytes:
+    return json.dumps(list(rows)).encode()
+
+
+def row(currency: str = "BTC", amount: object = "5.0", **extra: object) -> dict[str, object]:
+    return {"type": "exchange", "currency": currency, "amount": amount, "available": amount,
+            "availableForWithdrawal": amount, **extra}
+
+
+def test_reference_page_example_parses() -> None:
+    body = reply(
+        row("BTC", "5.0", available="4.5", availableForWithdrawal="4.5", _timestamp=STAMP_NS),
+        row("USD", "15000.00", available="5000.00", availableForWithdrawal="5000.00",
+            _timestamp=STAMP_NS),
+    )
+    parsed = parse_balances_reply(body, PRECISION)
+    assert parsed.server_timestamp_ns == STAMP_NS
+    assert parsed.account_type == "exchange"
+    btc, usd = parsed.balances
+    assert (btc.currency, btc.amount, btc.available, btc.available_for_withdrawal) == (
+        "BTC", 5.0, 4.5, 4.5)
+    assert (usd.amount, usd.available) == (15000.0, 5000.0)
+    assert (btc.pending_withdrawal, btc.pending_deposit) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("amount", ["5.25", 5.25, 5, "  5.25 "])
+def test_amounts_as_strings_or_numbers(amount: object) -> None:
+    body = f'[{{"currency":"BTC","amount":{json.dumps(amount)},"available":0,' \
+           f'"availableForWithdrawal":0}}]'.encode()
+    assert parse_balances_reply(body, PRECISION).balances[0].amount == float(Decimal(
+        str(amount).strip()))
+
+
+def test_number_literals_are_read_as_decimal_not_float() -> None:
+    # Through float this would round up to 1.0, more than the account holds.
+    body = b'[{"currency":"BTC","amount":0.999999999999999999,"available":0,' \
+           b'"availableForWithdrawal":0}]'
+    assert parse_balances_reply(body, PRECISION).balances[0].amount == 0.99999999
+
+
+@pytest.mark.parametrize(("currency", "raw", "expected"), [
+    ("USD", "15000.009999999999999", 15000.0),      # fiat truncated to 15 places, floored to 2
+    ("BTC", "1.1234567899999999999999", 1.12345678),  # crypto with 19+ places, floored to 8
+    ("BTC", "-0.000000015", -0.00000002),            # floor goes down for negatives too
+    ("XYZ", "1.123456789", 1.12345678),              # unknown currency: the default places
+    ("usd", "1.999", 1.99),                          # precision matched case-insensitively
+    ("BTC", "123456789012.1234567890123456789", 123456789012.12345678),  # > 28 digits
+])
+def test_values_are_floored_to_the_currency_precision(
+    currency: str, raw: str, expected: float
+) -> None:
+    parsed = parse_balances_reply(reply(row(currency, raw)), PRECISION)
+    assert parsed.balances[0].amount == expected
+
+
+def test_negative_amounts_are_values_not_errors() -> None:
+    assert parse_balances_reply(reply(row("USD", "-12.50")), PRECISION).balances[0].amount == -12.5
+
+
+def test_pending_fields_are_read_when_present() -> None:
+    parsed = parse_balances_reply(
+        reply(row("BTC", "1", pendingWithdrawal="0.25", pendingDeposit=0.5)), PRECISION)
+    assert (parsed.balances[0].pending_withdrawal, parsed.balances[0].pending_deposit) == (
+        0.25, 0.5)
+
+
+def test_empty_reply_means_no_balances() -> None:
+    parsed = parse_balances_reply(b"[]", PRECISION)
+    assert parsed.balances == ()
+    assert parsed.server_timestamp_ns is None
+
+
+@pytest.mark.parametrize(("raw", "expected_ns"), [
+    (1_710_547_200_000_000_000, 1_710_547_200_000_000_000),
+    ("1710547200000000001", 1_710_547_200_000_000_001),
+    ("2024-03-16T00:00:00.000000Z", 1_710_547_200_000_000_000),
+    ("2024-03-16T00:00:00Z", 1_710_547_200_000_000_000),
+    ("2024-03-16T00:00:00.123456789Z", 1_710_547_200_123_456_789),
+    ("2024-03-16T00:00:00.5Z", 1_710_547_200_500_000_000),
+    ("2024-03-16T01:30:00.000+01:30", 1_710_547_200_000_000_000),
+    ("2024-03-15T19:00:00-0500", 1_710_547_200_000_000_000),
+])
+def test_both_timestamp_forms_become_integer_nanoseconds(raw: object, expected_ns: int) -> None:
+    assert parse_timestamp_ns(raw) == expected_ns
+
+
+def test_iso_and_integer_stamps_compare_on_one_scale() -> None:
+    iso = parse_timestamp_ns("2024-03-16T00:00:00.000000001Z")
+    assert iso > parse_timestamp_ns(1_710_547_200_000_000_000)
+
+
+@pytest.mark.parametrize("raw", [
+    "yesterday", "2024-13-01T00:00:00Z", "2024-02-30T00:00:00Z", "2024-03-16T00:00:00",
+    "2024-03-16T00:00:00.1234567890Z", True, None, [], -5, 0, Decimal("1.5"),
+])
+def test_bad_timestamps_are_malformed(raw: object) -> None:
+    with pytest.raises(MalformedReply):
+        parse_timestamp_ns(raw)
+
+
+def test_reply_stamp_is_the_largest_row_stamp() -> None:
+    parsed = parse_balances_reply(reply(
+        row("BTC", _timestamp=STAMP_NS), row("USD", _timestamp=STAMP_NS + 7), row("ETH")),
+        PRECISION)
+    assert parsed.server_timestamp_ns == STAMP_NS + 7
+
+
+@pytest.mark.parametrize(("body", "complaint"), [
+    (b"<html><body>502 Bad Gateway</body></html>", "not JSON"),
+    (b'{"currency": "BTC"}', "expected a JSON array"),
+    (b"[1]", "expected an object"),
+    (b'[{"amount": "1", "available": "1", "availableForWithdrawal": "1"}]', "no currency"),
+    (b'[{"currency": "", "amount": "1", "available": "1", "availableForWithdrawal": "1"}]',
+     "no currency"),
+    (b'[{"currency": "BTC", "amount": "NaN", "available": "1", "availableForWithdrawal": "1"}]',
+     "not a finite number"),
+    (b'[{"currency": "BTC", "amount": NaN, "available": "1", "availableForWithdrawal": "1"}]',
+     "NaN"),
+    (b'[{"currency": "BTC", "amount": "Infinity", "available": "1",'
+     b' "availableForWithdrawal": "1"}]', "not a finite number"),
+    (b'[{"currency": "BTC", "amount": Infinity, "available": "1",'
+     b' "availableForWithdrawal": "1"}]', "Infinity"),
+    (b'[{"currency": "BTC", "amount": "5,0", "available": "1", "availableForWithdrawal": "1"}]',
+     "is not a number"),
+    (b'[{"currency": "BTC", "amount": true, "available": "1", "availableForWithdrawal": "1"}]',
+     "expected a number"),
+    (b'[{"currency": "BTC", "amount": "1", "available": "1"}]', "availableForWithdrawal"),
+    (b'[{"currency": "BTC", "amount": "1", "available": "1", "availableForWithdrawal": "1",'
+     b' "pendingDeposit": "lots"}]', "pendingDeposit"),
+    (b'[{"currency": "BTC", "amount": "1", "available": "1", "availableForWithdrawal": "1"},'
+     b' {"currency": "BTC", "amount": "2", "available": "2", "availableForWithdrawal": "2"}]',
+     "appears twice"),
+    (b'[{"currency": "BTC", "amount": "1", "available": "1", "availableForWithdrawal": "1",'
+     b' "_timestamp": "soon"}]', "_timestamp"),
+    (b"\xff\xfe", "not JSON"),
+])
+def test_one_bad_row_makes_the_whole_reply_malformed(body: bytes, complaint: str) -> None:
+    good_row = b'{"currency": "USD", "amount": "1", "available": "1", ' \
+               b'"availableForWithdrawal": "1"}'
+    if body.startswith(b"[{"):
+        body = b"[" + good_row + b", " + body[1:]
+    with pytest.raises(MalformedReply, match=complaint):
+        parse_balances_reply(body, PRECISION)

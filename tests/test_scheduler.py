@@ -1,0 +1,264 @@
+"""The scheduler's decisions with plain numbers, and its loop with a fake clock."""
+
+import asyncio
+import random
+from itertools import pairwise
+
+import pytest
+from pydantic import SecretStr
+
+from balance_exporter.config import build_config
+from balance_exporter.gemini.client import ApiKey
+from balance_exporter.gemini.errors import (
+    GeminiError,
+    RateLimited,
+    RequestRejected,
+    TransientError,
+)
+from balance_exporter.gemini.nonce import NonceSource
+from balance_exporter.gemini.replies import Precision
+from balance_exporter.scheduler import (
+    Backoffs,
+    KeyPacing,
+    KeySchedule,
+    KeyWorker,
+    SharedBudget,
+    jittered_backoff,
+    plan_targets,
+)
+from balance_exporter.store import AccountTarget, BalanceStore
+
+BACKOFFS = Backoffs(max_backoff_seconds=300, rejected_retry_seconds=600)
+
+
+def targets(count: int, interval: float = 10.0) -> list[AccountTarget]:
+    return [AccountTarget(f"a{i}", "k", f"a{i}", False, interval) for i in range(count)]
+
+
+def schedule(count: int, rps: float = 2.0, interval: float = 10.0) -> KeySchedule:
+    return KeySchedule(targets(count, interval), KeyPacing(rps), BACKOFFS, now=0.0,
+                       rng=random.Random(7))
+
+
+def test_interval_is_stretched_to_fit_the_key_budget() -> None:
+    config = build_config({
+        "keys": [{"name": "k", "api_key": "master-k", "api_secret": "s", "requests_per_second": 2},
+                 {"name": "j", "api_key": "master-j", "api_secret": "s", "requests_per_second": 5}],
+        "accounts": [{"key": "k", "account": f"a{i}", "interval_seconds": 10} for i in range(50)]
+        + [{"key": "j", "account": "b", "interval_seconds": 10}],
+    }, {})
+    planned = {target.label: target.interval_seconds for target in plan_targets(config)}
+    assert planned["a0"] == 25.0  # 50 accounts at 2 per second
+    assert planned["b"] == 10.0
+
+
+def test_a_global_budget_stretches_every_account() -> None:
+    config = build_config({
+        "gemini": {"requests_per_second": 1},
+        "keys": [{"name": "k", "api_key": "master-k", "api_secret": "s", "requests_per_second": 5}],
+        "accounts": [{"key": "k", "account": f"a{i}", "interval_seconds": 5} for i in range(20)],
+    }, {})
+    assert {target.interval_seconds for target in plan_targets(config)} == {20.0}
+
+
+def run_rounds(plan: KeySchedule, polls: int) -> list[tuple[str, float]]:
+    """Follow the schedule with every poll succeeding instantly."""
+    history = []
+    for _ in range(polls):
+        target, start = plan.next_poll()
+        plan.started(start)
+        plan.succeeded(target.label, start)
+        history.append((target.label, start))
+    return history
+
+
+def test_first_round_polls_every_account_right_away_spaced_by_the_budget() -> None:
+    history = run_rounds(schedule(4, rps=2.0), 4)
+    assert history == [("a0", 0.0), ("a1", 0.5), ("a2", 1.0), ("a3", 1.5)]
+
+
+def test_round_robin_keeps_each_account_on_its_interval() -> None:
+    history = run_rounds(schedule(4, rps=2.0, interval=10.0), 12)
+    starts: dict[str, list[float]] = {}
+    for label, start in history:
+        starts.setdefault(label, []).append(start)
+    for label, times in starts.items():
+        assert [b - a for a, b in pairwise(times)] == [10.0, 10.0], label
+    gaps = [b[1] - a[1] for a, b in pairwise(history)]
+    assert min(gaps) >= 0.5
+
+
+def test_rate_limit_pauses_the_whole_key_for_retry_after() -> None:
+    plan = schedule(3, rps=2.0)
+    target, start = plan.next_poll()
+    plan.started(start)
+    assert plan.rate_limited(now=0.1, retry_after=30.0) == 30.0
+    again, next_start = plan.next_poll()
+    assert again.label == target.label  # the same account goes first after the pause
+    assert next_start == 30.1
+    plan.succeeded(again.label, next_start)
+    other, other_start = plan.next_poll()
+    assert other.label != target.label
+    assert other_start >= 30.1
+
+
+def test_rate_limit_without_retry_after_backs_off_exponentially() -> None:
+    plan = schedule(1)
+    pauses = [plan.rate_limited(now=0.0, retry_after=None) for _ in range(12)]
+    for strike, pause in enumerate(pauses, start=1):
+        step = min(300.0, 2.0 ** (strike - 1))
+        assert step / 2 <= pause <= step
+    assert pauses[-1] <= 300.0
+
+
+def test_success_resets_rate_limit_strikes() -> None:
+    plan = schedule(1)
+    for _ in range(5):
+        plan.rate_limited(now=0.0, retry_after=None)
+    plan.succeeded("a0", 100.0)
+    assert plan.rate_limited(now=100.0, retry_after=None) <= 1.0
+
+
+def test_transient_failure_backs_off_only_that_account() -> None:
+    plan = schedule(2, rps=2.0, interval=10.0)
+    plan.started(0.0)
+    delays = [plan.failed("a0", now=0.0) for _ in range(10)]
+    for failures, delay in enumerate(delays, start=1):
+        step = min(300.0, 2.0 * 2 ** (failures - 1))
+        assert step / 2 <= delay <= step
+    assert plan.next_due["a0"] == delays[-1]
+    assert plan.next_poll()[0].label == "a1"  # the other account keeps its schedule
+    assert plan.next_due["a1"] == 0.0
+
+
+def test_backoff_has_jitter_and_a_cap() -> None:
+    rng = random.Random(1)
+    values = {jittered_backoff(20, 2.0, 300.0, rng) for _ in range(50)}
+    assert len(values) > 40
+    assert all(150.0 <= value <= 300.0 for value in values)
+
+
+def test_rejected_request_retries_on_the_long_interval() -> None:
+    plan = schedule(2)
+    assert plan.rejected("a0", now=5.0) == 600
+    assert plan.next_due["a0"] == 605.0
+
+
+def test_shared_budget_spaces_every_key() -> None:
+    budget = SharedBudget(requests_per_second=4)
+    assert [budget.reserve(0.0) for _ in range(4)] == [0.0, 0.25, 0.5, 0.75]
+    assert budget.reserve(10.0) == 10.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return 1_700_000_000.0 + self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+
+class ScriptedGemini:
+    """Answers each account from a script of outcomes; records when each request came."""
+
+    def __init__(self, clock: FakeClock, script: dict[str, list[bytes | GeminiError]]) -> None:
+        self._clock = clock
+        self._script = script
+        self.calls: list[tuple[str | None, float]] = []
+        self.enough = asyncio.Event()
+        self.wanted = 0
+
+    async def fetch_balances(
+        self, key: ApiKey, account: str | None, show_pending_balances: bool
+    ) -> bytes:
+        self.calls.append((account, self._clock.now))
+        if len(self.calls) >= self.wanted:
+            self.enough.set()
+        outcomes = self._script.get(account or "", [])
+        outcome = outcomes.pop(0) if len(outcomes) > 1 else (outcomes[0] if outcomes else b"[]")
+        if isinstance(outcome, GeminiError):
+            raise outcome
+        return outcome
+
+
+async def run_worker(
+    script: dict[str, list[bytes | GeminiError]], count: int, polls: int, rps: float = 2.0
+) -> tuple[ScriptedGemini, BalanceStore]:
+    clock = FakeClock()
+    gemini = ScriptedGemini(clock, script)
+    store = BalanceStore()
+    accounts = targets(count)
+    store.configure(accounts, {"k"})
+    plan = KeySchedule(accounts, KeyPacing(rps), BACKOFFS, clock.now, random.Random(3))
+    key = ApiKey("k", "master-k", SecretStr("s"), NonceSource("milliseconds"))
+    worker = KeyWorker(key, plan, gemini, store, Precision({}, 8), clock)
+    gemini.wanted = polls
+    task = asyncio.create_task(worker.run())
+    await gemini.enough.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return gemini, store
+
+
+BTC = b'[{"currency":"BTC","amount":"1","available":"1","availableForWithdrawal":"1"}]'
+
+
+async def test_worker_polls_in_round_robin_within_the_budget() -> None:
+    gemini, store = await run_worker({}, count=3, polls=9)
+    accounts = [account for account, _ in gemini.calls]
+    assert accounts == ["a0", "a1", "a2"] * 3
+    times = [at for _, at in gemini.calls]
+    assert min(b - a for a, b in pairwise(times)) >= 0.5
+    assert all(snapshot.up for snapshot in store.account_snapshots())
+
+
+async def test_worker_pauses_key_on_rate_limit_and_recovers() -> None:
+    limited = RateLimited("RateLimit", "slow down", 429, retry_after=20.0)
+    gemini, store = await run_worker({"a0": [limited, BTC]}, count=2, polls=4)
+    (a0_first, t0), (a0_again, t1), *_ = gemini.calls
+    assert a0_first == a0_again == "a0"
+    assert t1 - t0 == pytest.approx(20.0)
+    assert store.key_snapshots()[0].rate_limited == 1
+    snapshot = store.account_snapshots()[0]
+    assert snapshot.up
+    assert dict(snapshot.errors) == {"RateLimit": 1}
+
+
+async def test_worker_marks_rejected_accounts_down_and_keeps_the_others() -> None:
+    rejected = RequestRejected("MissingRole", "no role", 403)
+    gemini, store = await run_worker({"a0": [rejected], "a1": [BTC]}, count=2, polls=12)
+    a0, a1 = store.account_snapshots()
+    assert not a0.up
+    assert dict(a0.errors) == {"MissingRole": 1}
+    assert a1.up
+    assert a1.polls == 11
+    assert [account for account, _ in gemini.calls].count("a0") == 1
+
+
+async def test_worker_retries_transient_failures_with_backoff() -> None:
+    failure = TransientError("System", "boom", 500)
+    gemini, store = await run_worker({"a0": [failure, failure, failure, BTC]}, count=1, polls=4)
+    times = [at for _, at in gemini.calls]
+    gaps = [b - a for a, b in pairwise(times)]
+    assert 1.0 <= gaps[0] <= 2.0
+    assert 2.0 <= gaps[1] <= 4.0
+    assert 4.0 <= gaps[2] <= 8.0
+    (snapshot,) = store.account_snapshots()
+    assert snapshot.up
+    assert dict(snapshot.errors) == {"System": 3}
+
+
+async def test_worker_survives_a_malformed_reply_and_keeps_old_balances() -> None:
+    _, store = await run_worker({"a0": [BTC, b"<html>oops</html>", BTC]}, count=1, polls=2)
+    (snapshot,) = store.account_snapshots()
+    assert [balance.currency for balance in snapshot.balances] == ["BTC"]
+    assert dict(snapshot.errors) == {"MalformedReply": 1}
+

@@ -1,0 +1,220 @@
+"""The simulator enforces Gemini's rules; requests here are signed by hand, not by the client."""
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from balance_exporter.simulator.ratelimit import RateLimiter
+from balance_exporter.simulator.server import RunningSimulator, start_simulator
+from balance_exporter.simulator.state import SimState, demo_document
+from tests.conftest import ACCOUNT_KEY, ACCOUNT_SECRET, MASTER_KEY, MASTER_SECRET
+
+
+class Caller:
+    def __init__(self, http: aiohttp.ClientSession, base_url: str) -> None:
+        self.http = http
+        self.base_url = base_url
+        self.nonce = int(time.time() * 1000)
+
+    async def post(
+        self, path: str, key: str = MASTER_KEY, secret: str = MASTER_SECRET,
+        nonce: int | None = None, sign_with: str | None = None, request: str | None = None,
+        **params: Any,
+    ) -> tuple[int, Any, dict[str, str]]:
+        if nonce is None:
+            self.nonce += 1
+            nonce = self.nonce
+        payload = base64.b64encode(json.dumps(
+            {"request": request or path, "nonce": nonce, **params}).encode())
+        signature = hmac.new((sign_with or secret).encode(), payload, hashlib.sha384).hexdigest()
+        headers = {"X-GEMINI-APIKEY": key, "X-GEMINI-PAYLOAD": payload.decode(),
+                   "X-GEMINI-SIGNATURE": signature, "Content-Type": "text/plain"}
+        async with self.http.post(self.base_url + path, headers=headers) as response:
+            body = await response.read()
+            try:
+                document = json.loads(body)
+            except ValueError:
+                document = body
+            return response.status, document, dict(response.headers)
+
+
+@pytest.fixture
+async def caller(simulator: RunningSimulator) -> AsyncIterator[Caller]:
+    async with aiohttp.ClientSession() as http:
+        yield Caller(http, simulator.url)
+
+
+async def test_balances_for_a_master_key_account(caller: Caller) -> None:
+    status, rows, _ = await caller.post("/v1/balances", account="alpha", showPendingBalances=True)
+    assert status == 200
+    assert [row["currency"] for row in rows] == ["BTC", "USD"]
+    btc = rows[0]
+    assert btc["amount"] == "5.123456789123"
+    assert btc["pendingWithdrawal"] == "0.5"
+    assert isinstance(btc["_timestamp"], int)
+
+
+async def test_formats_per_account(caller: Caller) -> None:
+    _, beta, _ = await caller.post("/v1/balances", account="beta")
+    assert isinstance(beta[0]["amount"], float)
+    assert beta[0]["_timestamp"].endswith("Z")
+    assert "pendingWithdrawal" not in beta[0]
+    _, delta, _ = await caller.post("/v1/balances", key=ACCOUNT_KEY, secret=ACCOUNT_SECRET)
+    assert "_timestamp" not in delta[0]
+
+
+async def test_server_timestamps_increase(caller: Caller) -> None:
+    stamps = [(await caller.post("/v1/balances", account="alpha"))[1][0]["_timestamp"]
+              for _ in range(3)]
+    assert stamps == sorted(set(stamps))
+
+
+@pytest.mark.parametrize(("overrides", "status", "reason"), [
+    ({"sign_with": "wrong-secret"}, 400, "InvalidSignature"),
+    ({"key": "master-unknown"}, 400, "InvalidSignature"),
+    ({"request": "/v1/orders"}, 400, "EndpointMismatch"),
+    ({"account": None}, 400, "MissingAccounts"),
+    ({"account": "delta"}, 400, "InvalidAccountName"),
+    ({"account": "nobody"}, 400, "InvalidAccountName"),
+])
+async def test_rejections(
+    caller: Caller, overrides: dict[str, Any], status: int, reason: str
+) -> None:
+    params = {"account": "alpha", **overrides}
+    if params["account"] is None:
+        del params["account"]
+    got_status, body, _ = await caller.post("/v1/balances", **params)
+    assert (got_status, body["reason"]) == (status, reason)
+    assert body["result"] == "error"
+
+
+async def test_missing_headers_are_named(simulator: RunningSimulator) -> None:
+    url = f"{simulator.url}/v1/balances"
+    async with aiohttp.ClientSession() as http, http.post(url) as response:
+        assert response.status == 400
+        assert (await response.json())["reason"] == "MissingApikeyHeader"
+
+
+async def test_nonces_must_increase_per_key(caller: Caller) -> None:
+    assert (await caller.post("/v1/balances", account="alpha", nonce=1000))[0] == 200
+    status, body, _ = await caller.post("/v1/balances", account="alpha", nonce=1000)
+    assert (status, body["reason"]) == (400, "InvalidNonce")
+    status, body, _ = await caller.post("/v1/balances", account="alpha", nonce=999)
+    assert (status, body["reason"]) == (400, "InvalidNonce")
+    # Another key has its own nonce sequence.
+    status, _, _ = await caller.post("/v1/balances", key=ACCOUNT_KEY, secret=ACCOUNT_SECRET,
+                                     nonce=500)
+    assert status == 200
+
+
+async def test_time_based_keys_need_a_nonce_within_30_seconds() -> None:
+    document = {
+        "keys": [{"api_key": "account-tb", "api_secret": "s", "accounts": ["a"],
+                  "nonce": "seconds"}],
+        "accounts": [{"name": "a", "balances": {}}],
+    }
+    running = await start_simulator(SimState.from_document(document))
+    try:
+        async with aiohttp.ClientSession() as http:
+            caller = Caller(http, running.url)
+            now = int(time.time())
+            assert (await caller.post("/v1/balances", "account-tb", "s", nonce=now))[0] == 200
+            status, body, _ = await caller.post("/v1/balances", "account-tb", "s", nonce=now + 60)
+            assert (status, body["reason"]) == (400, "InvalidNonce")
+            status, body, _ = await caller.post("/v1/balances", "account-tb", "s",
+                                                nonce=int(time.time() * 1000))
+            assert (status, body["reason"]) == (400, "InvalidNonce")
+    finally:
+        await running.close()
+
+
+async def test_rate_limit_queues_five_then_answers_429_with_retry_after(caller: Caller) -> None:
+    nonces = [caller.nonce + i for i in range(1, 10)]
+    caller.nonce += 10
+    # Signed in nonce order and sent together, as a burst.
+    results = await asyncio.gather(*(caller.post("/v1/balances", account="alpha", nonce=n)
+                                     for n in nonces))
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses.count(200) + statuses.count(400) == 6  # one admitted, five queued
+    limited = [(body, headers) for status, body, headers in results if status == 429]
+    assert len(limited) == 3
+    assert all(body["reason"] == "RateLimit" for body, _ in limited)
+    assert all(int(headers["Retry-After"]) >= 1 for _, headers in limited)
+
+
+def test_limiter_admits_600_a_minute() -> None:
+    limiter = RateLimiter(per_minute=600, queued=5)
+    delays = [limiter.admit(now=i * 0.1) for i in range(600)]
+    assert all(delay is not None and delay < 1e-9 for delay in delays)
+    assert [limiter.admit(now=60.0) for _ in range(7)][-1] is None
+
+
+async def test_faults_are_served_then_cleared(
+    caller: Caller, simulator: RunningSimulator
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{simulator.url}/_sim/accounts/alpha/faults",
+                             json={"kind": "status", "status": 503, "reason": "Maintenance",
+                                   "count": 1}) as response:
+            assert response.status == 200
+        async with http.post(f"{simulator.url}/_sim/accounts/alpha/faults",
+                             json={"kind": "nonsense"}) as response:
+            assert response.status == 400
+    status, body, _ = await caller.post("/v1/balances", account="alpha")
+    assert (status, body["reason"]) == (503, "Maintenance")
+    assert (await caller.post("/v1/balances", account="alpha"))[0] == 200
+
+
+async def test_stale_fault_serves_an_older_stamp_and_other_values(
+    caller: Caller, simulator: RunningSimulator
+) -> None:
+    _, fresh, _ = await caller.post("/v1/balances", account="alpha")
+    async with aiohttp.ClientSession() as http:
+        await http.post(f"{simulator.url}/_sim/accounts/alpha/faults",
+                        json={"kind": "stale", "count": 1})
+    _, stale, _ = await caller.post("/v1/balances", account="alpha")
+    assert stale[0]["_timestamp"] < fresh[0]["_timestamp"]
+    assert stale[0]["amount"] != fresh[0]["amount"]
+
+
+async def test_notional_balances_and_account_list(caller: Caller) -> None:
+    status, rows, _ = await caller.post("/v1/notionalbalances/usd", account="gamma")
+    assert status == 200
+    assert rows == [{"currency": "USD", "amount": "42.00", "amountNotional": "42.00",
+                     "available": "42.00", "availableNotional": "42.00",
+                     "availableForWithdrawal": "42.00",
+                     "availableForWithdrawalNotional": "42.00"}]
+    status, accounts, _ = await caller.post("/v1/account/list", limit_accounts=2)
+    assert status == 200
+    assert [row["account"] for row in accounts] == ["alpha", "beta"]
+    assert {row["type"] for row in accounts} == {"exchange"}
+    status, body, _ = await caller.post("/v1/account/list", key=ACCOUNT_KEY,
+                                        secret=ACCOUNT_SECRET)
+    assert (status, body["reason"]) == (400, "InvalidApiKey")
+
+
+def test_demo_state_is_valid_and_its_secrets_are_fresh() -> None:
+    first, second = SimState.from_document(demo_document()), SimState.from_document(
+        demo_document())
+    assert len(first.keys) == 2
+    assert {k.api_secret for k in first.keys.values()}.isdisjoint(
+        k.api_secret for k in second.keys.values())
+
+
+def test_drift_keeps_available_within_amount() -> None:
+    state = SimState.from_document(demo_document())
+    rng = random.Random(5)
+    for _ in range(50):
+        state.drift(rng)
+    for account in state.accounts.values():
+        for balance in account.balances.values():
+            assert 0 <= balance.values["available"] <= balance.values["amount"]
