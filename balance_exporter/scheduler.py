@@ -273,6 +273,8 @@ class Scheduler:
         self._clock = clock
         self._key_states: dict[str, _KeyState] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        # Two reloads in quick succession must not interleave and leave two workers on a key.
+        self._applying = asyncio.Lock()
 
     def _key_state(self, key: ResolvedKey) -> _KeyState:
         state = self._key_states.get(key.api_key)
@@ -288,7 +290,11 @@ class Scheduler:
         return state
 
     async def apply(self, config: Config) -> None:
-        await self.stop()
+        async with self._applying:
+            await self.stop()
+            self._start(config)
+
+    def _start(self, config: Config) -> None:
         targets = plan_targets(config)
         self._store.configure(targets, config.keys)
         shared = (

@@ -49,7 +49,7 @@ class Service:
         clock: Clock | None = None,
     ) -> None:
         self.config = config
-        self._config_path = config_path
+        self.config_path = config_path
         self._web = web_options
         self._clock = clock or SystemClock()
         self.store = BalanceStore()
@@ -105,7 +105,7 @@ class Service:
     async def reload(self) -> bool:
         """Re-read the config and secrets; keep the running config if the new one is bad."""
         try:
-            config = load_config(self._config_path)
+            config = load_config(self.config_path)
         except ConfigError as error:
             log.error("config reload rejected, keeping the running config",
                       problems=error.problems)

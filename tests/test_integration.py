@@ -1,13 +1,23 @@
 """The exporter against the simulator over real sockets: what a user sees on /metrics."""
 
+import asyncio
 from decimal import ROUND_FLOOR, Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator
-from tests.conftest import MASTER_KEY, Samples, sample, scrape, wait_until
+from tests.conftest import (
+    MASTER_KEY,
+    Samples,
+    exporter_document,
+    sample,
+    scrape,
+    wait_until,
+)
 
 PLACES = {"USD": 2, "BTC": 8, "ETH": 18}
 FIELDS = {"amount": "gemini_balance_amount", "available": "gemini_balance_available",
@@ -179,3 +189,33 @@ async def test_transient_faults_keep_balances_and_recover(
             samples, "gemini_account_up", account="gamma") == 1
 
     await wait_until(all_counted, what="three transient faults counted and recovery")
+
+
+async def test_a_reply_slower_than_the_timeout_counts_as_timeout(
+    http: aiohttp.ClientSession, simulator: RunningSimulator, exporter: Service
+) -> None:
+    await all_polled(http, exporter)
+    await sim_call(http, "POST", f"{simulator.url}/_sim/accounts/gamma/faults",
+                   {"kind": "latency", "delay_seconds": 3, "count": 1})
+
+    async def timed_out() -> bool:
+        samples = await scrape(http, exporter.url)
+        return sample(samples, "gemini_account_poll_errors_total", account="gamma",
+                      reason="Timeout") == 1
+
+    await wait_until(timed_out, what="a Timeout error for gamma")
+    samples = await scrape(http, exporter.url)
+    assert sample(samples, "gemini_balance_amount", account="gamma", currency="USD") == 42.0
+
+
+async def test_overlapping_reloads_leave_one_worker_per_key(
+    http: aiohttp.ClientSession, exporter: Service, tmp_path: Path, simulator: RunningSimulator
+) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(exporter_document(simulator.url)))
+    exporter.config_path = path
+    results = await asyncio.gather(*(exporter.reload() for _ in range(5)))
+    assert results == [True] * 5
+    workers = [task for task in asyncio.all_tasks() if task.get_name().startswith("poll-")]
+    assert sorted(task.get_name() for task in workers) == ["poll-solo", "poll-treasury"]
+    await all_polled(http, exporter)
