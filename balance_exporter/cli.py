@@ -24,7 +24,7 @@ from balance_exporter.service import Service, WebOptions, run_until_signalled
 from balance_exporter.webconfig import WebConfig, load_web_config
 
 DEFAULT_LISTEN_ADDRESS = ":8397"
-DEMO_LISTEN_ADDRESS = "127.0.0.1:8397"
+DEMO_LISTEN_ADDRESS = ":8397"
 DEFAULT_SIMULATOR_ADDRESS = "127.0.0.1:8398"
 EXIT_BAD_CONFIG = 2
 
@@ -169,7 +169,8 @@ def demo_exporter_document(simulator_state: Any, base_url: str) -> dict[str, Any
         ],
         "accounts": [
             {"key": "treasury", "account": "primary", "name": "treasury-primary",
-             "show_pending_balances": True, "interval_seconds": 5},
+             "show_pending_balances": True, "interval_seconds": 5,
+             "min_available": {"USD": 1000, "BTC": 1}, "max_available_drop_ratio": 0.5},
             {"key": "treasury", "account": "trading", "name": "treasury-trading",
              "show_pending_balances": True, "interval_seconds": 5},
             {"key": "treasury", "account": "ops", "name": "treasury-ops", "interval_seconds": 5},

@@ -72,6 +72,9 @@ class AccountSettings(_Strict):
     name: LabelText | None = None
     show_pending_balances: bool = False
     interval_seconds: Annotated[float, Field(ge=1, le=86400)] = 30.0
+    # Alert thresholds, exported as metrics so that alert rules need no editing.
+    min_available: dict[Annotated[str, Field(min_length=1)], float] = {}
+    max_available_drop_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
 
     @property
     def label(self) -> str:

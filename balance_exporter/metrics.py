@@ -71,6 +71,22 @@ def _balance_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]
         yield family
 
 
+def _threshold_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
+    minimum = GaugeMetricFamily(
+        "gemini_balance_min_available",
+        "Configured minimum of gemini_balance_available (`min_available`); alert rules compare "
+        "against it.", labels=BALANCE_LABELS)
+    for snapshot in accounts:
+        for currency, value in snapshot.target.min_available:
+            minimum.add_metric([snapshot.target.label, currency], value)
+    yield minimum
+    yield _account_gauge(
+        "gemini_account_max_available_drop_ratio",
+        "Configured largest fraction of an available balance that may go within an hour "
+        "(`max_available_drop_ratio`); alert rules compare against it.",
+        accounts, lambda s: s.target.max_available_drop_ratio)
+
+
 def _account_gauge(
     name: str,
     help_text: str,
@@ -171,6 +187,7 @@ class BalanceCollector(Collector):
     def _families(self) -> Iterator[Metric]:
         accounts = self._store.account_snapshots()
         yield from _balance_families(accounts)
+        yield from _threshold_families(accounts)
         yield from _health_families(accounts)
         for name, help_text, field in (
             ("gemini_key_requests", "Requests sent to Gemini with the key.", "requests"),

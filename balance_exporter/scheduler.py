@@ -85,6 +85,8 @@ def plan_targets(config: Config) -> list[AccountTarget]:
             account=account.account,
             show_pending_balances=account.show_pending_balances,
             interval_seconds=interval,
+            min_available=tuple(sorted(account.min_available.items())),
+            max_available_drop_ratio=account.max_available_drop_ratio,
         ))
     return targets
 

@@ -25,6 +25,8 @@ class AccountTarget:
     show_pending_balances: bool
     # The interval the scheduler can keep, which may be longer than the configured one.
     interval_seconds: float
+    min_available: tuple[tuple[str, float], ...] = ()
+    max_available_drop_ratio: float | None = None
 
     @property
     def identity(self) -> tuple[str, str, str | None, bool]:

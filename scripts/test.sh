@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: makes .venv, installs the package with its test
-# tools, makes sure promtool is there, then runs ruff, mypy --strict and pytest.
+# The whole test suite on a fresh machine: installs the Debian tools the tests drive, makes
+# .venv with the package and its test tools, then runs ruff, mypy --strict and pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v promtool >/dev/null 2>&1; then
+# Debian packages of the real tools the tests drive: promtool, amtool, docker-compose, openssl.
+packages=(prometheus prometheus-alertmanager docker-compose openssl)
+commands=(promtool amtool docker-compose openssl)
+missing=()
+for index in "${!commands[@]}"; do
+  command -v "${commands[$index]}" >/dev/null 2>&1 || missing+=("${packages[$index]}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "promtool is missing: install Debian's 'prometheus' package (sudo apt-get install prometheus)" >&2
+    echo "missing Debian packages: ${missing[*]} (sudo apt-get install ${missing[*]})" >&2
     exit 1
   fi
 fi

@@ -23,7 +23,9 @@ GOLDEN = Path(__file__).parent / "testdata" / "golden" / "metrics.prom"
 def fixed_store() -> BalanceStore:
     store = BalanceStore()
     store.configure([
-        AccountTarget("treasury-primary", "treasury", "primary", True, 30.0),
+        AccountTarget("treasury-primary", "treasury", "primary", True, 30.0,
+                      min_available=(("BTC", 1.0), ("USD", 10000.0)),
+                      max_available_drop_ratio=0.5),
         AccountTarget("savings", "savings", None, False, 60.0),
         AccountTarget("never-polled", "treasury", "other", False, 30.0),
     ], ["treasury", "savings"])

@@ -137,16 +137,25 @@ async def test_time_based_keys_need_a_nonce_within_30_seconds() -> None:
         await running.close()
 
 
-async def test_rate_limit_queues_five_then_answers_429_with_retry_after(caller: Caller) -> None:
-    nonces = [caller.nonce + i for i in range(1, 10)]
-    caller.nonce += 10
-    # Signed in nonce order and sent together, as a burst.
-    results = await asyncio.gather(*(caller.post("/v1/balances", account="alpha", nonce=n)
-                                     for n in nonces))
-    statuses = sorted(status for status, _, _ in results)
-    assert statuses.count(200) + statuses.count(400) == 6  # one admitted, five queued
+async def test_rate_limit_queues_then_answers_429_with_retry_after() -> None:
+    # A slow limit (one a second, one queued) so that the burst needs no tight timing.
+    document = {
+        "keys": [{"api_key": "account-slow", "api_secret": "s", "accounts": ["a"],
+                  "rate_limit_per_minute": 60, "rate_limit_queued": 1}],
+        "accounts": [{"name": "a", "balances": {}}],
+    }
+    running = await start_simulator(SimState.from_document(document))
+    try:
+        async with aiohttp.ClientSession() as http:
+            caller = Caller(http, running.url)
+            results = await asyncio.gather(*(
+                caller.post("/v1/balances", "account-slow", "s") for _ in range(4)))
+    finally:
+        await running.close()
+    # One answered at once and one queued (whatever their nonces made of them), two refused.
+    assert sum(status != 429 for status, _, _ in results) == 2
     limited = [(body, headers) for status, body, headers in results if status == 429]
-    assert len(limited) == 3
+    assert len(limited) == 2
     assert all(body["reason"] == "RateLimit" for body, _ in limited)
     assert all(int(headers["Retry-After"]) >= 1 for _, headers in limited)
 

@@ -162,6 +162,10 @@ class SimState:
                     accounts=[str(name) for name in entry["accounts"]],
                     nonce=entry.get("nonce", "milliseconds"),
                     roles=frozenset(entry.get("roles", ["Auditor"])),
+                    limiter=RateLimiter(
+                        per_minute=float(entry.get("rate_limit_per_minute", 600)),
+                        queued=int(entry.get("rate_limit_queued", 5)),
+                    ),
                 )
             except (KeyError, TypeError) as error:
                 raise ValueError(f"keys[{index}]: missing or wrong field {error}") from None

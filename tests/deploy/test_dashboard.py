@@ -1,0 +1,82 @@
+"""The Grafana dashboard: its structure, and every PromQL expression parsed by promtool."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.tools import DEPLOY, exported_metric_names, metric_names_in, run, tool
+
+DASHBOARD = json.loads((DEPLOY / "grafana/dashboards/gemini-balances.json").read_text())
+PANELS = [panel for panel in DASHBOARD["panels"] if panel["type"] != "row"]
+# Grafana's variables, as a query would see them after substitution.
+SUBSTITUTIONS = {"$__rate_interval": "1m", "$account": ".*", "$currency": ".*"}
+
+
+def expressions() -> list[str]:
+    exprs = [target["expr"] for panel in PANELS for target in panel["targets"]]
+    exprs += [variable["query"]["query"] for variable in DASHBOARD["templating"]["list"]
+              if variable["type"] == "query"]
+    return exprs
+
+
+def substituted(expr: str) -> str:
+    for variable, value in SUBSTITUTIONS.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+def test_dashboard_is_current_and_has_the_variables() -> None:
+    assert DASHBOARD["schemaVersion"] >= 36
+    assert DASHBOARD["uid"]
+    variables = {variable["name"]: variable for variable in DASHBOARD["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("account", "currency"):
+        assert variables[name]["type"] == "query"
+        assert variables[name]["includeAll"]
+        assert variables[name]["multi"]
+
+
+@pytest.mark.parametrize("panel", PANELS, ids=lambda panel: panel["title"])
+def test_every_panel_has_title_description_unit_and_the_datasource_variable(
+    panel: dict[str, Any],
+) -> None:
+    assert panel["title"]
+    assert panel["description"]
+    assert panel["fieldConfig"]["defaults"]["unit"]
+    assert panel["datasource"]["uid"] == "${datasource}"
+    assert panel["targets"]
+    assert all(target["datasource"]["uid"] == "${datasource}" for target in panel["targets"])
+
+
+def test_the_required_panels_are_there() -> None:
+    all_exprs = " ".join(expressions())
+    for metric in ("gemini_balance_amount", "gemini_balance_available",
+                   "gemini_balance_pending_deposit", "gemini_balance_pending_withdrawal",
+                   "gemini_account_last_success_timestamp_seconds",
+                   "gemini_account_poll_errors_total", "gemini_key_rate_limited_total"):
+        assert metric in all_exprs
+    # The holds panel: amount minus available.
+    assert " - gemini_balance_available{" in all_exprs
+
+
+def test_every_expression_uses_only_exported_metrics() -> None:
+    for expr in expressions():
+        assert metric_names_in(expr) <= exported_metric_names(), expr
+
+
+def test_promtool_parses_every_expression(tmp_path: Path) -> None:
+    # label_values(<selector>, label): the selector is the PromQL part.
+    queries = [expr.removeprefix("label_values(").rsplit(",", 1)[0]
+               if expr.startswith("label_values(") else expr for expr in expressions()]
+    # As recording rules, each expression is parsed by Prometheus' own parser.
+    rules = [{"record": f"dashboard:expr{index}", "expr": substituted(query)}
+             for index, query in enumerate(queries)]
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = run(tool("promtool"), "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(queries)} rules found" in result.stdout
