@@ -3,6 +3,7 @@
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
 import aiohttp
@@ -60,6 +61,16 @@ def exporter_document(base_url: str, interval: float = 1.0) -> dict[str, Any]:
         # Short backoffs keep recovery scenarios quick.
         "polling": {"max_backoff_seconds": 2, "rejected_retry_seconds": 2},
     }
+
+
+# The precision the test config gets by default, per currency.
+PLACES = {"USD": 2, "BTC": 8, "ETH": 18}
+
+
+def floored(value: str, currency: str) -> float:
+    """What the exporter should show for a simulator amount: floored, computed independently."""
+    quantum = Decimal(1).scaleb(-PLACES.get(currency, 8))
+    return float(Decimal(value).quantize(quantum, rounding=ROUND_FLOOR))
 
 
 @pytest.fixture

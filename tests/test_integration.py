@@ -1,7 +1,6 @@
 """The exporter against the simulator over real sockets: what a user sees on /metrics."""
 
 import asyncio
-from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,12 @@ from tests.conftest import (
     MASTER_KEY,
     Samples,
     exporter_document,
+    floored,
     sample,
     scrape,
     wait_until,
 )
 
-PLACES = {"USD": 2, "BTC": 8, "ETH": 18}
 FIELDS = {"amount": "gemini_balance_amount", "available": "gemini_balance_available",
           "availableForWithdrawal": "gemini_balance_available_for_withdrawal"}
 PENDING = {"pendingWithdrawal": "gemini_balance_pending_withdrawal",
@@ -34,11 +33,6 @@ async def sim_state(http: aiohttp.ClientSession, simulator: RunningSimulator) ->
 async def sim_call(http: aiohttp.ClientSession, method: str, url: str, body: object) -> None:
     async with http.request(method, url, json=body) as response:
         assert response.status == 200, await response.text()
-
-
-def floored(value: str, currency: str) -> float:
-    quantum = Decimal(1).scaleb(-PLACES.get(currency, 8))
-    return float(Decimal(value).quantize(quantum, rounding=ROUND_FLOOR))
 
 
 async def all_polled(http: aiohttp.ClientSession, exporter: Service) -> Samples:

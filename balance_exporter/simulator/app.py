@@ -4,12 +4,13 @@ under `/_sim/` through which tests set balances and inject faults per account.""
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -274,35 +275,38 @@ async def control_state(request: web.Request) -> web.Response:
     })
 
 
+@contextlib.contextmanager
+def _bad_input_is_400() -> Iterator[None]:
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        raise web.HTTPBadRequest(text=str(error)) from None
+
+
 async def control_set_balances(request: web.Request) -> web.Response:
     account = _control_account(request)
-    try:
-        account.set_balances(await _json_body(request))
-    except ValueError as error:
-        raise web.HTTPBadRequest(text=str(error)) from None
+    body = await _json_body(request)
+    with _bad_input_is_400():
+        account.set_balances(body)
     return web.json_response(account.describe())
 
 
 async def control_patch_account(request: web.Request) -> web.Response:
     account = _control_account(request)
     body = await _json_body(request)
-    try:
+    with _bad_input_is_400():
         if "timestamp_format" in body:
             account.timestamp_format = cast_timestamp_format(body["timestamp_format"])
         if "number_format" in body:
             account.number_format = cast_number_format(body["number_format"])
-    except ValueError as error:
-        raise web.HTTPBadRequest(text=str(error)) from None
     return web.json_response(account.describe())
 
 
 async def control_add_fault(request: web.Request) -> web.Response:
     account = _control_account(request)
     body = await _json_body(request)
-    try:
+    with _bad_input_is_400():
         account.faults.append(Fault.from_document(body if isinstance(body, dict) else {}))
-    except (ValueError, TypeError) as error:
-        raise web.HTTPBadRequest(text=str(error)) from None
     return web.json_response({"faults": len(account.faults)})
 
 

@@ -1,0 +1,234 @@
+"""The live chain: exporter → real Prometheus → real Alertmanager → webhook receiver, driven by
+simulator faults. Debian's prometheus and prometheus-alertmanager run on loopback with configs
+generated from deploy/; the simulator and the exporter run as their own processes.
+
+The tests run in file order over one chain: baseline, faults fire, the dashboard's queries
+(while error series exist), faults cleared and alerts resolved, exporter stopped.
+"""
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import exporter_document, floored, simulator_document
+from tests.e2e.chain import (
+    DEPLOY,
+    Processes,
+    Prometheus,
+    WebhookReceiver,
+    alert_rules,
+    alertmanager_config,
+    free_port,
+    http_json,
+    http_status,
+    prometheus_config,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+ACCOUNTS = ("alpha", "beta", "gamma", "delta")
+BALANCE_METRICS = {
+    "amount": "gemini_balance_amount", "available": "gemini_balance_available",
+    "availableForWithdrawal": "gemini_balance_available_for_withdrawal",
+    "pendingWithdrawal": "gemini_balance_pending_withdrawal",
+    "pendingDeposit": "gemini_balance_pending_deposit",
+}
+GAMMA_MINIMUM = 40.0
+
+
+@dataclass
+class Chain:
+    processes: Processes
+    receiver: WebhookReceiver
+    prometheus: Prometheus
+    simulator_url: str
+    exporter_url: str
+    exporter_command: list[str]
+    exporter: Any  # the running exporter's Popen
+
+    def sim(self, method: str, path: str, body: object) -> Any:
+        return http_json(self.simulator_url + path, body, method)
+
+    def sim_state(self) -> Any:
+        return http_json(self.simulator_url + "/_sim/state")
+
+
+def is_ready(url: str) -> bool:
+    return http_status(f"{url}/-/ready") == 200
+
+
+def binary(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: scripts/test.sh and .ci/run install it")
+    return found
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+    work = tmp_path_factory.mktemp("chain")
+    processes = Processes(work)
+    receiver = WebhookReceiver()
+    ports = {name: free_port() for name in ("simulator", "exporter", "prometheus", "alertmanager")}
+    simulator_url = f"http://127.0.0.1:{ports['simulator']}"
+    (work / "sim.yml").write_text(yaml.safe_dump(simulator_document()))
+    exporter_config = exporter_document(simulator_url)
+    gamma = next(a for a in exporter_config["accounts"] if a.get("account") == "gamma")
+    gamma["min_available"] = {"USD": GAMMA_MINIMUM}
+    (work / "exporter.yml").write_text(yaml.safe_dump(exporter_config))
+    alert_rules(work / "alerts.yml")
+    prometheus_config(work / "prometheus.yml", work / "alerts.yml", ports["exporter"],
+                      ports["alertmanager"])
+    alertmanager_config(work / "alertmanager.yml", receiver.port)
+    # The exporter as users run it: its console script.
+    exporter_command = [str(Path(sys.executable).with_name("balance-exporter")),
+                        "--config.file", str(work / "exporter.yml"),
+                        "--web.listen-address", f"127.0.0.1:{ports['exporter']}"]
+    try:
+        processes.start("simulator", [sys.executable, "-m", "balance_exporter", "simulate",
+                                      "--listen", f"127.0.0.1:{ports['simulator']}",
+                                      "--state", str(work / "sim.yml")])
+        exporter = processes.start("exporter", exporter_command)
+        processes.start("alertmanager", [
+            binary("prometheus-alertmanager"), f"--config.file={work / 'alertmanager.yml'}",
+            f"--storage.path={work / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{ports['alertmanager']}",
+            "--cluster.listen-address="])
+        processes.start("prometheus", [
+            binary("prometheus"), f"--config.file={work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={work / 'prom-data'}",
+            f"--web.listen-address=127.0.0.1:{ports['prometheus']}"])
+        chain = Chain(processes, receiver, Prometheus(ports["prometheus"]),
+                      simulator_url, f"http://127.0.0.1:{ports['exporter']}", exporter_command,
+                      exporter)
+        for name, url in (("prometheus", chain.prometheus.url),
+                          ("alertmanager", f"http://127.0.0.1:{ports['alertmanager']}"),
+                          ("exporter", chain.exporter_url)):
+            wait_for(partial(is_ready, url), f"{name} ready")
+        yield chain
+    finally:
+        survivors = processes.stop_all()
+        receiver.close()
+        assert survivors == [], f"processes left behind: {survivors}"
+
+
+def expected_balances(chain: Chain) -> dict[tuple[str, str, str], float]:
+    pending_accounts = {a.get("account") for a in exporter_document("")["accounts"]
+                        if a.get("show_pending_balances")}
+    expected = {}
+    for account, state in chain.sim_state()["accounts"].items():
+        for currency, values in state["balances"].items():
+            for field, metric in BALANCE_METRICS.items():
+                if field.startswith("pending") and account not in pending_accounts:
+                    continue
+                expected[(metric, account, currency)] = floored(values[field], currency)
+    return expected
+
+
+def stored_balances(chain: Chain) -> dict[tuple[str, str, str], float]:
+    result = chain.prometheus.query('{__name__=~"gemini_balance_(amount|available.*|pending.*)"}')
+    return {(series["metric"]["__name__"], series["metric"]["account"],
+             series["metric"]["currency"]): float(series["value"][1]) for series in result}
+
+
+def firing(chain: Chain, alertname: str, **labels: str) -> list[tuple[str, dict[str, str]]]:
+    return [(path, got) for path, got in chain.receiver.alerts(alertname, "firing")
+            if all(got.get(name) == value for name, value in labels.items())]
+
+
+def resolved(chain: Chain, alertname: str, **labels: str) -> bool:
+    return any(all(got.get(name) == value for name, value in labels.items())
+               for _, got in chain.receiver.alerts(alertname, "resolved"))
+
+
+def test_prometheus_stores_the_simulators_balances(chain: Chain) -> None:
+    wait_for(lambda: chain.prometheus.query('up{job="balance-exporter"} == 1'),
+             "the exporter's target to be up")
+    expected = expected_balances(chain)
+    assert len(expected) == 22
+    wait_for(lambda: stored_balances(chain) == expected,
+             "Prometheus to hold every balance gauge with the simulator's values")
+
+
+# The faults, each on its own account or key so that they can run at once.
+EXPECTED_FIRING = [
+    ("GeminiBalanceAuthError", {"account": "beta", "reason": "InvalidSignature"},
+     "/treasury-pager"),
+    ("GeminiBalanceDataStale", {"account": "alpha"}, "/treasury-pager"),
+    ("GeminiBalanceBelowMinimum", {"account": "gamma", "currency": "USD"}, "/treasury-pager"),
+    ("GeminiBalanceRateLimited", {"key": "solo"}, "/treasury-chat"),
+]
+SCENARIO: dict[str, float] = {}
+
+
+def test_faults_fire_their_alerts_through_alertmanager(chain: Chain) -> None:
+    SCENARIO["start"] = time.time()
+    chain.sim("POST", "/_sim/accounts/beta/faults", {"kind": "auth", "reason": "InvalidSignature"})
+    chain.sim("POST", "/_sim/accounts/alpha/faults", {"kind": "stale"})
+    chain.sim("PUT", "/_sim/accounts/gamma/balances", {"USD": {"amount": "10.00"}})
+    chain.sim("POST", "/_sim/accounts/delta/faults", {"kind": "rate_limit", "retry_after": 1})
+    for alertname, labels, receiver in EXPECTED_FIRING:
+        deliveries = wait_for(partial(firing, chain, alertname, **labels),
+                              f"{alertname} {labels} to reach the webhook")
+        assert {path for path, _ in deliveries} == {receiver}
+        for _, got in deliveries:
+            assert got["job"] == "balance-exporter"
+            assert got["severity"] == ("warning" if receiver == "/treasury-chat" else "critical")
+    # The auth alert concerns the account with the auth error, and no other.
+    assert {got["account"] for _, got in chain.receiver.alerts(
+        "GeminiBalanceAuthError", "firing")} == {"beta"}
+
+
+def test_every_dashboard_query_returns_data(chain: Chain) -> None:
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/gemini-balances.json").read_text())
+    substitutions = {"$__rate_interval": "1m", "$account": ".*", "$currency": ".*"}
+    queries = [target["expr"] for panel in dashboard["panels"] for target in
+               panel.get("targets", [])]
+    queries += [variable["query"]["query"].removeprefix("label_values(").rsplit(",", 1)[0]
+                for variable in dashboard["templating"]["list"] if variable["type"] == "query"]
+    for query in queries:
+        for variable, value in substitutions.items():
+            query = query.replace(variable, value)
+        assert chain.prometheus.query(query), f"no data for {query}"
+
+
+def test_alerts_resolve_once_the_faults_are_gone(chain: Chain) -> None:
+    chain.sim("DELETE", "/_sim/faults", None)
+    chain.sim("PUT", "/_sim/accounts/gamma/balances", {"USD": {"amount": "42.00"}})
+    for alertname, labels, _ in EXPECTED_FIRING:
+        wait_for(partial(resolved, chain, alertname, **labels),
+                 f"{alertname} {labels} to be resolved", limit_seconds=120)
+    SCENARIO["end"] = time.time()
+    # Prometheus never stored a value from a stale reply (they carry amounts a million higher).
+    series = chain.prometheus.query_range('gemini_balance_amount{account="alpha"}',
+                                          SCENARIO["start"], SCENARIO["end"])
+    assert {s["metric"]["currency"] for s in series} == {"BTC", "USD"}
+    for one in series:
+        values = {float(value) for _, value in one["values"]}
+        assert values == {floored({"BTC": "5.123456789123", "USD": "15000.129"}[
+            one["metric"]["currency"]], one["metric"]["currency"])}
+    # The exporter recovered by itself, and no request ever carried a stale nonce.
+    wait_for(lambda: chain.prometheus.query('gemini_account_up{account="delta"} == 1'),
+             "delta to be up again")
+    keys = chain.sim_state()["keys"]
+    assert all(counters.get("invalid_nonce", 0) == 0 for counters in keys.values())
+
+
+def test_a_stopped_exporter_raises_exporter_down_until_it_is_back(chain: Chain) -> None:
+    assert Processes.stop(chain.exporter) == 0
+    deliveries = wait_for(lambda: firing(chain, "GeminiBalanceExporterDown"),
+                          "GeminiBalanceExporterDown to reach the webhook")
+    assert {path for path, _ in deliveries} == {"/treasury-pager"}
+    chain.exporter = chain.processes.start("exporter", chain.exporter_command)
+    wait_for(lambda: resolved(chain, "GeminiBalanceExporterDown"),
+             "GeminiBalanceExporterDown to be resolved")
