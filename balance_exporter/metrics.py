@@ -5,13 +5,11 @@ and a bug here costs one scrape's balance families, counted in
 `gemini_exporter_collect_errors_total`, not the whole scrape.
 """
 
-import gzip
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import structlog
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -162,7 +160,36 @@ def _health_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
     yield info
 
 
+def account_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
+    """The families with one sample set per account, always the same families in one order."""
+    yield from _balance_families(accounts)
+    yield from _threshold_families(accounts)
+    yield from _health_families(accounts)
+
+
+def exporter_families(store: BalanceStore, collect_errors: int) -> Iterator[Metric]:
+    """The families that are not per account: keys, build, and the collector's own errors."""
+    for name, help_text, field in (
+        ("gemini_key_requests", "Requests sent to Gemini with the key.", "requests"),
+        ("gemini_key_rate_limited", "Replies that said the key was rate limited (429).",
+         "rate_limited"),
+    ):
+        family = CounterMetricFamily(name, help_text, labels=["key"])
+        for key in store.key_snapshots():
+            family.add_metric([key.name], getattr(key, field))
+        yield family
+    build = InfoMetricFamily("gemini_exporter_build", "The exporter's version.", labels=["version"])
+    build.add_metric([__version__], {})
+    yield build
+    yield CounterMetricFamily(
+        "gemini_exporter_collect_errors",
+        "Scrapes in which the balance families could not be rendered.",
+        value=collect_errors)
+
+
 class BalanceCollector(Collector):
+    """Every family from the store, through prometheus_client's generic rendering path."""
+
     def __init__(self, store: BalanceStore) -> None:
         self._store = store
         self._collect_errors = 0
@@ -173,59 +200,26 @@ class BalanceCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         try:
-            families = list(self._families())
+            families = list(account_families(self._store.account_snapshots()))
         except Exception:
             self._collect_errors += 1
             log.exception("rendering balances failed")
             families = []
         yield from families
-        yield CounterMetricFamily(
-            "gemini_exporter_collect_errors",
-            "Scrapes in which the balance families could not be rendered.",
-            value=self._collect_errors)
+        yield from exporter_families(self._store, self._collect_errors)
 
-    def _families(self) -> Iterator[Metric]:
-        accounts = self._store.account_snapshots()
-        yield from _balance_families(accounts)
-        yield from _threshold_families(accounts)
-        yield from _health_families(accounts)
-        for name, help_text, field in (
-            ("gemini_key_requests", "Requests sent to Gemini with the key.", "requests"),
-            ("gemini_key_rate_limited", "Replies that said the key was rate limited (429).",
-             "rate_limited"),
-        ):
-            family = CounterMetricFamily(name, help_text, labels=["key"])
-            for key in self._store.key_snapshots():
-                family.add_metric([key.name], getattr(key, field))
-            yield family
-        build = InfoMetricFamily(
-            "gemini_exporter_build", "The exporter's version.", labels=["version"])
-        build.add_metric([__version__], {})
-        yield build
+
+def register_process_collectors(registry: CollectorRegistry) -> None:
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
 
 
 def build_registry(store: BalanceStore, process_metrics: bool = True) -> CollectorRegistry:
-    """A registry of our own (never the global one), so tests and embedders stay isolated."""
+    """A registry of our own (never the global one) with prometheus_client's generic path: the
+    reference the fast path in `exposition` is held to, byte for byte."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BalanceCollector(store))
     if process_metrics:
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
+        register_process_collectors(registry)
     return registry
-
-
-@dataclass(frozen=True)
-class Exposition:
-    body: bytes
-    content_type: str
-    content_encoding: str | None
-
-
-def render(registry: CollectorRegistry, accept: str, accept_encoding: str) -> Exposition:
-    """The registry in the format the scraper asked for, gzipped when it accepts gzip."""
-    encoder, content_type = choose_encoder(accept)
-    body = encoder(registry)
-    if "gzip" in accept_encoding.lower():
-        return Exposition(gzip.compress(body, compresslevel=6), content_type, "gzip")
-    return Exposition(body, content_type, None)

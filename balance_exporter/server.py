@@ -5,22 +5,19 @@ import time
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CollectorRegistry
 
 from balance_exporter import __version__
-from balance_exporter.metrics import render
+from balance_exporter.exposition import ExpositionCache
 from balance_exporter.store import AccountSnapshot, BalanceStore
 
 STORE_KEY = web.AppKey("store", BalanceStore)
-REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
+EXPOSITION_KEY = web.AppKey("exposition", ExpositionCache)
 TELEMETRY_PATH_KEY = web.AppKey("telemetry_path", str)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    exposition = render(
-        request.app[REGISTRY_KEY],
-        request.headers.get("Accept", ""),
-        request.headers.get("Accept-Encoding", ""),
+    exposition = await request.app[EXPOSITION_KEY].render(
+        request.headers.get("Accept", ""), request.headers.get("Accept-Encoding", "")
     )
     response = web.Response(body=exposition.body, headers={"Vary": "Accept, Accept-Encoding"})
     response.headers["Content-Type"] = exposition.content_type
@@ -83,14 +80,13 @@ async def ready_handler(request: web.Request) -> web.Response:
 
 
 def build_app(
-    store: BalanceStore,
-    registry: CollectorRegistry,
+    exposition: ExpositionCache,
     telemetry_path: str = "/metrics",
     middlewares: tuple[Middleware, ...] = (),
 ) -> web.Application:
     app = web.Application(middlewares=middlewares)
-    app[STORE_KEY] = store
-    app[REGISTRY_KEY] = registry
+    app[STORE_KEY] = exposition.store
+    app[EXPOSITION_KEY] = exposition
     app[TELEMETRY_PATH_KEY] = telemetry_path
     app.router.add_get(telemetry_path, metrics_handler)
     if telemetry_path != "/":

@@ -19,8 +19,8 @@ from aiohttp.typedefs import Middleware
 
 from balance_exporter import __version__
 from balance_exporter.config import Config, ConfigError, load_config
+from balance_exporter.exposition import ExpositionCache
 from balance_exporter.logging import redactor
-from balance_exporter.metrics import build_registry
 from balance_exporter.scheduler import Clock, Scheduler, SystemClock
 from balance_exporter.server import build_app, parse_listen_address
 from balance_exporter.store import BalanceStore
@@ -84,9 +84,7 @@ class Service:
         middlewares: tuple[Middleware, ...] = ()
         if web_config and web_config.basic_auth_users:
             middlewares = (BasicAuth(web_config.basic_auth_users).middleware,)
-        app = build_app(
-            self.store, build_registry(self.store), self._web.telemetry_path, middlewares
-        )
+        app = build_app(ExpositionCache(self.store), self._web.telemetry_path, middlewares)
         self._runner = web.AppRunner(
             app,
             shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from balance_exporter.config import ConfigError
-from balance_exporter.metrics import build_registry
+from balance_exporter.exposition import ExpositionCache
 from balance_exporter.server import build_app, parse_listen_address
 from balance_exporter.webconfig import BasicAuth, load_web_config, ssl_context
 from tests.test_metrics import fixed_store
@@ -32,7 +32,7 @@ def base_url(runner: web.AppRunner, scheme: str = "http") -> str:
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
     store = fixed_store()
-    runner = await serve(build_app(store, build_registry(store)))
+    runner = await serve(build_app(ExpositionCache(store)))
     yield base_url(runner)
     await runner.cleanup()
 
@@ -106,7 +106,7 @@ async def test_unknown_paths_404_and_wrong_methods_405(
 
 async def test_custom_telemetry_path() -> None:
     store = fixed_store()
-    runner = await serve(build_app(store, build_registry(store), "/probe"))
+    runner = await serve(build_app(ExpositionCache(store), "/probe"))
     try:
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base_url(runner)}/probe") as response:
@@ -146,7 +146,7 @@ async def test_basic_auth_guards_everything_but_the_probes(tmp_path: Path) -> No
     assert PASSWORD not in repr(config)
     store = fixed_store()
     auth = BasicAuth(config.basic_auth_users)
-    runner = await serve(build_app(store, build_registry(store), middlewares=(auth.middleware,)))
+    runner = await serve(build_app(ExpositionCache(store), middlewares=(auth.middleware,)))
     url = base_url(runner)
     try:
         async with aiohttp.ClientSession() as http:
@@ -183,7 +183,7 @@ async def test_tls_from_the_web_config(certificate: Path) -> None:
         tmp_path, "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"))
     assert config.tls_server_config is not None
     store = fixed_store()
-    runner = await serve(build_app(store, build_registry(store)),
+    runner = await serve(build_app(ExpositionCache(store)),
                          ssl_context(config.tls_server_config))
     try:
         trust = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))

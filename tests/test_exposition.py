@@ -1,0 +1,167 @@
+"""The fast /metrics path: byte for byte what prometheus_client renders, re-rendering only what
+changed, and never failing a scrape."""
+
+import asyncio
+import gzip
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from balance_exporter import metrics
+from balance_exporter.exposition import ExpositionCache
+from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
+from balance_exporter.metrics import build_registry
+from balance_exporter.store import AccountSnapshot, AccountTarget, BalanceStore
+from tests.test_metrics import fixed_store
+
+OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+
+
+def large_store(accounts: int, currencies: int) -> BalanceStore:
+    store = BalanceStore()
+    store.configure([AccountTarget(f"acct-{i}", f"key-{i % 3}", f"a{i}", i % 2 == 0, 30.0,
+                                   min_available=(("C0", 1.0),)) for i in range(accounts)],
+                    [f"key-{k}" for k in range(3)])
+    for i in range(accounts):
+        update(store, f"acct-{i}", i)
+    return store
+
+
+def update(store: BalanceStore, label: str, seed: int) -> None:
+    balances = tuple(CurrencyBalance(f"C{c}", seed + c + 0.5, seed + c, 1e-9 * c, c / 3, 0.0)
+                     for c in range(20))
+    store.record_reply(label, BalanceReply(balances, 1_700_000_000_000_000_000 + seed, None),
+                       0.01, 1_700_000_000.0 + seed)
+
+
+def reference(store: BalanceStore, openmetrics: bool = False) -> bytes:
+    registry = build_registry(store, process_metrics=False)
+    if openmetrics:
+        body: bytes = generate_openmetrics(registry)  # type: ignore[no-untyped-call]
+        return body
+    return generate_latest(registry)
+
+
+async def fast(cache: ExpositionCache, openmetrics: bool = False, gzipped: bool = False) -> bytes:
+    exposition = await cache.render(OPENMETRICS if openmetrics else "",
+                                    "gzip" if gzipped else "")
+    return gzip.decompress(exposition.body) if gzipped else exposition.body
+
+
+@pytest.mark.parametrize("openmetrics", [False, True], ids=["text", "openmetrics"])
+async def test_bytes_equal_prometheus_client_for_the_same_samples(openmetrics: bool) -> None:
+    for store in (fixed_store(), large_store(30, 20), BalanceStore()):
+        cache = ExpositionCache(store, process_metrics=False)
+        assert await fast(cache, openmetrics) == reference(store, openmetrics)
+        assert await fast(cache, openmetrics, gzipped=True) == reference(store, openmetrics)
+
+
+async def test_label_values_are_escaped_as_the_library_does() -> None:
+    store = BalanceStore()
+    store.configure([AccountTarget("main", "k", None, True, 30.0)], ["k"])
+    odd = CurrencyBalance('we"ird\\cur\nrency', 1.0, 2.0, 3.0, 4.0, 5.0)
+    store.record_reply("main", BalanceReply((odd,), None, None), 0.1, 1.0)
+    cache = ExpositionCache(store, process_metrics=False)
+    assert await fast(cache) == reference(store)
+    assert await fast(cache, openmetrics=True) == reference(store, openmetrics=True)
+
+
+async def test_gzip_body_is_concatenated_members() -> None:
+    cache = ExpositionCache(large_store(5, 20), process_metrics=False)
+    body = (await cache.render("", "gzip")).body
+    assert body.count(b"\x1f\x8b\x08") > 5  # one member per family and account, at least
+
+
+async def test_only_changed_accounts_are_rendered_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = large_store(50, 20)
+    cache = ExpositionCache(store, process_metrics=False)
+    rendered: list[str] = []
+    original = cache._render_account
+
+    def counting(format_cache: object, snapshot: object) -> None:
+        rendered.append(snapshot.target.label)  # type: ignore[attr-defined]
+        original(format_cache, snapshot)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache, "_render_account", counting)
+    await fast(cache)
+    assert len(rendered) == 50
+    rendered.clear()
+    await fast(cache)
+    assert rendered == []  # nothing changed: the cached body is served
+    update(store, "acct-7", 1000)
+    assert await fast(cache) == reference(store)
+    assert rendered == ["acct-7"]
+
+
+async def test_removed_and_reordered_accounts_follow_the_store() -> None:
+    store = large_store(6, 3)
+    cache = ExpositionCache(store, process_metrics=False)
+    await fast(cache)
+    kept = [snapshot.target for snapshot in store.account_snapshots()][::-2]
+    store.configure(kept, ["key-0", "key-1", "key-2"])
+    assert await fast(cache) == reference(store)
+    assert b"acct-5" in await fast(cache)
+    assert b"acct-4" not in await fast(cache)
+
+
+async def test_rendering_many_accounts_yields_to_the_event_loop() -> None:
+    cache = ExpositionCache(large_store(200, 20), process_metrics=False)
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    ticks_before = ticks
+    await fast(cache)
+    done.set()
+    await task
+    # The poller-like task ran between the render's batches, not only after it.
+    assert ticks - ticks_before >= 200 // 8 - 1
+
+
+async def test_an_account_that_fails_to_render_costs_only_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = large_store(3, 2)
+    cache = ExpositionCache(store, process_metrics=False)
+    before = await fast(cache)
+    working = metrics.account_families
+
+    def failing_for_acct_1(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
+        if accounts and accounts[0].target.label == "acct-1":
+            raise RuntimeError("bug")
+        return working(accounts)
+
+    monkeypatch.setattr("balance_exporter.exposition.account_families", failing_for_acct_1)
+    update(store, "acct-1", 99)
+    update(store, "acct-2", 99)
+    after = await fast(cache)
+    assert cache.collect_errors == 1
+    assert b"gemini_exporter_collect_errors_total 1.0" in after
+    # acct-1 keeps its last rendered samples; acct-2 shows its new ones.
+    line = b'gemini_balance_amount{account="acct-1",currency="C0"} 1.5\n'
+    assert line in before
+    assert line in after
+    assert b'gemini_balance_amount{account="acct-2",currency="C0"} 99.5\n' in after
+
+
+async def test_a_large_body_passes_promtool_check_metrics() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: scripts/test.sh installs it")
+    body = await fast(ExpositionCache(large_store(200, 20)))
+    check = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await check.communicate(body)
+    assert check.returncode == 0, output.decode()
