@@ -34,7 +34,7 @@ log = structlog.get_logger("balance_exporter.exposition")
 TEXT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_EOF = b"# EOF\n"
 # About a millisecond of rendering per account of 100 series: a batch stays well under 20 ms.
-ACCOUNTS_PER_BATCH = 8
+ACCOUNTS_PER_BATCH = 4
 GZIP_LEVEL = 6
 
 
@@ -101,11 +101,12 @@ class _FormatCache:
     headers: list[bytes] = field(default_factory=list)
     headers_gzipped: list[bytes] = field(default_factory=list)
     accounts: dict[str, _Fragments] = field(default_factory=dict)
-    # The account part of the body as last assembled, plain and gzipped, and for which order
-    # (None until the first assembly).
+    # Which accounts, in which order, the bodies below are for (None before the first refresh).
     order: tuple[str, ...] | None = None
-    body: bytes = b""
-    body_gzipped: bytes = b""
+    # The account part of the body, plain and gzipped; each joined only when a scrape asks for
+    # it (None: to be joined again).
+    body: bytes | None = None
+    body_gzipped: bytes | None = None
 
 
 class ExpositionCache:
@@ -125,13 +126,14 @@ class ExpositionCache:
     async def render(self, accept: str, accept_encoding: str) -> Exposition:
         exposition_format = choose_format(accept)
         cache = self._caches[exposition_format.content_type]
+        gzipped = "gzip" in accept_encoding.lower()
         async with self._lock:  # two scrapes at once render each account once
             await self._refresh(cache)
+            body = self._body(cache, gzipped)
         tail = exposition_format.encode(self._tail)
-        if "gzip" in accept_encoding.lower():
-            return Exposition(cache.body_gzipped + _gzip_member(tail),
-                              exposition_format.content_type, "gzip")
-        return Exposition(cache.body + tail, exposition_format.content_type, None)
+        if gzipped:
+            return Exposition(body + _gzip_member(tail), exposition_format.content_type, "gzip")
+        return Exposition(body + tail, exposition_format.content_type, None)
 
     async def _refresh(self, cache: _FormatCache) -> None:
         snapshots = self.store.account_snapshots()
@@ -151,7 +153,8 @@ class ExpositionCache:
                 await asyncio.sleep(0)  # let pollers and other requests run between batches
         for label in set(cache.accounts) - set(order):
             del cache.accounts[label]
-        self._assemble(cache, order)
+        cache.order = order
+        cache.body = cache.body_gzipped = None
 
     def _render_headers(self, cache: _FormatCache) -> None:
         rendered = cache.exposition_format.encode(_Families(account_families(())))
@@ -176,19 +179,25 @@ class ExpositionCache:
         cache.accounts[label] = _Fragments(snapshot, samples,
                                            [_gzip_member(text) for text in samples])
 
-    def _assemble(self, cache: _FormatCache, order: tuple[str, ...]) -> None:
-        accounts = [cache.accounts[label] for label in order]
-        text: list[bytes] = []
-        gzipped: list[bytes] = []
-        for index, header in enumerate(cache.headers):
-            text.append(header)
-            gzipped.append(cache.headers_gzipped[index])
-            for fragments in accounts:
-                text.append(fragments.text[index])
-                gzipped.append(fragments.gzipped[index])
-        cache.order = order
-        cache.body = b"".join(text)
-        cache.body_gzipped = b"".join(gzipped)
+    @staticmethod
+    def _body(cache: _FormatCache, gzipped: bool) -> bytes:
+        """The account part of the body, joined again only after a change."""
+        body = cache.body_gzipped if gzipped else cache.body
+        if body is None:
+            accounts = [cache.accounts[label] for label in cache.order or ()]
+            headers = cache.headers_gzipped if gzipped else cache.headers
+            pieces: list[bytes] = []
+            for index, header in enumerate(headers):
+                pieces.append(header)
+                pieces.extend(
+                    (fragments.gzipped if gzipped else fragments.text)[index]
+                    for fragments in accounts)
+            body = b"".join(pieces)
+            if gzipped:
+                cache.body_gzipped = body
+            else:
+                cache.body = body
+        return body
 
 
 class _TailCollector(Collector):

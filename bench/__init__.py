@@ -1,0 +1,1 @@
+"""Benchmarks for balance-exporter: `python -m bench` (see docs/benchmarks.md)."""

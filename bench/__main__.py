@@ -1,0 +1,104 @@
+"""`python -m bench [--quick]`: every benchmark, a table on stdout, and JSON in bench/results/.
+
+The targets are those of the performance issue; the machine is described in the JSON.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import memory, scheduler, scrape
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor())
+    memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory_kib / 2**20, 1),
+            "python": platform.python_version(), "kernel": platform.release()}
+
+
+def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool]]:
+    """(figure, ours, baseline, ratio, target, met) for the table."""
+    s, m, p = results["scrape"], results["memory"], results["scheduler"]
+    ours_rss, base_rss = m["ours"]["rss_mib"], m["baseline"]["rss_mib"]
+    return [
+        ("P1 scrape, unchanged, gzip, p99", f"{s['unchanged_gzip_p99_ms']:.2f} ms",
+         f"{s['baseline_gzip_p99_ms']:.0f} ms",
+         f"{s['baseline_gzip_p99_ms'] / s['unchanged_gzip_p99_ms']:.0f}x", "<= 5 ms",
+         s["unchanged_gzip_p99_ms"] <= 5),
+        ("P1 scrape, unchanged, gzip, median", f"{s['unchanged_gzip_median_ms']:.2f} ms",
+         f"{s['baseline_gzip_median_ms']:.0f} ms", f"{s['speedup_median']:.0f}x", ">= 200x",
+         s["speedup_median"] >= 200),
+        ("P1 scrape, unchanged, text, median", f"{s['unchanged_text_median_ms']:.2f} ms", "", "",
+         "", True),
+        ("P2 scrape after 1 of N accounts changed, p99", f"{s['incremental_p99_ms']:.2f} ms", "",
+         "", "<= 10 ms", s["incremental_p99_ms"] <= 10),
+        ("P2 loop lag while scraping (worst)",
+         f"{max(s['incremental_loop_lag_ms'], s['unchanged_loop_lag_ms']):.1f} ms", "", "",
+         "<= 20 ms", max(s["incremental_loop_lag_ms"], s["unchanged_loop_lag_ms"]) <= 20),
+        ("P2 loop lag during the first full render", f"{s['cold_render_loop_lag_ms']:.1f} ms",
+         f"{s['baseline_gzip_median_ms']:.0f} ms", "", "<= 20 ms",
+         s["cold_render_loop_lag_ms"] <= 20),
+        ("P3 RSS after serving every format", f"{ours_rss:.0f} MiB", f"{base_rss:.0f} MiB",
+         f"{ours_rss / base_rss:.2f}x", "<= 100 MiB", ours_rss <= 100),
+        ("P4 budget used (50 accounts, 5 req/s)", f"{p['budget_used']:.1%}", "", "", ">= 95%",
+         p["budget_used"] >= 0.95),
+        ("P4 429 replies / InvalidNonce", f"{p['rate_limited']} / {p['invalid_nonce']}", "", "",
+         "0 / 0", p["rate_limited"] == 0 and p["invalid_nonce"] == 0),
+        ("P4 worst data age", f"{p['worst_data_age_s']:.2f} s", "", "",
+         f"<= {1.1 * p['interval_s']:.0f} s", p["worst_data_age_s"] <= 1.1 * p["interval_s"]),
+    ]
+
+
+def print_table(results: dict[str, Any]) -> None:
+    header = ("figure", "ours", "baseline", "ratio", "target", "met")
+    table = [header] + [(*row[:5], "yes" if row[5] else "NO") for row in rows(results)]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+    s = results["scrape"]
+    print(f"\n{s['series']:.0f} series; body {s['text_bytes'] / 2**20:.1f} MiB as text, "
+          f"{s['gzip_bytes'] / 2**20:.2f} MiB gzipped; first full render "
+          f"{s['cold_render_ms']:.0f} ms; round medians of unchanged scrapes "
+          f"{s['unchanged_round_median_min_ms']:.2f}-{s['unchanged_round_median_max_ms']:.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and short runs: checks that the suite works")
+    parser.add_argument("--accounts", type=int, default=1000)
+    parser.add_argument("--currencies", type=int, default=20)
+    parser.add_argument("--json", type=Path,
+                        help="write the results here (default: bench/results/)")
+    args = parser.parse_args()
+    accounts, currencies = (50, 4) if args.quick else (args.accounts, args.currencies)
+    results: dict[str, Any] = {"machine": machine(), "quick": args.quick,
+                               "accounts": accounts, "currencies": currencies}
+    results["scrape"] = scrape.measure(accounts, currencies, args.quick)
+    results["memory"] = {way: memory.measure(way, accounts, currencies)
+                         for way in ("ours", "baseline")}
+    results["scheduler"] = scheduler.measure(args.quick)
+    results["targets_met"] = all(row[5] for row in rows(results))
+    print_table(results)
+    if args.json is not None:
+        paths = [args.json]
+    else:
+        RESULTS.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        paths = [RESULTS / f"{stamp}.json", RESULTS / "latest.json"]
+    for path in paths:
+        path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults: {paths[0]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""P1 and P2: /metrics latency, ours against prometheus_client's aiohttp handler over the same
+store, both served on loopback in this process and scraped with an aiohttp client; and the
+event loop's lag while we render."""
+
+import asyncio
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from balance_exporter.exposition import ExpositionCache
+from balance_exporter.metrics import build_registry
+from balance_exporter.server import build_app
+from bench.workload import make_store, record
+
+GZIP = {"Accept-Encoding": "gzip"}
+PLAIN = {"Accept-Encoding": "identity"}
+# What Prometheus sends.
+PROMETHEUS_ACCEPT = {
+    "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+    "Accept-Encoding": "gzip",
+}
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+@dataclass
+class LoopLag:
+    """The largest delay of a 1 ms timer while running: how long the loop was blocked."""
+
+    worst: float = 0.0
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + 0.001
+            await asyncio.sleep(0.001)
+            self.worst = max(self.worst, loop.time() - expected)
+
+    def start(self) -> None:
+        self.worst = 0.0
+        self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> float:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        return self.worst
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
+
+
+async def timed_get(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> float:
+    started = time.perf_counter()
+    async with http.get(url, headers=headers) as response:
+        await response.read()
+        assert response.status == 200
+    return time.perf_counter() - started
+
+
+async def series(http: aiohttp.ClientSession, url: str, headers: dict[str, str], count: int,
+                 before_each: Callable[[], None] | None = None) -> list[float]:
+    results = []
+    for _ in range(count):
+        if before_each is not None:
+            before_each()
+        results.append(await timed_get(http, url, headers))
+    return results
+
+
+@dataclass
+class ScrapeResults:
+    series_count: int
+    rounds: list[list[float]]          # unchanged scrapes, ours, gzip, per round
+    rounds_text: list[float]           # unchanged scrapes, ours, no gzip
+    baseline: list[float]              # prometheus_client handler, gzip
+    cold_render: float                 # first scrape: every account rendered
+    cold_loop_lag: float
+    incremental: list[float]           # one account changed before each scrape
+    incremental_loop_lag: float
+    unchanged_loop_lag: float
+    gzip_bytes: int
+    text_bytes: int
+
+
+async def run(accounts: int, currencies: int, rounds: int, per_round: int,
+              baseline_count: int, incremental_count: int) -> ScrapeResults:
+    store = make_store(accounts, currencies)
+    ours, ours_url = await serve(build_app(ExpositionCache(store)))
+    baseline_app = web.Application()
+    baseline_app.router.add_get("/metrics", make_aiohttp_handler(build_registry(store)))
+    theirs, theirs_url = await serve(baseline_app)
+    lag = LoopLag()
+    try:
+        async with aiohttp.ClientSession(auto_decompress=False) as http:
+            lag.start()
+            cold = await timed_get(http, ours_url, PROMETHEUS_ACCEPT)
+            cold_lag = await lag.stop()
+            await timed_get(http, ours_url, GZIP)  # the text format's first render
+            await timed_get(http, ours_url, PLAIN)
+            async with http.get(ours_url, headers=GZIP) as response:
+                gzip_bytes = len(await response.read())
+            async with http.get(ours_url, headers=PLAIN) as response:
+                assert "Content-Encoding" not in response.headers
+                text = await response.read()
+            lag.start()
+            unchanged = [await series(http, ours_url, GZIP, per_round) for _ in range(rounds)]
+            unchanged_lag = await lag.stop()
+            unchanged_text = await series(http, ours_url, PLAIN, per_round)
+            baseline = await series(http, theirs_url, GZIP, baseline_count)
+            generation = iter(range(1, 1_000_000))
+            rng = random.Random(1)
+
+            def change_one_account() -> None:
+                record(store, rng.randrange(accounts), next(generation), currencies)
+
+            lag.start()
+            incremental = await series(http, ours_url, GZIP, incremental_count,
+                                       before_each=change_one_account)
+            incremental_lag = await lag.stop()
+    finally:
+        await ours.cleanup()
+        await theirs.cleanup()
+    return ScrapeResults(
+        series_count=sum(1 for line in text.splitlines() if not line.startswith(b"#")),
+        rounds=unchanged, rounds_text=unchanged_text, baseline=baseline, cold_render=cold,
+        cold_loop_lag=cold_lag, incremental=incremental, incremental_loop_lag=incremental_lag,
+        unchanged_loop_lag=unchanged_lag, gzip_bytes=gzip_bytes, text_bytes=len(text))
+
+
+def summary(results: ScrapeResults) -> dict[str, float]:
+    all_unchanged = [value for round_ in results.rounds for value in round_]
+    round_medians = [statistics.median(round_) for round_ in results.rounds]
+    return {
+        "series": results.series_count,
+        "unchanged_gzip_median_ms": statistics.median(all_unchanged) * 1e3,
+        "unchanged_gzip_p99_ms": percentile(all_unchanged, 0.99) * 1e3,
+        "unchanged_round_median_min_ms": min(round_medians) * 1e3,
+        "unchanged_round_median_max_ms": max(round_medians) * 1e3,
+        "unchanged_text_median_ms": statistics.median(results.rounds_text) * 1e3,
+        "baseline_gzip_median_ms": statistics.median(results.baseline) * 1e3,
+        "baseline_gzip_p99_ms": percentile(results.baseline, 0.99) * 1e3,
+        "speedup_median": statistics.median(results.baseline) / statistics.median(all_unchanged),
+        "cold_render_ms": results.cold_render * 1e3,
+        "cold_render_loop_lag_ms": results.cold_loop_lag * 1e3,
+        "incremental_median_ms": statistics.median(results.incremental) * 1e3,
+        "incremental_p99_ms": percentile(results.incremental, 0.99) * 1e3,
+        "incremental_loop_lag_ms": results.incremental_loop_lag * 1e3,
+        "unchanged_loop_lag_ms": results.unchanged_loop_lag * 1e3,
+        "gzip_bytes": results.gzip_bytes,
+        "text_bytes": results.text_bytes,
+    }
+
+
+def measure(accounts: int, currencies: int, quick: bool) -> dict[str, float]:
+    counts = (2, 20, 2, 10) if quick else (5, 200, 5, 50)
+    rounds, per_round, baseline_count, incremental_count = counts
+    return summary(asyncio.run(run(accounts, currencies, rounds, per_round, baseline_count,
+                                   incremental_count)))
+

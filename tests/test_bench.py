@@ -1,0 +1,23 @@
+"""The benchmark suite runs end to end (at small sizes) and reports every figure. Its numbers
+are not asserted here: timings belong to bench/, not to the tests."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(output)],
+                            cwd=ROOT, capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "P1 scrape, unchanged, gzip, p99" in result.stdout
+    results = json.loads(output.read_text())
+    assert set(results) >= {"machine", "scrape", "memory", "scheduler", "targets_met"}
+    assert results["scrape"]["series"] > 0
+    assert results["scrape"]["baseline_gzip_median_ms"] > 0
+    assert set(results["memory"]) == {"ours", "baseline"}
+    assert results["scheduler"]["requests"] > 0
