@@ -4,8 +4,6 @@
 # --quick runs small sizes in about 25 s. Run it on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
-.venv/bin/pip install --quiet --disable-pip-version-check -e .
-exec .venv/bin/python -m bench "$@"
+source scripts/venv.sh
+ensure_venv ""
+exec "$VENV_BIN/python" -m bench "$@"

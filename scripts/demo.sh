@@ -4,8 +4,6 @@
 # `balance-exporter demo` (e.g. --web.listen-address 127.0.0.1:9000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
-.venv/bin/pip install --quiet --disable-pip-version-check -e .
-exec .venv/bin/balance-exporter demo "$@"
+source scripts/venv.sh
+ensure_venv ""
+exec "$VENV_BIN/balance-exporter" demo "$@"

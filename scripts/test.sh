@@ -21,11 +21,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
-.venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+source scripts/venv.sh
+ensure_venv "[test]"
 
-.venv/bin/ruff check .
-.venv/bin/mypy
-.venv/bin/pytest "$@"
+"$VENV_BIN/ruff" check .
+"$VENV_BIN/mypy"
+"$VENV_BIN/pytest" "$@"
