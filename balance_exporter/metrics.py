@@ -112,7 +112,8 @@ def _account_counter(
 def _health_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
     yield _account_gauge(
         "gemini_account_up",
-        "1 if the last poll of the account gave a usable reply (a stale one counts), else 0.",
+        "1 if the last background poll of the account gave a usable reply (a stale one "
+        "counts), else 0 (also before the first poll).",
         accounts, lambda s: float(s.up))
     yield _account_gauge(
         "gemini_account_last_success_timestamp_seconds",
@@ -124,7 +125,8 @@ def _health_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
         accounts,
         lambda s: None if s.server_timestamp_ns is None else s.server_timestamp_ns / 1e9)
     yield _account_gauge(
-        "gemini_account_poll_duration_seconds", "Duration of the account's last poll.",
+        "gemini_account_poll_duration_seconds",
+        "Duration of the account's last background poll of /v1/balances.",
         accounts, lambda s: s.last_poll_duration_seconds)
     yield _account_gauge(
         "gemini_account_poll_interval_seconds",
@@ -132,7 +134,8 @@ def _health_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
         "key's request budget.",
         accounts, lambda s: s.target.interval_seconds)
     yield _account_counter(
-        "gemini_account_polls", "Polls of the account, successful or not.",
+        "gemini_account_polls",
+        "Background polls of the account's /v1/balances, successful or not.",
         accounts, lambda s: s.polls)
     errors = CounterMetricFamily(
         "gemini_account_poll_errors",

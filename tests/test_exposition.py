@@ -12,7 +12,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from balance_exporter import metrics
-from balance_exporter.exposition import ExpositionCache
+from balance_exporter.exposition import ACCOUNTS_PER_BATCH, ExpositionCache
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
 from balance_exporter.metrics import build_registry
 from balance_exporter.store import AccountSnapshot, AccountTarget, BalanceStore
@@ -126,7 +126,7 @@ async def test_rendering_many_accounts_yields_to_the_event_loop() -> None:
     done.set()
     await task
     # The poller-like task ran between the render's batches, not only after it.
-    assert ticks - ticks_before >= 200 // 8 - 1
+    assert ticks - ticks_before >= 200 // ACCOUNTS_PER_BATCH - 1
 
 
 async def test_an_account_that_fails_to_render_costs_only_itself(
