@@ -35,6 +35,11 @@ async def sim_call(http: aiohttp.ClientSession, method: str, url: str, body: obj
         assert response.status == 200, await response.text()
 
 
+async def add_fault(http: aiohttp.ClientSession, simulator: RunningSimulator, account: str,
+                    fault: dict[str, object]) -> None:
+    await sim_call(http, "POST", f"{simulator.url}/_sim/accounts/{account}/faults", fault)
+
+
 async def all_polled(http: aiohttp.ClientSession, exporter: Service) -> Samples:
     samples: Samples = {}
 
@@ -89,8 +94,7 @@ async def test_stale_replies_never_show(
     http: aiohttp.ClientSession, simulator: RunningSimulator, exporter: Service
 ) -> None:
     await all_polled(http, exporter)
-    await sim_call(http, "POST", f"{simulator.url}/_sim/accounts/alpha/faults",
-                   {"kind": "stale", "count": 3})
+    await add_fault(http, simulator, "alpha", {"kind": "stale", "count": 3})
 
     async def stale_counted() -> bool:
         samples = await scrape(http, exporter.url)
@@ -125,8 +129,8 @@ async def test_auth_error_marks_only_that_account_down(
     http: aiohttp.ClientSession, simulator: RunningSimulator, exporter: Service
 ) -> None:
     await all_polled(http, exporter)
-    await sim_call(http, "POST", f"{simulator.url}/_sim/accounts/beta/faults",
-                   {"kind": "auth", "status": 403, "reason": "MissingRole"})
+    await add_fault(http, simulator, "beta",
+                    {"kind": "auth", "status": 403, "reason": "MissingRole"})
 
     async def beta_down() -> bool:
         samples = await scrape(http, exporter.url)
@@ -148,8 +152,7 @@ async def test_429_storm_pauses_the_key_and_recovers_without_invalid_nonce(
     http: aiohttp.ClientSession, simulator: RunningSimulator, exporter: Service
 ) -> None:
     await all_polled(http, exporter)
-    await sim_call(http, "POST", f"{simulator.url}/_sim/accounts/gamma/faults",
-                   {"kind": "rate_limit", "count": 3, "retry_after": 1})
+    await add_fault(http, simulator, "gamma", {"kind": "rate_limit", "count": 3, "retry_after": 1})
 
     async def recovered() -> bool:
         samples = await scrape(http, exporter.url)
@@ -171,8 +174,7 @@ async def test_transient_faults_keep_balances_and_recover(
     await all_polled(http, exporter)
     for fault in ({"kind": "status", "status": 503, "reason": "Maintenance"},
                   {"kind": "html", "status": 502}, {"kind": "garbage"}):
-        await sim_call(http, "POST", f"{simulator.url}/_sim/accounts/gamma/faults",
-                       {**fault, "count": 1})
+        await add_fault(http, simulator, "gamma", {**fault, "count": 1})
 
     async def all_counted() -> bool:
         samples = await scrape(http, exporter.url)
@@ -189,8 +191,7 @@ async def test_a_reply_slower_than_the_timeout_counts_as_timeout(
     http: aiohttp.ClientSession, simulator: RunningSimulator, exporter: Service
 ) -> None:
     await all_polled(http, exporter)
-    await sim_call(http, "POST", f"{simulator.url}/_sim/accounts/gamma/faults",
-                   {"kind": "latency", "delay_seconds": 3, "count": 1})
+    await add_fault(http, simulator, "gamma", {"kind": "latency", "delay_seconds": 3, "count": 1})
 
     async def timed_out() -> bool:
         samples = await scrape(http, exporter.url)
