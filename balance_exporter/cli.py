@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import yaml
@@ -22,6 +22,9 @@ from balance_exporter.logging import LOG_LEVELS, configure_logging
 from balance_exporter.scheduler import plan_targets
 from balance_exporter.service import Service, WebOptions, run_until_signalled
 from balance_exporter.webconfig import WebConfig, load_web_config
+
+if TYPE_CHECKING:  # the simulator is imported only when `demo` or `simulate` runs
+    from balance_exporter.simulator.state import SimState
 
 DEFAULT_LISTEN_ADDRESS = ":8397"
 DEMO_LISTEN_ADDRESS = ":8397"
@@ -155,7 +158,7 @@ def run_exporter(argv: Sequence[str]) -> int:
     return 0
 
 
-def demo_exporter_document(simulator_state: Any, base_url: str) -> dict[str, Any]:
+def demo_exporter_document(simulator_state: "SimState", base_url: str) -> dict[str, Any]:
     """An exporter config for the demo simulator: its master key over three accounts, and its
     account-scoped key."""
     master, account_key = simulator_state.keys.values()
@@ -235,7 +238,7 @@ async def _run_simulator(args: argparse.Namespace) -> None:
         await simulator.close()
 
 
-def _generic_exporter_document(state: Any, base_url: str) -> dict[str, Any]:
+def _generic_exporter_document(state: "SimState", base_url: str) -> dict[str, Any]:
     keys, accounts = [], []
     for index, key in enumerate(state.keys.values()):
         name = f"key{index}"
