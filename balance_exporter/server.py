@@ -8,9 +8,8 @@ from aiohttp.typedefs import Middleware
 
 from balance_exporter import __version__
 from balance_exporter.exposition import ExpositionCache
-from balance_exporter.store import AccountSnapshot, BalanceStore
+from balance_exporter.store import AccountSnapshot
 
-STORE_KEY = web.AppKey("store", BalanceStore)
 EXPOSITION_KEY = web.AppKey("exposition", ExpositionCache)
 TELEMETRY_PATH_KEY = web.AppKey("telemetry_path", str)
 
@@ -50,7 +49,7 @@ async def landing_handler(request: web.Request) -> web.Response:
             f"{snapshot.target.interval_seconds:g}s",
             str(len(snapshot.balances)),
         )) + "</tr>"
-        for snapshot in request.app[STORE_KEY].account_snapshots()
+        for snapshot in request.app[EXPOSITION_KEY].store.account_snapshots()
     )
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Gemini balance exporter</title>
@@ -74,7 +73,7 @@ async def healthy_handler(request: web.Request) -> web.Response:
 
 
 async def ready_handler(request: web.Request) -> web.Response:
-    if request.app[STORE_KEY].all_attempted():
+    if request.app[EXPOSITION_KEY].store.all_attempted():
         return web.Response(text="Ready\n")
     return web.Response(status=503, text="Not ready: some accounts have not been polled yet\n")
 
@@ -85,7 +84,6 @@ def build_app(
     middlewares: tuple[Middleware, ...] = (),
 ) -> web.Application:
     app = web.Application(middlewares=middlewares)
-    app[STORE_KEY] = exposition.store
     app[EXPOSITION_KEY] = exposition
     app[TELEMETRY_PATH_KEY] = telemetry_path
     app.router.add_get(telemetry_path, metrics_handler)
