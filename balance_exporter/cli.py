@@ -1,35 +1,32 @@
 """Command line: `balance-exporter` runs the exporter; `demo` and `simulate` use the simulator.
 
 Flags follow Prometheus exporters (`--config.file`, `--web.listen-address`, ...). Exit codes:
-0 after a clean stop or a good `--config.check`, 2 for a bad config or bad flags.
+0 after a clean stop or a good `--config.check`, 2 for a bad config or bad flags, 3 when the
+HTTP server cannot listen on its address.
 """
 
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import yaml
 
 from balance_exporter import __version__
-from balance_exporter.config import Config, ConfigError, build_config, load_config
+from balance_exporter.config import Config, ConfigError, load_config
 from balance_exporter.logging import LOG_LEVELS, configure_logging
-from balance_exporter.scheduler import plan_targets
-from balance_exporter.service import Service, WebOptions, run_until_signalled
+from balance_exporter.server import DEFAULT_LISTEN_ADDRESS, ListenAddress, ListenError, WebOptions
+from balance_exporter.service import Service, run_until_signalled
+from balance_exporter.targets import plan_targets
 from balance_exporter.webconfig import WebConfig, load_web_config
 
-if TYPE_CHECKING:  # the simulator is imported only when `demo` or `simulate` runs
-    from balance_exporter.simulator.state import SimState
-
-DEFAULT_LISTEN_ADDRESS = ":8397"
-DEMO_LISTEN_ADDRESS = ":8397"
 DEFAULT_SIMULATOR_ADDRESS = "127.0.0.1:8398"
 EXIT_BAD_CONFIG = 2
+EXIT_CANNOT_LISTEN = 3
 
 log = structlog.get_logger("balance_exporter.cli")
 
@@ -41,9 +38,17 @@ def _add_logging_flags(parser: argparse.ArgumentParser) -> None:
                         default="json", help="log line format (default: json)")
 
 
-def _add_web_flags(parser: argparse.ArgumentParser, default_address: str) -> None:
-    parser.add_argument("--web.listen-address", dest="listen_address", default=default_address,
-                        help=f"address to serve metrics on (default: {default_address})")
+def _listen_address(text: str) -> ListenAddress:
+    try:
+        return ListenAddress.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_web_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--web.listen-address", dest="listen_address", type=_listen_address,
+                        default=DEFAULT_LISTEN_ADDRESS,
+                        help=f"address to serve metrics on (default: {DEFAULT_LISTEN_ADDRESS})")
     parser.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
                         help="path under which to expose metrics (default: /metrics)")
     parser.add_argument("--web.config.file", dest="web_config_file", type=Path,
@@ -61,7 +66,7 @@ def _exporter_parser() -> argparse.ArgumentParser:
                         help="YAML config file; without it, BALANCE_EXPORTER_* variables are read")
     parser.add_argument("--config.check", dest="config_check", action="store_true",
                         help="validate the config, print a summary (secrets masked) and exit")
-    _add_web_flags(parser, DEFAULT_LISTEN_ADDRESS)
+    _add_web_flags(parser)
     _add_logging_flags(parser)
     return parser
 
@@ -71,7 +76,7 @@ def _demo_parser() -> argparse.ArgumentParser:
         prog="balance-exporter demo",
         description="Run the built-in Gemini simulator and the exporter polling it.",
     )
-    _add_web_flags(parser, DEMO_LISTEN_ADDRESS)
+    _add_web_flags(parser)
     _add_logging_flags(parser)
     parser.add_argument("--drift-seconds", type=float, default=5.0,
                         help="move the simulated balances this often (default: 5)")
@@ -83,7 +88,7 @@ def _simulate_parser() -> argparse.ArgumentParser:
         prog="balance-exporter simulate",
         description="Run the Gemini simulator alone (for tests, or to try the exporter by hand).",
     )
-    parser.add_argument("--listen", default=DEFAULT_SIMULATOR_ADDRESS,
+    parser.add_argument("--listen", type=_listen_address, default=DEFAULT_SIMULATOR_ADDRESS,
                         help=f"HOST:PORT to listen on (default: {DEFAULT_SIMULATOR_ADDRESS})")
     parser.add_argument("--state", type=Path,
                         help="YAML file of keys and accounts (default: the demo state)")
@@ -104,7 +109,7 @@ def config_summary(config: Config) -> str:
     lines = [f"Gemini: {settings.gemini.base_url} (timeout {settings.gemini.timeout_seconds:g}s)",
              "Keys:"]
     for index, key in enumerate(settings.keys):
-        resolved = config.keys[key.name]
+        resolved = config.credentials[key.name]
         source = (f"file {key.api_secret_file}" if key.api_secret_file
                   else f"env {key.api_secret_env}" if key.api_secret_env else "inline")
         lines.append(f"  {key.name}: api_key {_mask(resolved.api_key)}, secret {source} "
@@ -114,7 +119,7 @@ def config_summary(config: Config) -> str:
     for account, target in zip(settings.accounts, plan_targets(config), strict=True):
         stretched = (f" (stretched from {account.interval_seconds:g}s to fit the key's budget)"
                      if target.interval_seconds > account.interval_seconds else "")
-        gemini_account = account.account or "(the key's own)"
+        gemini_account = target.gemini_account or "(the key's own)"
         lines.append(f"  {target.label}: key {account.key}, account {gemini_account}, every "
                      f"{target.interval_seconds:g}s{stretched}, pending balances "
                      f"{'on' if account.show_pending_balances else 'off'}")
@@ -154,52 +159,19 @@ def run_exporter(argv: Sequence[str]) -> int:
         return 0
     for warning in config.warnings:
         log.warning("config warning", problem=warning)
-    asyncio.run(run_until_signalled(Service(config, args.config_file, web_options)))
-    return 0
+    return _serve(run_until_signalled(Service(config, args.config_file, web_options)))
 
 
-def demo_exporter_document(simulator_state: "SimState", base_url: str) -> dict[str, Any]:
-    """An exporter config for the demo simulator: its master key over three accounts, and its
-    account-scoped key."""
-    master, account_key = simulator_state.keys.values()
-    return {
-        "gemini": {"base_url": base_url, "timeout_seconds": 5},
-        "keys": [
-            {"name": "treasury", "api_key": master.api_key, "api_secret": master.api_secret,
-             "requests_per_second": 2},
-            {"name": "savings", "api_key": account_key.api_key,
-             "api_secret": account_key.api_secret, "requests_per_second": 1},
-        ],
-        "accounts": [
-            {"key": "treasury", "account": "primary", "name": "treasury-primary",
-             "show_pending_balances": True, "interval_seconds": 5,
-             "min_available": {"USD": 1000, "BTC": 1}, "max_available_drop_ratio": 0.5},
-            {"key": "treasury", "account": "trading", "name": "treasury-trading",
-             "show_pending_balances": True, "interval_seconds": 5},
-            {"key": "treasury", "account": "ops", "name": "treasury-ops", "interval_seconds": 5},
-            {"key": "savings", "name": "savings", "interval_seconds": 10},
-        ],
-    }
-
-
-async def _run_demo(args: argparse.Namespace, web_options: WebOptions) -> None:
-    from balance_exporter.simulator.server import start_simulator
-    from balance_exporter.simulator.state import SimState, demo_document
-
-    simulator = await start_simulator(SimState.from_document(demo_document()),
-                                      drift_seconds=args.drift_seconds)
+def _serve(running: Coroutine[Any, Any, None]) -> int:
+    """Run the exporter until it is signalled to stop; the exit code says how it ended."""
     try:
-        config = build_config(demo_exporter_document(simulator.state, simulator.url), {})
-        service = Service(config, None, web_options)
-
-        def announce() -> None:
-            print(f"balance-exporter demo: simulator at {simulator.url}\n"
-                  f"Open {service.url}/ (landing page) or {service.url}"
-                  f"{web_options.telemetry_path} (metrics). Ctrl-C stops.", flush=True)
-
-        await run_until_signalled(service, on_started=announce)
-    finally:
-        await simulator.close()
+        asyncio.run(running)
+    except ListenError as error:
+        print(f"balance-exporter: {error}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    except ConfigError as error:  # a TLS certificate that cannot be loaded
+        return _report_bad_config(error)
+    return 0
 
 
 def run_demo(argv: Sequence[str]) -> int:
@@ -209,53 +181,19 @@ def run_demo(argv: Sequence[str]) -> int:
         web_options = _web_options(args)
     except ConfigError as error:
         return _report_bad_config(error)
-    asyncio.run(_run_demo(args, web_options))
-    return 0
+    from balance_exporter.demo import run_demo as run  # the simulator, only when asked for
 
-
-async def _run_simulator(args: argparse.Namespace) -> None:
-    from balance_exporter.server import parse_listen_address
-    from balance_exporter.simulator.server import start_simulator
-    from balance_exporter.simulator.state import SimState, demo_document
-
-    document = yaml.safe_load(args.state.read_text()) if args.state else demo_document()
-    state = SimState.from_document(document)
-    host, port = parse_listen_address(args.listen)
-    simulator = await start_simulator(state, host or "0.0.0.0", port,  # noqa: S104
-                                      drift_seconds=args.drift_seconds)
-    if args.write_config:
-        exporter_document = (demo_exporter_document(state, simulator.url) if not args.state
-                             else _generic_exporter_document(state, simulator.url))
-        args.write_config.write_text(yaml.safe_dump(exporter_document, sort_keys=False))
-    print(f"Gemini simulator at {simulator.url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await simulator.close()
-
-
-def _generic_exporter_document(state: "SimState", base_url: str) -> dict[str, Any]:
-    keys, accounts = [], []
-    for index, key in enumerate(state.keys.values()):
-        name = f"key{index}"
-        keys.append({"name": name, "api_key": key.api_key, "api_secret": key.api_secret,
-                     "nonce": key.nonce})
-        for account in key.accounts:
-            if state.accounts[account].type == "exchange":
-                accounts.append({"key": name, "account": account if key.is_master else None,
-                                 "name": account})
-    return {"gemini": {"base_url": base_url}, "keys": keys, "accounts": accounts}
+    return _serve(run(web_options, args.drift_seconds))
 
 
 def run_simulate(argv: Sequence[str]) -> int:
     args = _simulate_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
+    from balance_exporter.demo import run_simulator
+
     try:
-        asyncio.run(_run_simulator(args))
+        document = yaml.safe_load(args.state.read_text()) if args.state else None
+        asyncio.run(run_simulator(args.listen, document, args.drift_seconds, args.write_config))
     except (OSError, ValueError, yaml.YAMLError) as error:
         print(f"balance-exporter simulate: {error}", file=sys.stderr)
         return EXIT_BAD_CONFIG

@@ -7,16 +7,14 @@ Secret files and variables are read here, at start and again on SIGHUP.
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import ROUND_FLOOR, Context, Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from balance_exporter.gemini.nonce import NonceUnit
-from balance_exporter.gemini.replies import Precision
 
 GEMINI_RATE_LIMIT_PER_SECOND = 10.0  # 600 requests per minute
 GEMINI_RECOMMENDED_PER_SECOND = 5.0
@@ -29,6 +27,10 @@ DEFAULT_PRECISION: dict[str, int] = {
 }
 ENV_PREFIX = "BALANCE_EXPORTER_"
 
+# Plenty for 19 fraction digits after a large integer part; Decimal's default (28) is not.
+_DECIMAL_CONTEXT = Context(prec=80, rounding=ROUND_FLOOR)
+
+NonceUnit = Literal["milliseconds", "seconds"]
 LabelText = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
 
 
@@ -161,15 +163,29 @@ def config_warnings(settings: ExporterSettings) -> list[str]:
     ]
 
 
-@dataclass(frozen=True)
-class ResolvedKey:
-    """A key with its API key and secret read from wherever the config points."""
+class Precision:
+    """Decimal places to floor each currency to; currencies are matched case-insensitively.
 
-    name: str
+    A config value: the reply parser is handed one and floors every amount with it."""
+
+    def __init__(self, places: Mapping[str, int], default_places: int) -> None:
+        self._places = {currency.upper(): value for currency, value in places.items()}
+        self.default_places = default_places
+
+    def places_for(self, currency: str) -> int:
+        return self._places.get(currency.upper(), self.default_places)
+
+    def floor(self, value: Decimal, currency: str) -> Decimal:
+        quantum = Decimal(1).scaleb(-self.places_for(currency))
+        return value.quantize(quantum, context=_DECIMAL_CONTEXT)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One key's API key and secret, read from wherever the config points; what signs requests."""
+
     api_key: str
-    api_secret: SecretStr
-    nonce: NonceUnit
-    requests_per_second: float
+    api_secret: SecretStr = field(repr=False)
 
     @property
     def is_master(self) -> bool:
@@ -179,7 +195,8 @@ class ResolvedKey:
 @dataclass(frozen=True)
 class Config:
     settings: ExporterSettings
-    keys: dict[str, ResolvedKey]
+    # Per key name, in the order of `keys:`.
+    credentials: dict[str, Credentials]
     warnings: tuple[str, ...]
 
     @property
@@ -189,7 +206,7 @@ class Config:
 
     @property
     def secrets(self) -> list[str]:
-        return [key.api_secret.get_secret_value() for key in self.keys.values()]
+        return [key.api_secret.get_secret_value() for key in self.credentials.values()]
 
 
 def _read_text_file(path: Path, where: str, problems: list[str]) -> str | None:
@@ -211,7 +228,7 @@ def _resolve_key(
     environ: Mapping[str, str],
     base_dir: Path,
     problems: list[str],
-) -> ResolvedKey | None:
+) -> Credentials | None:
     where = f"keys[{index}]"
     api_key = key.api_key
     if key.api_key_file is not None:
@@ -229,16 +246,10 @@ def _resolve_key(
             problems.append(f"{where}.api_secret_env: variable {key.api_secret_env} is not set")
     if api_key is None or secret is None:
         return None
-    return ResolvedKey(
-        name=key.name,
-        api_key=api_key,
-        api_secret=SecretStr(secret),
-        nonce=key.nonce,
-        requests_per_second=key.requests_per_second,
-    )
+    return Credentials(api_key=api_key, api_secret=SecretStr(secret))
 
 
-def _master_key_problems(settings: ExporterSettings, keys: dict[str, ResolvedKey]) -> list[str]:
+def _master_key_problems(settings: ExporterSettings, keys: dict[str, Credentials]) -> list[str]:
     return [
         f"accounts[{index}].account: key {account.key!r} is a master key, which needs the "
         "account's short name (Gemini answers MissingAccounts without it)"
@@ -284,7 +295,7 @@ def build_config(
     problems += _master_key_problems(settings, keys)
     if problems:
         raise ConfigError(problems)
-    return Config(settings=settings, keys=keys, warnings=tuple(config_warnings(settings)))
+    return Config(settings=settings, credentials=keys, warnings=tuple(config_warnings(settings)))
 
 
 def read_config_file(path: Path) -> object:

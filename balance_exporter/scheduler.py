@@ -16,8 +16,8 @@ from typing import Protocol
 import aiohttp
 import structlog
 
-from balance_exporter.config import Config, ResolvedKey
-from balance_exporter.gemini.client import ApiKey, GeminiClient
+from balance_exporter.config import Config, Credentials, KeySettings, Precision
+from balance_exporter.gemini.client import GeminiClient
 from balance_exporter.gemini.errors import (
     GeminiError,
     MalformedReply,
@@ -26,8 +26,9 @@ from balance_exporter.gemini.errors import (
     TransientError,
 )
 from balance_exporter.gemini.nonce import NonceSource
-from balance_exporter.gemini.replies import Precision, parse_balances_reply
-from balance_exporter.store import AccountTarget, BalanceStore, ReplyVerdict
+from balance_exporter.gemini.replies import parse_balances_reply
+from balance_exporter.store import BalanceStore, ReplyVerdict
+from balance_exporter.targets import AccountTarget, plan_targets
 
 log = structlog.get_logger("balance_exporter.scheduler")
 
@@ -45,7 +46,8 @@ class BalanceSource(Protocol):
     """What a worker needs of the Gemini client (tests drive workers with a fake one)."""
 
     async def fetch_balances(
-        self, key: ApiKey, account: str | None, show_pending_balances: bool
+        self, credentials: Credentials, nonces: NonceSource, account: str | None,
+        show_pending_balances: bool,
     ) -> bytes: ...
 
 
@@ -64,31 +66,6 @@ def jittered_backoff(failures: int, base: float, cap: float, rng: random.Random)
     """Exponential backoff, capped, with "equal jitter": between half and all of the step."""
     step = min(cap, base * 2.0 ** max(0, failures - 1))
     return step / 2 + rng.random() * step / 2
-
-
-def plan_targets(config: Config) -> list[AccountTarget]:
-    """Each account's target, with the interval stretched to what its key's budget allows."""
-    settings = config.settings
-    per_key: dict[str, int] = {}
-    for account in settings.accounts:
-        per_key[account.key] = per_key.get(account.key, 0) + 1
-    global_rate = settings.gemini.requests_per_second
-    targets = []
-    for account in settings.accounts:
-        key = config.keys[account.key]
-        interval = max(account.interval_seconds, per_key[account.key] / key.requests_per_second)
-        if global_rate is not None:
-            interval = max(interval, len(settings.accounts) / global_rate)
-        targets.append(AccountTarget(
-            label=account.label,
-            key_name=account.key,
-            account=account.account,
-            show_pending_balances=account.show_pending_balances,
-            interval_seconds=interval,
-            min_available=tuple(sorted(account.min_available.items())),
-            max_available_drop_ratio=account.max_available_drop_ratio,
-        ))
-    return targets
 
 
 class KeyPacing:
@@ -190,7 +167,8 @@ class KeyWorker:
 
     def __init__(
         self,
-        api_key: ApiKey,
+        credentials: Credentials,
+        nonces: NonceSource,
         schedule: KeySchedule,
         client: BalanceSource,
         store: BalanceStore,
@@ -198,7 +176,8 @@ class KeyWorker:
         clock: Clock,
         shared_budget: SharedBudget | None = None,
     ) -> None:
-        self._key = api_key
+        self._credentials = credentials
+        self._nonces = nonces
         self._schedule = schedule
         self._client = client
         self._store = store
@@ -221,7 +200,8 @@ class KeyWorker:
         fields = {"account": target.label, "key": target.key_name}
         try:
             body = await self._client.fetch_balances(
-                self._key, target.account, target.show_pending_balances
+                self._credentials, self._nonces, target.gemini_account,
+                target.show_pending_balances,
             )
             reply = parse_balances_reply(body, self._precision)
         except GeminiError as error:
@@ -257,39 +237,35 @@ class KeyWorker:
             log.warning("poll failed", **details, retry_seconds=round(retry, 3))
 
 
-@dataclass
-class _KeyState:
-    """What belongs to an API key itself and must outlive a config reload."""
-
-    nonces: NonceSource
-    pacing: KeyPacing
-    lock: asyncio.Lock
-
-
 class Scheduler:
-    """Runs one `KeyWorker` per configured key; `apply` swaps in a new config."""
+    """Runs one `KeyWorker` per configured key; `apply` swaps in a new config.
+
+    A key's nonces and pacing belong to the API key itself, not to its entry in the config, so
+    they are kept per API key across reloads: a reload can neither reuse a nonce nor burst past
+    the key's budget.
+    """
 
     def __init__(self, session: aiohttp.ClientSession, store: BalanceStore, clock: Clock) -> None:
         self._session = session
         self._store = store
         self._clock = clock
-        self._key_states: dict[str, _KeyState] = {}
+        self._nonces: dict[str, NonceSource] = {}
+        self._pacing: dict[str, KeyPacing] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # Two reloads in quick succession must not interleave and leave two workers on a key.
         self._applying = asyncio.Lock()
 
-    def _key_state(self, key: ResolvedKey) -> _KeyState:
-        state = self._key_states.get(key.api_key)
+    def _key_continuity(
+        self, key: KeySettings, credentials: Credentials
+    ) -> tuple[NonceSource, KeyPacing]:
+        api_key = credentials.api_key
+        nonces = self._nonces.get(api_key)
         # A new unit means the key was recreated as (non-)time-based: its nonces start afresh.
-        if state is None or state.nonces.unit != key.nonce:
-            state = _KeyState(
-                NonceSource(key.nonce),
-                KeyPacing(key.requests_per_second),
-                asyncio.Lock(),
-            )
-            self._key_states[key.api_key] = state
-        state.pacing.min_spacing = 1.0 / key.requests_per_second
-        return state
+        if nonces is None or nonces.unit != key.nonce:
+            nonces = self._nonces[api_key] = NonceSource(key.nonce)
+        pacing = self._pacing.setdefault(api_key, KeyPacing(key.requests_per_second))
+        pacing.min_spacing = 1.0 / key.requests_per_second
+        return nonces, pacing
 
     async def apply(self, config: Config) -> None:
         async with self._applying:
@@ -298,7 +274,7 @@ class Scheduler:
 
     def _start(self, config: Config) -> None:
         targets = plan_targets(config)
-        self._store.configure(targets, config.keys)
+        self._store.configure(targets, config.credentials.keys())
         shared = (
             SharedBudget(config.settings.gemini.requests_per_second)
             if config.settings.gemini.requests_per_second is not None
@@ -312,15 +288,16 @@ class Scheduler:
         gemini = config.settings.gemini
         client = GeminiClient(self._session, gemini.base_url, gemini.timeout_seconds)
         now = self._clock.monotonic()
-        for key in config.keys.values():
-            state = self._key_state(key)
-            api_key = ApiKey(key.name, key.api_key, key.api_secret, state.nonces, state.lock)
+        for key in config.settings.keys:
+            credentials = config.credentials[key.name]
+            nonces, pacing = self._key_continuity(key, credentials)
             schedule = KeySchedule(
                 [target for target in targets if target.key_name == key.name],
-                state.pacing, backoffs, now,
+                pacing, backoffs, now,
             )
             worker = KeyWorker(
-                api_key, schedule, client, self._store, precision, self._clock, shared
+                credentials, nonces, schedule, client, self._store, precision, self._clock,
+                shared,
             )
             self._tasks.append(asyncio.create_task(worker.run(), name=f"poll-{key.name}"))
 

@@ -1,7 +1,12 @@
-"""The HTTP side: /metrics, a landing page, and the health endpoints. No polling happens here."""
+"""The HTTP side: /metrics, a landing page and the health endpoints, and starting the server on
+its listen address (TLS and basic auth from `--web.config.file`). No polling happens here.
+"""
 
 import html
+import logging
+import os
 import time
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -9,6 +14,12 @@ from aiohttp.typedefs import Middleware
 from balance_exporter import __version__
 from balance_exporter.exposition import ExpositionCache
 from balance_exporter.store import AccountSnapshot
+from balance_exporter.webconfig import BasicAuth, WebConfig, ssl_context
+
+# Ports 9100-9999 are where other exporters live; this one keeps out of their way.
+DEFAULT_LISTEN_ADDRESS = ":8397"
+# Leaves room inside the 5 s a container runtime usually grants between SIGTERM and SIGKILL.
+SHUTDOWN_TIMEOUT_SECONDS = 2.0
 
 EXPOSITION_KEY = web.AppKey("exposition", ExpositionCache)
 TELEMETRY_PATH_KEY = web.AppKey("telemetry_path", str)
@@ -94,11 +105,88 @@ def build_app(
     return app
 
 
-def parse_listen_address(address: str) -> tuple[str | None, int]:
+@dataclass(frozen=True)
+class ListenAddress:
     """`host:port`, `:port` (all interfaces) or `[v6]:port`, as Prometheus exporters take it."""
-    host, separator, port_text = address.rpartition(":")
-    if not separator or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"--web.listen-address: {address!r} is not HOST:PORT")
-    host = host.strip("[]")
-    return host or None, int(port_text)
 
+    host: str | None
+    port: int
+
+    @classmethod
+    def parse(cls, address: str) -> "ListenAddress":
+        host, separator, port_text = address.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        if bracketed:
+            host = host[1:-1]
+        if (not separator or not port_text.isascii() or not port_text.isdigit()
+                or not 0 <= int(port_text) <= 65535 or any(c in host for c in "[]/ ")
+                or (":" in host and not bracketed)):
+            raise ValueError(f"{address!r} is not HOST:PORT (e.g. :8397, 127.0.0.1:8397, "
+                             "[::1]:8397)")
+        return cls(host or None, int(port_text))
+
+    def __str__(self) -> str:
+        host = self.host or ""
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def _cause(error: OSError) -> str:
+    # aiohttp rewrites the message around the address; the errno says it plainly.
+    if error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno).lower()
+    return (error.strerror or str(error) or type(error).__name__).lower()
+
+
+class ListenError(Exception):
+    """The server could not listen on its address (in use, not this host's, not allowed)."""
+
+
+@dataclass(frozen=True)
+class WebOptions:
+    listen_address: ListenAddress = field(
+        default_factory=lambda: ListenAddress.parse(DEFAULT_LISTEN_ADDRESS))
+    telemetry_path: str = "/metrics"
+    web_config: WebConfig | None = None
+    access_log: bool = False
+
+
+class WebServer:
+    """The app on its socket: bound by `start`, which says in one line why it could not be."""
+
+    def __init__(self, exposition: ExpositionCache, options: WebOptions) -> None:
+        self._options = options
+        web_config = options.web_config
+        middlewares: tuple[Middleware, ...] = ()
+        if web_config and web_config.basic_auth_users:
+            middlewares = (BasicAuth(web_config.basic_auth_users).middleware,)
+        self._tls = web_config.tls_server_config if web_config else None
+        self._runner = web.AppRunner(
+            build_app(exposition, options.telemetry_path, middlewares),
+            shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+            access_log=logging.getLogger("aiohttp.access") if options.access_log else None,
+        )
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        address = self._options.listen_address
+        context = ssl_context(self._tls) if self._tls else None
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, address.host, address.port, ssl_context=context)
+        try:
+            await site.start()
+        except OSError as error:
+            await self._runner.cleanup()
+            raise ListenError(f"cannot listen on {address}: {_cause(error)}") from None
+        sockets = self._runner.addresses
+        self.port = int(sockets[0][1]) if sockets else address.port
+
+    @property
+    def url(self) -> str:
+        host = self._options.listen_address.host
+        scheme = "https" if self._tls else "http"
+        shown = "localhost" if host in (None, "0.0.0.0", "::") else host  # noqa: S104
+        shown = f"[{shown}]" if ":" in shown else shown
+        return f"{scheme}://{shown}:{self.port}"
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()

@@ -11,27 +11,9 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
+from balance_exporter.targets import AccountTarget
 
 DEFAULT_ACCOUNT_TYPE = "exchange"
-
-
-@dataclass(frozen=True, slots=True)
-class AccountTarget:
-    """What is polled for one configured account."""
-
-    label: str
-    key_name: str
-    account: str | None
-    show_pending_balances: bool
-    # The interval the scheduler can keep, which may be longer than the configured one.
-    interval_seconds: float
-    min_available: tuple[tuple[str, float], ...] = ()
-    max_available_drop_ratio: float | None = None
-
-    @property
-    def identity(self) -> tuple[str, str, str | None, bool]:
-        """What must stay the same for balances to carry over a config reload."""
-        return (self.label, self.key_name, self.account, self.show_pending_balances)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +35,9 @@ class AccountSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
-class KeySnapshot:
+class KeyCounters:
+    """What was sent with one key, for the `gemini_key_*` counters."""
+
     name: str
     requests: int = 0
     rate_limited: int = 0
@@ -67,7 +51,7 @@ class ReplyVerdict(enum.Enum):
 class BalanceStore:
     def __init__(self) -> None:
         self._accounts: dict[str, AccountSnapshot] = {}
-        self._keys: dict[str, KeySnapshot] = {}
+        self._keys: dict[str, KeyCounters] = {}
 
     def configure(self, targets: Iterable[AccountTarget], key_names: Iterable[str]) -> None:
         """Adopt a (new) set of accounts, keeping what is known of those that did not change."""
@@ -79,7 +63,7 @@ class BalanceStore:
             self._accounts[target.label] = (
                 replace(previous, target=target) if keep and previous else AccountSnapshot(target)
             )
-        self._keys = {name: self._keys.get(name, KeySnapshot(name)) for name in key_names}
+        self._keys = {name: self._keys.get(name, KeyCounters(name)) for name in key_names}
 
     def record_reply(
         self, label: str, reply: BalanceReply, duration_seconds: float, wall_seconds: float
@@ -134,7 +118,7 @@ class BalanceStore:
     def account_snapshots(self) -> tuple[AccountSnapshot, ...]:
         return tuple(self._accounts.values())
 
-    def key_snapshots(self) -> tuple[KeySnapshot, ...]:
+    def key_counters(self) -> tuple[KeyCounters, ...]:
         return tuple(self._keys.values())
 
     def all_attempted(self) -> bool:

@@ -10,7 +10,8 @@ import time
 from typing import Any
 
 from balance_exporter.config import build_config
-from balance_exporter.service import Service, WebOptions
+from balance_exporter.server import ListenAddress, WebOptions
+from balance_exporter.service import Service
 from balance_exporter.simulator.server import start_simulator
 from balance_exporter.simulator.state import SimState
 
@@ -42,7 +43,7 @@ async def run(accounts: int, rate: float, interval: float, seconds: float) -> di
     simulator = await start_simulator(SimState.from_document(simulator_document))
     _, exporter_document = documents(accounts, simulator.url, rate, interval)
     service = Service(build_config(exporter_document, {}), None,
-                      WebOptions(listen_address="127.0.0.1:0"))
+                      WebOptions(listen_address=ListenAddress("127.0.0.1", 0)))
     key = simulator.state.keys[API_KEY]
     try:
         await service.start()

@@ -1,7 +1,8 @@
 """Synthetic stores of a given size, as the pollers would leave them (no I/O)."""
 
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
-from balance_exporter.store import AccountTarget, BalanceStore
+from balance_exporter.store import BalanceStore
+from balance_exporter.targets import AccountTarget
 
 KEYS = 10
 

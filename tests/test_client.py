@@ -14,7 +14,8 @@ from aioresponses import aioresponses
 from pydantic import SecretStr
 from yarl import URL
 
-from balance_exporter.gemini.client import ApiKey, GeminiClient, parse_retry_after
+from balance_exporter.config import Credentials
+from balance_exporter.gemini.client import GeminiClient, parse_retry_after
 from balance_exporter.gemini.errors import (
     GeminiError,
     MalformedReply,
@@ -35,8 +36,13 @@ async def client() -> AsyncIterator[GeminiClient]:
 
 
 @pytest.fixture
-def key() -> ApiKey:
-    return ApiKey("treasury", "master-abc", SecretStr("shh-secret"), NonceSource("milliseconds"))
+def key() -> Credentials:
+    return Credentials("master-abc", SecretStr("shh-secret"))
+
+
+@pytest.fixture
+def nonces() -> NonceSource:
+    return NonceSource("milliseconds")
 
 
 def sent(mocked: aioresponses) -> list[Any]:
@@ -50,11 +56,11 @@ def error_body(reason: str, message: str = "nope") -> dict[str, str]:
 
 
 async def test_sends_a_signed_post_with_account_and_pending_flag(
-    client: GeminiClient, key: ApiKey
+    client: GeminiClient, key: Credentials, nonces: NonceSource
 ) -> None:
     with aioresponses() as mocked:
         mocked.post(URL_BALANCES, status=200, body=b"[]")
-        assert await client.fetch_balances(key, "primary", True) == b"[]"
+        assert await client.fetch_balances(key, nonces, "primary", True) == b"[]"
         (request,) = sent(mocked)
     headers = request.kwargs["headers"]
     payload = json.loads(base64.b64decode(headers["X-GEMINI-PAYLOAD"]))
@@ -68,21 +74,23 @@ async def test_sends_a_signed_post_with_account_and_pending_flag(
     assert headers["X-GEMINI-APIKEY"] == "master-abc"
 
 
-async def test_account_scoped_key_sends_no_account(client: GeminiClient, key: ApiKey) -> None:
+async def test_account_scoped_key_sends_no_account(
+    client: GeminiClient, key: Credentials, nonces: NonceSource
+) -> None:
     with aioresponses() as mocked:
         mocked.post(URL_BALANCES, status=200, body=b"[]")
-        await client.fetch_balances(key, None, False)
+        await client.fetch_balances(key, nonces, None, False)
         (request,) = sent(mocked)
     payload = json.loads(base64.b64decode(request.kwargs["headers"]["X-GEMINI-PAYLOAD"]))
     assert "account" not in payload
 
 
 async def test_concurrent_requests_on_one_key_go_one_at_a_time_in_nonce_order(
-    client: GeminiClient, key: ApiKey
+    client: GeminiClient, key: Credentials, nonces: NonceSource
 ) -> None:
     in_flight = 0
     most_in_flight = 0
-    nonces: list[int] = []
+    sent_nonces: list[int] = []
 
     async def slow_reply(url: URL, **kwargs: object) -> None:
         nonlocal in_flight, most_in_flight
@@ -90,16 +98,17 @@ async def test_concurrent_requests_on_one_key_go_one_at_a_time_in_nonce_order(
         most_in_flight = max(most_in_flight, in_flight)
         headers = kwargs["headers"]
         assert isinstance(headers, dict)
-        nonces.append(json.loads(base64.b64decode(headers["X-GEMINI-PAYLOAD"]))["nonce"])
+        sent_nonces.append(json.loads(base64.b64decode(headers["X-GEMINI-PAYLOAD"]))["nonce"])
         await asyncio.sleep(0.01)
         in_flight -= 1
 
     with aioresponses() as mocked:
         mocked.post(URL_BALANCES, status=200, body=b"[]", callback=slow_reply, repeat=True)
-        await asyncio.gather(*(client.fetch_balances(key, f"a{i}", False) for i in range(5)))
+        await asyncio.gather(*(client.fetch_balances(key, nonces, f"a{i}", False)
+                               for i in range(5)))
     assert most_in_flight == 1
-    assert nonces == sorted(nonces)
-    assert len(set(nonces)) == 5
+    assert sent_nonces == sorted(sent_nonces)
+    assert len(set(sent_nonces)) == 5
 
 
 @pytest.mark.parametrize(("status", "body", "error_type", "reason"), [
@@ -121,7 +130,7 @@ async def test_concurrent_requests_on_one_key_go_one_at_a_time_in_nonce_order(
     (302, b"", MalformedReply, "MalformedReply"),
 ])
 async def test_failures_become_typed_errors_keeping_the_reason(
-    client: GeminiClient, key: ApiKey, status: int, body: object,
+    client: GeminiClient, key: Credentials, nonces: NonceSource, status: int, body: object,
     error_type: type[GeminiError], reason: str,
 ) -> None:
     raw = json.dumps(body).encode() if isinstance(body, dict) else body
@@ -129,36 +138,55 @@ async def test_failures_become_typed_errors_keeping_the_reason(
     with aioresponses() as mocked:
         mocked.post(URL_BALANCES, status=status, body=raw)
         with pytest.raises(error_type) as caught:
-            await client.fetch_balances(key, "primary", False)
+            await client.fetch_balances(key, nonces, "primary", False)
         # Never retried inside the client: exactly one request went out.
         assert len(sent(mocked)) == 1
     assert caught.value.reason == reason
     assert caught.value.status == status
 
 
-async def test_rate_limit_keeps_retry_after(client: GeminiClient, key: ApiKey) -> None:
+async def test_rate_limit_keeps_retry_after(
+    client: GeminiClient, key: Credentials, nonces: NonceSource
+) -> None:
     with aioresponses() as mocked:
         mocked.post(URL_BALANCES, status=429, body=json.dumps(error_body("RateLimit")),
                     headers={"Retry-After": "7"})
         with pytest.raises(RateLimited) as caught:
-            await client.fetch_balances(key, "primary", False)
+            await client.fetch_balances(key, nonces, "primary", False)
     assert caught.value.retry_after == 7.0
 
 
 async def test_timeouts_and_connection_errors_are_transient(
-    client: GeminiClient, key: ApiKey
+    client: GeminiClient, key: Credentials, nonces: NonceSource
 ) -> None:
     with aioresponses() as mocked:
         mocked.post(URL_BALANCES, exception=TimeoutError())
         mocked.post(URL_BALANCES, exception=aiohttp.ClientConnectionError("refused"))
         with pytest.raises(TransientError, match="Timeout"):
-            await client.fetch_balances(key, "primary", False)
+            await client.fetch_balances(key, nonces, "primary", False)
         with pytest.raises(TransientError, match="ConnectionError"):
-            await client.fetch_balances(key, "primary", False)
+            await client.fetch_balances(key, nonces, "primary", False)
 
 
-def test_errors_do_not_carry_the_secret(key: ApiKey) -> None:
-    assert "shh-secret" not in repr(key)
+async def test_errors_and_credentials_do_not_carry_the_secret(
+    client: GeminiClient, key: Credentials, nonces: NonceSource
+) -> None:
+    errors: list[GeminiError] = []
+    with aioresponses() as mocked:
+        mocked.post(URL_BALANCES, status=400, body=json.dumps(error_body("InvalidSignature")))
+        mocked.post(URL_BALANCES, exception=aiohttp.ClientConnectionError("reset by peer"))
+        mocked.post(URL_BALANCES, exception=TimeoutError())
+        mocked.post(URL_BALANCES, status=502, body=b"<html>bad gateway</html>")
+        for _ in range(4):
+            with pytest.raises(GeminiError) as caught:
+                await client.fetch_balances(key, nonces, "primary", False)
+            errors.append(caught.value)
+    assert [type(error) for error in errors] == [
+        RequestRejected, TransientError, TransientError, TransientError]
+    for error in errors:
+        assert "shh-secret" not in f"{error!s} {error!r} {error.message} {error.args}"
+    assert "shh-secret" not in f"{key!r} {key!s}"
+    assert "master-abc" in repr(key)  # the key is no secret and helps to tell keys apart
 
 
 @pytest.mark.parametrize(("header", "expected"), [

@@ -21,7 +21,7 @@ def expected_problem(path: Path) -> str:
 @pytest.mark.parametrize("path", GOOD, ids=lambda path: path.stem)
 def test_good_configs_load(path: Path) -> None:
     config = load_config(path, environ={"TEST_OPS_SECRET": "TOPSECRET-env"})
-    assert config.keys
+    assert config.credentials
     assert "TOPSECRET" not in repr(config)
 
 
@@ -36,12 +36,12 @@ def test_bad_configs_name_the_problem_without_secrets(path: Path) -> None:
 
 def test_full_config_resolves_secrets_relative_to_the_file() -> None:
     config = load_config(CONFIGS / "good" / "full.yml", environ={"TEST_OPS_SECRET": "from-env"})
-    treasury, ops = config.keys["treasury"], config.keys["ops"]
+    treasury, ops = config.credentials["treasury"], config.credentials["ops"]
     assert treasury.api_secret.get_secret_value() == "TOPSECRET-file-treasury"
     assert treasury.is_master
     assert ops.api_key == "account-fromfile"
     assert ops.api_secret.get_secret_value() == "from-env"
-    assert ops.nonce == "seconds"
+    assert [key.nonce for key in config.settings.keys] == ["milliseconds", "seconds"]
     labels = [account.label for account in config.settings.accounts]
     assert labels == ["treasury-primary", "trading", "ops"]
     assert config.precision.places_for("eth") == 9
@@ -58,8 +58,8 @@ def test_minimal_config_takes_documented_defaults() -> None:
     (account,) = settings.accounts
     assert (account.label, account.account, account.interval_seconds) == ("main", None, 30)
     assert account.show_pending_balances is False
-    assert config.keys["main"].requests_per_second == 2
-    assert config.keys["main"].nonce == "milliseconds"
+    (key,) = settings.keys
+    assert (key.requests_per_second, key.nonce) == (2, "milliseconds")
     assert config.warnings == ()
 
 
@@ -94,9 +94,9 @@ def test_one_key_and_its_accounts_from_the_environment(monkeypatch: pytest.Monke
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     config = load_config(None)
-    key = config.keys["default"]
+    key = config.credentials["default"]
     assert (key.api_key, key.api_secret.get_secret_value()) == ("master-env", "TOPSECRET-env")
-    assert key.requests_per_second == 3
+    assert config.settings.keys[0].requests_per_second == 3
     assert config.settings.gemini.base_url == "https://api.sandbox.gemini.com"
     accounts = config.settings.accounts
     assert [(a.account, a.interval_seconds, a.show_pending_balances) for a in accounts] == [
@@ -134,6 +134,6 @@ def test_secret_files_are_reread_on_each_load(tmp_path: Path) -> None:
     path = tmp_path / "config.yml"
     path.write_text("keys:\n  - {name: k, api_key: account-k, api_secret_file: secret}\n"
                     "accounts:\n  - {key: k}\n")
-    assert load_config(path, {}).keys["k"].api_secret.get_secret_value() == "first"
+    assert load_config(path, {}).credentials["k"].api_secret.get_secret_value() == "first"
     secret.write_text("second")
-    assert load_config(path, {}).keys["k"].api_secret.get_secret_value() == "second"
+    assert load_config(path, {}).credentials["k"].api_secret.get_secret_value() == "second"

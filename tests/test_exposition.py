@@ -15,10 +15,9 @@ from balance_exporter import metrics
 from balance_exporter.exposition import ACCOUNTS_PER_BATCH, ExpositionCache
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
 from balance_exporter.metrics import build_registry
-from balance_exporter.store import AccountSnapshot, AccountTarget, BalanceStore
-from tests.test_metrics import fixed_store
-
-OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+from balance_exporter.store import AccountSnapshot, BalanceStore
+from balance_exporter.targets import AccountTarget
+from tests.helpers import OPENMETRICS_ACCEPT, fixed_store
 
 
 def large_store(accounts: int, currencies: int) -> BalanceStore:
@@ -47,7 +46,7 @@ def reference(store: BalanceStore, openmetrics: bool = False) -> bytes:
 
 
 async def fast(cache: ExpositionCache, openmetrics: bool = False, gzipped: bool = False) -> bytes:
-    exposition = await cache.render(OPENMETRICS if openmetrics else "",
+    exposition = await cache.render(OPENMETRICS_ACCEPT if openmetrics else "",
                                     "gzip" if gzipped else "")
     return gzip.decompress(exposition.body) if gzipped else exposition.body
 

@@ -9,7 +9,7 @@ import yaml
 
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator
-from tests.conftest import (
+from tests.helpers import (
     MASTER_KEY,
     Samples,
     exporter_document,

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -12,14 +13,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import exporter_document, simulator_document
-from tests.e2e.chain import free_port, wait_for
+from tests.helpers import exporter_document, free_port, simulator_document, wait_for
 
 SECRETS = ("TOPSECRET-master", "TOPSECRET-account")
 
 
 def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "balance_exporter", *args]
+
+
+def console_script(*args: str) -> list[str]:
+    """The exporter as users start it: the console script pip installed beside this Python."""
+    return [str(Path(sys.executable).with_name("balance-exporter")), *args]
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -82,7 +87,7 @@ def config_path(tmp_path: Path, simulator_url: str) -> Path:
 def running(config_path: Path, tmp_path: Path) -> Iterator[Exporter]:
     exporter = Exporter(config_path, tmp_path / "exporter.log", "--log.level", "debug")
     try:
-        wait_for(lambda: http_get(f"{exporter.url}/-/ready")[0] == 200, "exporter ready")
+        wait_for(lambda: exporter_ready(exporter), "exporter ready")
         yield exporter
     finally:
         exporter.close()
@@ -98,6 +103,14 @@ def test_sigterm_stops_cleanly_with_exit_code_0(running: Exporter) -> None:
 def test_sigint_stops_cleanly_too(running: Exporter) -> None:
     running.process.send_signal(signal.SIGINT)
     assert running.process.wait(timeout=5) == 0
+
+
+def exporter_ready(exporter: Exporter) -> bool:
+    """Ready, or an AssertionError with the log at once if the process has died."""
+    if exporter.process.poll() is not None:
+        raise AssertionError(f"the exporter exited {exporter.process.returncode}:\n"
+                             + exporter.logs())
+    return http_get(f"{exporter.url}/-/ready")[0] == 200
 
 
 def polls_of(metrics: str, account: str) -> float:
@@ -203,3 +216,40 @@ def test_demo_serves_live_balances_without_credentials(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_port_in_use_stops_start_up_with_one_line_and_exit_3(
+    config_path: Path, simulator_url: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            console_script("--config.file", str(config_path),
+                           "--web.listen-address", f"127.0.0.1:{port}"),
+            capture_output=True, text=True, check=False, timeout=30)
+    assert result.returncode == 3
+    assert result.stderr.strip() == (
+        f"balance-exporter: cannot listen on 127.0.0.1:{port}: address already in use")
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "Unclosed" not in result.stdout + result.stderr
+    # Bound before the first poll: not one request reached Gemini.
+    state = json.loads(urllib.request.urlopen(  # noqa: S310  # loopback only
+        f"{simulator_url}/_sim/state", timeout=2).read())
+    assert all(key.get("requests", 0) == 0 for key in state["keys"].values())
+
+
+@pytest.mark.parametrize("address", ["8397", "localhost:http", "[::1:80", ":99999"])
+def test_a_malformed_listen_address_is_a_bad_flag_exit_2(
+    config_path: Path, address: str
+) -> None:
+    result = subprocess.run(
+        console_script("--config.file", str(config_path), "--web.listen-address", address),
+        capture_output=True, text=True, check=False, timeout=30)
+    assert result.returncode == 2
+    assert f"--web.listen-address: invalid _listen_address value: {address!r}" not in (
+        result.stderr)
+    assert "--web.listen-address" in result.stderr
+    assert f"{address!r} is not HOST:PORT" in result.stderr
+    assert "Traceback" not in result.stderr

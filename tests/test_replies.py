@@ -3,8 +3,9 @@ from decimal import Decimal
 
 import pytest
 
+from balance_exporter.config import Precision
 from balance_exporter.gemini.errors import MalformedReply
-from balance_exporter.gemini.replies import Precision, parse_balances_reply, parse_timestamp_ns
+from balance_exporter.gemini.replies import parse_balances_reply, parse_timestamp_ns
 
 PRECISION = Precision({"USD": 2, "BTC": 8}, default_places=8)
 STAMP_NS = 1_710_547_200_000_000_000

@@ -7,8 +7,7 @@ from itertools import pairwise
 import pytest
 from pydantic import SecretStr
 
-from balance_exporter.config import build_config
-from balance_exporter.gemini.client import ApiKey
+from balance_exporter.config import Credentials, Precision
 from balance_exporter.gemini.errors import (
     GeminiError,
     RateLimited,
@@ -16,7 +15,6 @@ from balance_exporter.gemini.errors import (
     TransientError,
 )
 from balance_exporter.gemini.nonce import NonceSource
-from balance_exporter.gemini.replies import Precision
 from balance_exporter.scheduler import (
     Backoffs,
     KeyPacing,
@@ -24,9 +22,9 @@ from balance_exporter.scheduler import (
     KeyWorker,
     SharedBudget,
     jittered_backoff,
-    plan_targets,
 )
-from balance_exporter.store import AccountTarget, BalanceStore
+from balance_exporter.store import BalanceStore
+from balance_exporter.targets import AccountTarget
 
 BACKOFFS = Backoffs(max_backoff_seconds=300, rejected_retry_seconds=600)
 
@@ -38,27 +36,6 @@ def targets(count: int, interval: float = 10.0) -> list[AccountTarget]:
 def schedule(count: int, rps: float = 2.0, interval: float = 10.0) -> KeySchedule:
     return KeySchedule(targets(count, interval), KeyPacing(rps), BACKOFFS, now=0.0,
                        rng=random.Random(7))
-
-
-def test_interval_is_stretched_to_fit_the_key_budget() -> None:
-    config = build_config({
-        "keys": [{"name": "k", "api_key": "master-k", "api_secret": "s", "requests_per_second": 2},
-                 {"name": "j", "api_key": "master-j", "api_secret": "s", "requests_per_second": 5}],
-        "accounts": [{"key": "k", "account": f"a{i}", "interval_seconds": 10} for i in range(50)]
-        + [{"key": "j", "account": "b", "interval_seconds": 10}],
-    }, {})
-    planned = {target.label: target.interval_seconds for target in plan_targets(config)}
-    assert planned["a0"] == 25.0  # 50 accounts at 2 per second
-    assert planned["b"] == 10.0
-
-
-def test_a_global_budget_stretches_every_account() -> None:
-    config = build_config({
-        "gemini": {"requests_per_second": 1},
-        "keys": [{"name": "k", "api_key": "master-k", "api_secret": "s", "requests_per_second": 5}],
-        "accounts": [{"key": "k", "account": f"a{i}", "interval_seconds": 5} for i in range(20)],
-    }, {})
-    assert {target.interval_seconds for target in plan_targets(config)} == {20.0}
 
 
 def run_rounds(plan: KeySchedule, polls: int) -> list[tuple[str, float]]:
@@ -176,7 +153,8 @@ class ScriptedGemini:
         self.wanted = 0
 
     async def fetch_balances(
-        self, key: ApiKey, account: str | None, show_pending_balances: bool
+        self, credentials: Credentials, nonces: NonceSource, account: str | None,
+        show_pending_balances: bool,
     ) -> bytes:
         self.calls.append((account, self._clock.now))
         if len(self.calls) >= self.wanted:
@@ -197,8 +175,9 @@ async def run_worker(
     accounts = targets(count)
     store.configure(accounts, {"k"})
     plan = KeySchedule(accounts, KeyPacing(rps), BACKOFFS, clock.now, random.Random(3))
-    key = ApiKey("k", "master-k", SecretStr("s"), NonceSource("milliseconds"))
-    worker = KeyWorker(key, plan, gemini, store, Precision({}, 8), clock)
+    credentials = Credentials("master-k", SecretStr("s"))
+    worker = KeyWorker(credentials, NonceSource("milliseconds"), plan, gemini, store,
+                       Precision({}, 8), clock)
     gemini.wanted = polls
     task = asyncio.create_task(worker.run())
     await gemini.enough.wait()
@@ -226,7 +205,7 @@ async def test_worker_pauses_key_on_rate_limit_and_recovers() -> None:
     (a0_first, t0), (a0_again, t1), *_ = gemini.calls
     assert a0_first == a0_again == "a0"
     assert t1 - t0 == pytest.approx(20.0)
-    assert store.key_snapshots()[0].rate_limited == 1
+    assert store.key_counters()[0].rate_limited == 1
     snapshot = store.account_snapshots()[0]
     assert snapshot.up
     assert dict(snapshot.errors) == {"RateLimit": 1}

@@ -16,7 +16,7 @@ import pytest
 from balance_exporter.simulator.ratelimit import RateLimiter
 from balance_exporter.simulator.server import RunningSimulator, start_simulator
 from balance_exporter.simulator.state import SimState, demo_document
-from tests.conftest import ACCOUNT_KEY, ACCOUNT_SECRET, MASTER_KEY, MASTER_SECRET
+from tests.helpers import ACCOUNT_KEY, ACCOUNT_SECRET, MASTER_KEY, MASTER_SECRET
 
 
 class Caller:
@@ -167,7 +167,7 @@ def test_limiter_admits_600_a_minute() -> None:
     assert [limiter.admit(now=60.0) for _ in range(7)][-1] is None
 
 
-async def test_faults_are_served_then_cleared(
+async def test_counted_faults_are_served_then_run_out(
     caller: Caller, simulator: RunningSimulator
 ) -> None:
     async with aiohttp.ClientSession() as http:
@@ -181,6 +181,29 @@ async def test_faults_are_served_then_cleared(
     status, body, _ = await caller.post("/v1/balances", account="alpha")
     assert (status, body["reason"]) == (503, "Maintenance")
     assert (await caller.post("/v1/balances", account="alpha"))[0] == 200
+
+
+async def test_faults_until_cleared_stay_until_the_delete_endpoints_clear_them(
+    caller: Caller, simulator: RunningSimulator, http: aiohttp.ClientSession
+) -> None:
+    fault = {"kind": "status", "status": 500, "reason": "System"}
+    for account in ("alpha", "beta", "gamma"):
+        async with http.post(f"{simulator.url}/_sim/accounts/{account}/faults", json=fault):
+            pass
+
+    async def status_of(account: str) -> int:
+        return (await caller.post("/v1/balances", account=account))[0]
+
+    assert [await status_of("alpha") for _ in range(3)] == [500, 500, 500]
+    async with http.delete(f"{simulator.url}/_sim/accounts/alpha/faults") as response:
+        assert (await response.json()) == {"cleared": ["alpha"]}
+    assert await status_of("alpha") == 200
+    assert await status_of("beta") == 500  # only alpha's were cleared
+    async with http.delete(f"{simulator.url}/_sim/faults") as response:
+        assert set((await response.json())["cleared"]) >= {"beta", "gamma"}
+    assert [await status_of("beta"), await status_of("gamma")] == [200, 200]
+    async with http.delete(f"{simulator.url}/_sim/accounts/nobody/faults") as response:
+        assert response.status == 404
 
 
 async def test_stale_fault_serves_an_older_stamp_and_other_values(

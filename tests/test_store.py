@@ -1,5 +1,6 @@
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
-from balance_exporter.store import AccountTarget, BalanceStore, ReplyVerdict
+from balance_exporter.store import BalanceStore, ReplyVerdict
+from balance_exporter.targets import AccountTarget
 
 TARGET = AccountTarget("main", "treasury", "primary", False, 30.0)
 

@@ -4,15 +4,13 @@ It returns the raw body of a successful reply; what the body means is `replies`'
 Nothing here retries: a POST carries a nonce, and the scheduler decides when to try again.
 """
 
-import asyncio
 import json
-from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from time import time
 
 import aiohttp
-from pydantic import SecretStr
 
+from balance_exporter.config import Credentials
 from balance_exporter.gemini.errors import (
     GeminiError,
     TransientError,
@@ -22,18 +20,6 @@ from balance_exporter.gemini.nonce import NonceSource
 from balance_exporter.gemini.signing import PayloadValue, encode_payload, signed_headers
 
 BALANCES_PATH = "/v1/balances"
-
-
-@dataclass(frozen=True)
-class ApiKey:
-    """One API key's credentials with the nonce source every request made with it must share."""
-
-    name: str
-    api_key: str
-    api_secret: SecretStr
-    nonces: NonceSource
-    # Held from taking a nonce until the reply is read, so nonces reach Gemini in order.
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock, compare=False, repr=False)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -82,11 +68,12 @@ class GeminiClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
 
     async def post_private(
-        self, key: ApiKey, path: str, params: dict[str, PayloadValue]
+        self, credentials: Credentials, nonces: NonceSource, path: str,
+        params: dict[str, PayloadValue],
     ) -> bytes:
-        async with key.lock:
-            payload = encode_payload(path, key.nonces.next(), params)
-            headers = signed_headers(key.api_key, key.api_secret, payload)
+        async with nonces.lock:
+            payload = encode_payload(path, nonces.next(), params)
+            headers = signed_headers(credentials.api_key, credentials.api_secret, payload)
             try:
                 async with self._session.post(
                     self._base_url + path, headers=headers, timeout=self._timeout
@@ -105,9 +92,10 @@ class GeminiClient:
         return body
 
     async def fetch_balances(
-        self, key: ApiKey, account: str | None, show_pending_balances: bool
+        self, credentials: Credentials, nonces: NonceSource, account: str | None,
+        show_pending_balances: bool,
     ) -> bytes:
         params: dict[str, PayloadValue] = {"showPendingBalances": show_pending_balances}
         if account is not None:
             params["account"] = account
-        return await self.post_private(key, BALANCES_PATH, params)
+        return await self.post_private(credentials, nonces, BALANCES_PATH, params)

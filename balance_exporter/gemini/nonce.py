@@ -2,13 +2,15 @@
 
 Gemini rejects a nonce that is not larger than the last one it saw from the same key, so the
 source remembers what it handed out and steps past it when the wall clock stalls or steps back.
+Gemini also needs them to *arrive* in order, so every request of a key holds the source's lock
+from taking a nonce until its reply is read.
 """
 
+import asyncio
 import time
 from collections.abc import Callable
-from typing import Literal
 
-NonceUnit = Literal["milliseconds", "seconds"]
+from balance_exporter.config import NonceUnit
 
 _NS_PER_UNIT: dict[NonceUnit, int] = {"milliseconds": 1_000_000, "seconds": 1_000_000_000}
 
@@ -19,6 +21,7 @@ class NonceSource:
         self._ns_per_unit = _NS_PER_UNIT[unit]
         self._wall_clock_ns = wall_clock_ns
         self.last = 0
+        self.lock = asyncio.Lock()
 
     def next(self) -> int:
         candidate = self._wall_clock_ns() // self._ns_per_unit

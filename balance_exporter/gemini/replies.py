@@ -11,13 +11,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_FLOOR, Context, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from balance_exporter.config import Precision
 from balance_exporter.gemini.errors import MalformedReply
 
-# Plenty for 19 fraction digits after a large integer part; Decimal's default (28) is not.
-_DECIMAL_CONTEXT = Context(prec=80, rounding=ROUND_FLOOR)
 _ISO_TIMESTAMP = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
     r"(Z|[+-]\d{2}:?\d{2})$"
@@ -25,21 +24,6 @@ _ISO_TIMESTAMP = re.compile(
 _NS_PER_SECOND = 1_000_000_000
 REQUIRED_FIELDS = ("amount", "available", "availableForWithdrawal")
 PENDING_FIELDS = ("pendingWithdrawal", "pendingDeposit")
-
-
-class Precision:
-    """Decimal places to floor each currency to; currencies are matched case-insensitively."""
-
-    def __init__(self, places: Mapping[str, int], default_places: int) -> None:
-        self._places = {currency.upper(): value for currency, value in places.items()}
-        self.default_places = default_places
-
-    def places_for(self, currency: str) -> int:
-        return self._places.get(currency.upper(), self.default_places)
-
-    def floor(self, value: Decimal, currency: str) -> Decimal:
-        quantum = Decimal(1).scaleb(-self.places_for(currency))
-        return value.quantize(quantum, context=_DECIMAL_CONTEXT)
 
 
 @dataclass(frozen=True, slots=True)

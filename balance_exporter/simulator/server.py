@@ -7,8 +7,24 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from balance_exporter.simulator.app import build_simulator_app
+from balance_exporter.simulator.control_api import CONTROL_ROUTES
+from balance_exporter.simulator.private_api import (
+    CLOCK_KEY,
+    PRIVATE_ROUTES,
+    STATE_KEY,
+    ServerClock,
+    sim_errors,
+)
 from balance_exporter.simulator.state import SimState
+
+
+def build_simulator_app(state: SimState) -> web.Application:
+    app = web.Application(middlewares=[sim_errors])
+    app[STATE_KEY] = state
+    app[CLOCK_KEY] = ServerClock()
+    app.add_routes(PRIVATE_ROUTES)
+    app.add_routes(CONTROL_ROUTES)
+    return app
 
 
 @dataclass

@@ -2,18 +2,18 @@
 from the ones in deploy/ (same rules, shorter intervals and `for:` durations)."""
 
 import json
-import socket
 import subprocess
 import threading
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.helpers import http_json
 
 ROOT = Path(__file__).parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -21,42 +21,6 @@ DEPLOY = ROOT / "deploy"
 # that it does not fire while Prometheus is still discovering its first target.
 FOR_OVERRIDES = {"GeminiBalanceExporterAbsent": "1m"}
 DEFAULT_FOR = "2s"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], what: str, limit_seconds: float = 90.0) -> Any:
-    """Poll until the condition gives something truthy; the limit only guards against hangs."""
-    deadline = time.monotonic() + limit_seconds
-    while True:
-        try:
-            result = condition()
-        except OSError:
-            result = None
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit_seconds}s waiting for {what}")
-        time.sleep(0.25)
-
-
-def http_json(url: str, body: object | None = None, method: str | None = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310  # loopback
-    with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
-        return json.loads(response.read())
-
-
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310  # loopback
-            return int(response.status)
-    except urllib.error.HTTPError as error:
-        return error.code
 
 
 class Processes:

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import exporter_document, floored, simulator_document
 from tests.e2e.chain import (
     DEPLOY,
     Processes,
@@ -27,10 +26,15 @@ from tests.e2e.chain import (
     WebhookReceiver,
     alert_rules,
     alertmanager_config,
+    prometheus_config,
+)
+from tests.helpers import (
+    exporter_document,
+    floored,
     free_port,
     http_json,
     http_status,
-    prometheus_config,
+    simulator_document,
     wait_for,
 )
 

@@ -1,16 +1,14 @@
-"""The simulated Gemini over HTTP: the private endpoints the exporter uses, and a control API
-under `/_sim/` through which tests set balances and inject faults per account."""
+"""The simulated Gemini's private REST API: the signed endpoints the exporter uses, with Gemini's
+header, signature, nonce, role and rate-limit checks, and the faults injected per account."""
 
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import json
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -23,8 +21,6 @@ from balance_exporter.simulator.state import (
     SimAccount,
     SimKey,
     SimState,
-    cast_number_format,
-    cast_timestamp_format,
 )
 
 STATE_KEY = web.AppKey("sim_state", SimState)
@@ -249,94 +245,8 @@ async def sim_errors(
     return response
 
 
-# ---- control API ----
-
-async def _json_body(request: web.Request) -> Any:
-    try:
-        return await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(text="body is not JSON") from None
-
-
-def _control_account(request: web.Request) -> SimAccount:
-    name = request.match_info["name"]
-    account = request.app[STATE_KEY].accounts.get(name)
-    if account is None:
-        raise web.HTTPNotFound(text=f"no account {name!r}")
-    return account
-
-
-async def control_state(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY]
-    return web.json_response({
-        "accounts": {name: account.describe() for name, account in state.accounts.items()},
-        "keys": {key.api_key: {**key.counters, "last_nonce": key.last_nonce}
-                 for key in state.keys.values()},
-    })
-
-
-@contextlib.contextmanager
-def _bad_input_is_400() -> Iterator[None]:
-    try:
-        yield
-    except (ValueError, TypeError) as error:
-        raise web.HTTPBadRequest(text=str(error)) from None
-
-
-async def control_set_balances(request: web.Request) -> web.Response:
-    account = _control_account(request)
-    body = await _json_body(request)
-    with _bad_input_is_400():
-        account.set_balances(body)
-    return web.json_response(account.describe())
-
-
-async def control_patch_account(request: web.Request) -> web.Response:
-    account = _control_account(request)
-    body = await _json_body(request)
-    with _bad_input_is_400():
-        if "timestamp_format" in body:
-            account.timestamp_format = cast_timestamp_format(body["timestamp_format"])
-        if "number_format" in body:
-            account.number_format = cast_number_format(body["number_format"])
-    return web.json_response(account.describe())
-
-
-async def control_add_fault(request: web.Request) -> web.Response:
-    account = _control_account(request)
-    body = await _json_body(request)
-    with _bad_input_is_400():
-        account.faults.append(Fault.from_document(body if isinstance(body, dict) else {}))
-    return web.json_response({"faults": len(account.faults)})
-
-
-async def control_clear_faults(request: web.Request) -> web.Response:
-    accounts = (
-        [_control_account(request)] if "name" in request.match_info
-        else list(request.app[STATE_KEY].accounts.values())
-    )
-    for account in accounts:
-        account.faults.clear()
-    return web.json_response({"cleared": [account.name for account in accounts]})
-
-
-async def control_drift(request: web.Request) -> web.Response:
-    request.app[STATE_KEY].drift(random.Random())
-    return web.json_response({"drifted": True})
-
-
-def build_simulator_app(state: SimState) -> web.Application:
-    app = web.Application(middlewares=[sim_errors])
-    app[STATE_KEY] = state
-    app[CLOCK_KEY] = ServerClock()
-    app.router.add_post("/v1/balances", balances_handler)
-    app.router.add_post("/v1/notionalbalances/{currency}", notional_handler)
-    app.router.add_post("/v1/account/list", account_list_handler)
-    app.router.add_get("/_sim/state", control_state)
-    app.router.add_put("/_sim/accounts/{name}/balances", control_set_balances)
-    app.router.add_patch("/_sim/accounts/{name}", control_patch_account)
-    app.router.add_post("/_sim/accounts/{name}/faults", control_add_fault)
-    app.router.add_delete("/_sim/accounts/{name}/faults", control_clear_faults)
-    app.router.add_delete("/_sim/faults", control_clear_faults)
-    app.router.add_post("/_sim/drift", control_drift)
-    return app
+PRIVATE_ROUTES = (
+    web.post("/v1/balances", balances_handler),
+    web.post("/v1/notionalbalances/{currency}", notional_handler),
+    web.post("/v1/account/list", account_list_handler),
+)

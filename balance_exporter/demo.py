@@ -1,0 +1,102 @@
+"""The demo and the stand-alone simulator: the only exporter module that imports the simulator.
+
+`demo` runs the simulator and the exporter polling it in one process; `simulate` runs the
+simulator alone and can write an exporter config that points at it.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from balance_exporter.config import build_config
+from balance_exporter.server import ListenAddress, WebOptions
+from balance_exporter.service import Service, run_until_signalled, wait_for_stop_signal
+from balance_exporter.simulator.server import start_simulator
+from balance_exporter.simulator.state import SimState, demo_document
+
+
+def demo_exporter_document(simulator_state: SimState, base_url: str) -> dict[str, Any]:
+    """An exporter config for the demo simulator: its master key over three accounts, and its
+    account-scoped key."""
+    master, account_key = simulator_state.keys.values()
+    return {
+        "gemini": {"base_url": base_url, "timeout_seconds": 5},
+        "keys": [
+            {"name": "treasury", "api_key": master.api_key, "api_secret": master.api_secret,
+             "requests_per_second": 2},
+            {"name": "savings", "api_key": account_key.api_key,
+             "api_secret": account_key.api_secret, "requests_per_second": 1},
+        ],
+        "accounts": [
+            {"key": "treasury", "account": "primary", "name": "treasury-primary",
+             "show_pending_balances": True, "interval_seconds": 5,
+             "min_available": {"USD": 1000, "BTC": 1}, "max_available_drop_ratio": 0.5},
+            {"key": "treasury", "account": "trading", "name": "treasury-trading",
+             "show_pending_balances": True, "interval_seconds": 5},
+            {"key": "treasury", "account": "ops", "name": "treasury-ops", "interval_seconds": 5},
+            {"key": "savings", "name": "savings", "interval_seconds": 10},
+        ],
+    }
+
+
+def generic_exporter_document(state: SimState, base_url: str) -> dict[str, Any]:
+    """An exporter config that polls every exchange account of every key of a simulator."""
+    keys, accounts = [], []
+    for index, key in enumerate(state.keys.values()):
+        name = f"key{index}"
+        keys.append({"name": name, "api_key": key.api_key, "api_secret": key.api_secret,
+                     "nonce": key.nonce})
+        for account in key.accounts:
+            if state.accounts[account].type == "exchange":
+                accounts.append({"key": name, "account": account if key.is_master else None,
+                                 "name": account})
+    return {"gemini": {"base_url": base_url}, "keys": keys, "accounts": accounts}
+
+
+async def run_demo(web_options: WebOptions, drift_seconds: float) -> None:
+    simulator = await start_simulator(SimState.from_document(demo_document()),
+                                      drift_seconds=drift_seconds)
+    try:
+        config = build_config(demo_exporter_document(simulator.state, simulator.url), {})
+        service = Service(config, None, web_options)
+
+        def announce() -> None:
+            print(f"balance-exporter demo: simulator at {simulator.url}\n"
+                  f"Open {service.url}/ (landing page) or {service.url}"
+                  f"{web_options.telemetry_path} (metrics). Ctrl-C stops.", flush=True)
+
+        await run_until_signalled(service, on_started=announce)
+    finally:
+        await simulator.close()
+
+
+def write_secret_file(path: Path, text: str) -> None:
+    """Write a file that holds secrets, readable by its owner only (also when it existed)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(text)
+
+
+async def run_simulator(
+    listen: ListenAddress, state_document: Any | None, drift_seconds: float,
+    write_config: Path | None,
+) -> None:
+    """Serve the simulator (the demo's world without a state document) until SIGTERM or SIGINT.
+    Raises OSError or ValueError for a state or an address that cannot be used."""
+    if state_document is not None and not isinstance(state_document, dict):
+        raise ValueError("the state file must hold a mapping with keys and accounts")
+    state = SimState.from_document(state_document or demo_document())
+    simulator = await start_simulator(state, listen.host or "0.0.0.0", listen.port,  # noqa: S104
+                                      drift_seconds=drift_seconds)
+    try:
+        if write_config:
+            exporter_document = (generic_exporter_document(state, simulator.url) if state_document
+                                 else demo_exporter_document(state, simulator.url))
+            write_secret_file(write_config, yaml.safe_dump(exporter_document, sort_keys=False))
+        print(f"Gemini simulator at {simulator.url}", flush=True)
+        await wait_for_stop_signal()
+    finally:
+        await simulator.close()

@@ -1,0 +1,175 @@
+"""Helpers the test modules share: the simulator's and the exporter's test configs, a fixed store
+state, free ports, waiting for conditions, and reading /metrics. Fixtures live in conftest.py."""
+
+import asyncio
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from decimal import ROUND_FLOOR, Decimal
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
+from balance_exporter.store import BalanceStore
+from balance_exporter.targets import AccountTarget
+
+MASTER_KEY = "master-testkey"
+MASTER_SECRET = "TOPSECRET-master"
+ACCOUNT_KEY = "account-testkey"
+ACCOUNT_SECRET = "TOPSECRET-account"
+
+
+def simulator_document() -> dict[str, Any]:
+    return {
+        "keys": [
+            {"api_key": MASTER_KEY, "api_secret": MASTER_SECRET,
+             "accounts": ["alpha", "beta", "gamma"]},
+            {"api_key": ACCOUNT_KEY, "api_secret": ACCOUNT_SECRET, "accounts": ["delta"]},
+        ],
+        "accounts": [
+            {"name": "alpha", "balances": {
+                "BTC": {"amount": "5.123456789123", "available": "4.5",
+                        "availableForWithdrawal": "4.25", "pendingWithdrawal": "0.5"},
+                "USD": {"amount": "15000.129", "available": "5000.00"},
+            }},
+            {"name": "beta", "timestamp_format": "iso", "number_format": "number",
+             "balances": {"ETH": {"amount": "10.5"}, "USD": {"amount": "-12.5"}}},
+            {"name": "gamma", "balances": {"USD": {"amount": "42.00"}}},
+            {"name": "delta", "timestamp_format": "none", "balances": {"BTC": {"amount": "1"}}},
+        ],
+    }
+
+
+def exporter_document(base_url: str, interval: float = 1.0) -> dict[str, Any]:
+    return {
+        "gemini": {"base_url": base_url, "timeout_seconds": 2},
+        "keys": [
+            {"name": "treasury", "api_key": MASTER_KEY, "api_secret": MASTER_SECRET,
+             "requests_per_second": 5},
+            {"name": "solo", "api_key": ACCOUNT_KEY, "api_secret": ACCOUNT_SECRET,
+             "requests_per_second": 5},
+        ],
+        "accounts": [
+            {"key": "treasury", "account": "alpha", "show_pending_balances": True,
+             "interval_seconds": interval},
+            {"key": "treasury", "account": "beta", "interval_seconds": interval},
+            {"key": "treasury", "account": "gamma", "interval_seconds": interval},
+            {"key": "solo", "name": "delta", "interval_seconds": interval},
+        ],
+        # Short backoffs keep recovery scenarios quick.
+        "polling": {"max_backoff_seconds": 2, "rejected_retry_seconds": 2},
+    }
+
+
+# The precision the test config gets by default, per currency.
+PLACES = {"USD": 2, "BTC": 8, "ETH": 18}
+
+
+def floored(value: str, currency: str) -> float:
+    """What the exporter should show for a simulator amount: floored, computed independently."""
+    quantum = Decimal(1).scaleb(-PLACES.get(currency, 8))
+    return float(Decimal(value).quantize(quantum, rounding=ROUND_FLOOR))
+
+
+def fixed_store() -> BalanceStore:
+    store = BalanceStore()
+    store.configure([
+        AccountTarget("treasury-primary", "treasury", "primary", True, 30.0,
+                      min_available=(("BTC", 1.0), ("USD", 10000.0)),
+                      max_available_drop_ratio=0.5),
+        AccountTarget("savings", "savings", None, False, 60.0),
+        AccountTarget("never-polled", "treasury", "other", False, 30.0),
+    ], ["treasury", "savings"])
+    store.record_request("treasury")
+    store.record_reply("treasury-primary", BalanceReply((
+        CurrencyBalance("BTC", 5.0, 4.5, 4.5, 0.25, 0.0),
+        CurrencyBalance("USD", 15000.0, 5000.0, 5000.0, 0.0, 1250.5),
+    ), 1_710_547_200_000_000_000, "exchange"), 0.125, 1_710_547_201.5)
+    store.record_request("treasury")
+    store.record_reply("treasury-primary", BalanceReply((
+        CurrencyBalance("BTC", 999.0, 999.0, 999.0, 0.0, 0.0),), 1_710_547_100_000_000_000, None),
+        0.25, 1_710_547_230.0)
+    store.record_request("savings")
+    store.record_reply("savings", BalanceReply((
+        CurrencyBalance("USD", 1_000_000.0, 1_000_000.0, 1_000_000.0, 0.0, 0.0),), None, None),
+        0.5, 1_710_547_202.0)
+    store.record_request("savings")
+    store.record_failure("savings", "System", 1.5)
+    store.record_request("savings")
+    store.record_rate_limited("savings")
+    store.record_failure("savings", "RateLimit", 0.75)
+    return store
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], what: str, limit_seconds: float = 90.0) -> Any:
+    """Poll until the condition gives something truthy; the limit only guards against hangs."""
+    deadline = time.monotonic() + limit_seconds
+    while True:
+        try:
+            result = condition()
+        except OSError:
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {limit_seconds}s waiting for {what}")
+        time.sleep(0.25)
+
+
+def http_json(url: str, body: object | None = None, method: str | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310  # loopback
+    with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+        return json.loads(response.read())
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310  # loopback
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], what: str, limit_seconds: float = 15.0
+) -> None:
+    """Poll a condition until it holds; the generous limit guards against hangs only."""
+    deadline = time.monotonic() + limit_seconds
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(http: aiohttp.ClientSession, base_url: str, path: str = "/metrics") -> Samples:
+    async with http.get(base_url + path) as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+# What Prometheus sends when it prefers OpenMetrics.
+OPENMETRICS_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"

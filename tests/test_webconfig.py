@@ -1,0 +1,87 @@
+"""`--web.config.file`: basic auth and TLS over a real socket, and the web configs refused."""
+
+import ssl
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import bcrypt
+import pytest
+
+from balance_exporter.config import ConfigError
+from balance_exporter.exposition import ExpositionCache
+from balance_exporter.server import build_app
+from balance_exporter.webconfig import BasicAuth, load_web_config, ssl_context
+from tests.conftest import Serve
+from tests.helpers import fixed_store
+
+PASSWORD = "TOPSECRET-password"
+
+
+def write_web_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "web.yml"
+    path.write_text(text)
+    return path
+
+
+async def test_basic_auth_guards_everything_but_the_probes(
+    tmp_path: Path, http: aiohttp.ClientSession, serve: Serve
+) -> None:
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    config = load_web_config(write_web_config(
+        tmp_path, f"basic_auth_users:\n  prometheus: '{hashed}'\n"))
+    assert PASSWORD not in repr(config)
+    auth = BasicAuth(config.basic_auth_users)
+    url = await serve(build_app(ExpositionCache(fixed_store()), middlewares=(auth.middleware,)))
+    async with http.get(f"{url}/metrics") as response:
+        assert response.status == 401
+        assert "Basic" in response.headers["WWW-Authenticate"]
+    wrong = {"Authorization": aiohttp.encode_basic_auth("prometheus", "wrong")}
+    async with http.get(f"{url}/metrics", headers=wrong) as response:
+        assert response.status == 401
+    right = {"Authorization": aiohttp.encode_basic_auth("prometheus", PASSWORD)}
+    for _ in range(2):  # the second time from the cache
+        async with http.get(f"{url}/metrics", headers=right) as response:
+            assert response.status == 200
+    async with http.get(f"{url}/-/healthy") as response:
+        assert response.status == 200
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> Path:
+    """A self-signed certificate for 127.0.0.1, made with openssl; returns its folder."""
+    subprocess.run([
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+        "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"),
+    ], check=True, capture_output=True)
+    return tmp_path
+
+
+async def test_tls_from_the_web_config(
+    certificate: Path, http: aiohttp.ClientSession, serve: Serve
+) -> None:
+    config = load_web_config(write_web_config(
+        certificate, "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"))
+    assert config.tls_server_config is not None
+    url = await serve(build_app(ExpositionCache(fixed_store())),
+                      ssl_context(config.tls_server_config))
+    assert url.startswith("https://")
+    trust = ssl.create_default_context(cafile=str(certificate / "cert.pem"))
+    async with http.get(f"{url}/metrics", ssl=trust) as response:
+        assert response.status == 200
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        await http.get(f"{url}/metrics")  # the self-signed certificate is not trusted by default
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("basic_auth_users:\n  alice: plaintext\n", "not a bcrypt hash"),
+    ("tls_server_config:\n  cert_file: a\n", "key_file: Field required"),
+    ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: "
+     "RequireAndVerifyClientCert\n", "client_ca_file"),
+    ("tls_config: {}\n", "Extra inputs are not permitted"),
+])
+def test_bad_web_configs_are_refused(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem) as caught:
+        load_web_config(write_web_config(tmp_path, text))
+    assert "plaintext" not in str(caught.value)
