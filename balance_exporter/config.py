@@ -5,6 +5,7 @@ it concerns (`accounts[1].key: no key named 'ops'`), and no message ever carries
 Secret files and variables are read here, at start and again on SIGHUP.
 """
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -13,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GEMINI_RATE_LIMIT_PER_SECOND = 10.0  # 600 requests per minute
@@ -26,6 +36,12 @@ DEFAULT_PRECISION: dict[str, int] = {
     "ETH": 18,
 }
 ENV_PREFIX = "BALANCE_EXPORTER_"
+# Every duration in the config is finite and at most a day: longer waits hide outages.
+MAX_DURATION_SECONDS = 86400.0
+# Gemini's secrets are about 28 characters; a short one would also make the log redactor blank
+# every occurrence of a common string.
+MIN_SECRET_LENGTH = 10
+MAX_CREDENTIAL_LENGTH = 256
 
 # Plenty for 19 fraction digits after a large integer part; Decimal's default (28) is not.
 _DECIMAL_CONTEXT = Context(prec=80, rounding=ROUND_FLOOR)
@@ -42,17 +58,51 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+Duration = Annotated[float, Field(ge=0, le=MAX_DURATION_SECONDS)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are never a setting: `.inf` would make a backoff or interval endless.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class GeminiSettings(_Strict):
+    # Plain http sends the key and a replayable signature in the clear: loopback only, unless
+    # this says otherwise (a TLS-terminating sidecar, say). Before base_url, which it checks.
+    allow_insecure_http: bool = False
     base_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$")] = (
         "https://api.gemini.com"
     )
     timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
     # An optional budget shared by all keys, for when Gemini counts per IP address.
     requests_per_second: Annotated[float, Field(gt=0)] | None = None
+    # A reply stamped further ahead of this host's clock is malformed (0: no check); otherwise
+    # one reply from a server with a wrong clock would make every correct reply after it stale.
+    max_timestamp_skew_seconds: Duration = 300.0
+
+    @field_validator("base_url", mode="after")
+    @classmethod
+    def _check_base_url(cls, url: str, info: ValidationInfo) -> str:
+        scheme, _, rest = url.partition("://")
+        authority = rest.split("/", 1)[0]
+        if "@" in authority:
+            raise ValueError("must not carry a user or password (they would go with every "
+                             "request and into logs)")
+        host = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
+        if scheme == "http" and not info.data.get("allow_insecure_http") and not _is_loopback(
+                host):
+            raise ValueError("plain http:// is only for a loopback host; use https:// or set "
+                             "gemini.allow_insecure_http: true")
+        return url
 
 
 class KeySettings(_Strict):
@@ -73,7 +123,7 @@ class AccountSettings(_Strict):
     # The `account` label value; defaults to `account`, then to the key's name.
     name: LabelText | None = None
     show_pending_balances: bool = False
-    interval_seconds: Annotated[float, Field(ge=1, le=86400)] = 30.0
+    interval_seconds: Annotated[float, Field(ge=1, le=MAX_DURATION_SECONDS)] = 30.0
     # Alert thresholds, exported as metrics so that alert rules need no editing.
     min_available: dict[Annotated[str, Field(min_length=1)], float] = {}
     max_available_drop_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
@@ -85,8 +135,8 @@ class AccountSettings(_Strict):
 
 class PollingSettings(_Strict):
     # Auth and configuration errors will not fix themselves: retry rarely.
-    rejected_retry_seconds: Annotated[float, Field(ge=1)] = 300.0
-    max_backoff_seconds: Annotated[float, Field(ge=1)] = 300.0
+    rejected_retry_seconds: Annotated[float, Field(ge=1, le=MAX_DURATION_SECONDS)] = 300.0
+    max_backoff_seconds: Annotated[float, Field(ge=1, le=MAX_DURATION_SECONDS)] = 300.0
 
 
 class ExporterSettings(_Strict):
@@ -104,6 +154,18 @@ class ExporterSettings(_Strict):
         if problems:
             raise ConfigError(problems)
         return self
+
+
+def credential_problem(text: str, secret: bool) -> str | None:
+    """Why an API key or secret cannot be right, without quoting it; None if it can be."""
+    what = "the secret" if secret else "the API key"
+    if not text.isascii() or not text.isprintable() or any(c.isspace() for c in text):
+        return f"{what} must be printable ASCII without spaces"
+    if secret and len(text) < MIN_SECRET_LENGTH:
+        return f"{what} is shorter than {MIN_SECRET_LENGTH} characters"
+    if len(text) > MAX_CREDENTIAL_LENGTH:
+        return f"{what} is longer than {MAX_CREDENTIAL_LENGTH} characters"
+    return None
 
 
 def _key_problems(keys: list[KeySettings]) -> list[str]:
@@ -244,9 +306,32 @@ def _resolve_key(
         secret = environ.get(key.api_secret_env) or None
         if secret is None:
             problems.append(f"{where}.api_secret_env: variable {key.api_secret_env} is not set")
+    for text, field_name, is_secret in ((api_key, "api_key", False), (secret, "api_secret", True)):
+        problem = credential_problem(text, is_secret) if text is not None else None
+        if problem is not None:
+            problems.append(f"{where}.{field_name}: {problem}")
+            return None
     if api_key is None or secret is None:
         return None
     return Credentials(api_key=api_key, api_secret=SecretStr(secret))
+
+
+def _shared_key_problems(settings: ExporterSettings, keys: dict[str, Credentials]) -> list[str]:
+    """One API key under two names would run two workers on it: racing nonces, twice the rate."""
+    problems = []
+    first_entry: dict[str, int] = {}
+    for index, key in enumerate(settings.keys):
+        if key.name not in keys:
+            continue
+        api_key = keys[key.name].api_key
+        if api_key in first_entry:
+            other = first_entry[api_key]
+            problems.append(
+                f"keys[{index}] ({key.name!r}): the same API key as keys[{other}] "
+                f"({settings.keys[other].name!r}); give each API key one entry")
+        else:
+            first_entry[api_key] = index
+    return problems
 
 
 def _master_key_problems(settings: ExporterSettings, keys: dict[str, Credentials]) -> list[str]:
@@ -292,6 +377,7 @@ def build_config(
         if (resolved := _resolve_key(index, key, environ, base_dir or Path(), problems))
         is not None
     }
+    problems += _shared_key_problems(settings, keys)
     problems += _master_key_problems(settings, keys)
     if problems:
         raise ConfigError(problems)
@@ -307,10 +393,12 @@ def read_config_file(path: Path) -> object:
     try:
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
+        # PyYAML's problem text quotes the source (an alias name, a character), and a secret
+        # can be what it quotes: the place is enough.
         mark = getattr(error, "problem_mark", None)
         place = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or "not valid YAML"
-        raise ConfigError([f"{path}: {place}{problem}"]) from None
+        raise ConfigError([f"{path}: {place}not valid YAML (values that start with one of "
+                           "* & ! | > % @ ` need quotes)"]) from None
 
 
 class EnvironmentSettings(BaseSettings):

@@ -35,12 +35,13 @@ def test_bad_configs_name_the_problem_without_secrets(path: Path) -> None:
 
 
 def test_full_config_resolves_secrets_relative_to_the_file() -> None:
-    config = load_config(CONFIGS / "good" / "full.yml", environ={"TEST_OPS_SECRET": "from-env"})
+    config = load_config(CONFIGS / "good" / "full.yml",
+                         environ={"TEST_OPS_SECRET": "TOPSECRET-from-env"})
     treasury, ops = config.credentials["treasury"], config.credentials["ops"]
     assert treasury.api_secret.get_secret_value() == "TOPSECRET-file-treasury"
     assert treasury.is_master
     assert ops.api_key == "account-fromfile"
-    assert ops.api_secret.get_secret_value() == "from-env"
+    assert ops.api_secret.get_secret_value() == "TOPSECRET-from-env"
     assert [key.nonce for key in config.settings.keys] == ["milliseconds", "seconds"]
     labels = [account.label for account in config.settings.accounts]
     assert labels == ["treasury-primary", "trading", "ops"]
@@ -130,10 +131,10 @@ def test_no_config_at_all_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_secret_files_are_reread_on_each_load(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
-    secret.write_text("first\n")
+    secret.write_text("first-secret\n")
     path = tmp_path / "config.yml"
     path.write_text("keys:\n  - {name: k, api_key: account-k, api_secret_file: secret}\n"
                     "accounts:\n  - {key: k}\n")
-    assert load_config(path, {}).credentials["k"].api_secret.get_secret_value() == "first"
-    secret.write_text("second")
-    assert load_config(path, {}).credentials["k"].api_secret.get_secret_value() == "second"
+    assert load_config(path, {}).credentials["k"].api_secret.get_secret_value() == "first-secret"
+    secret.write_text("second-secret")
+    assert load_config(path, {}).credentials["k"].api_secret.get_secret_value() == "second-secret"

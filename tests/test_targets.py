@@ -4,11 +4,15 @@ key's (and the shared) request budget."""
 from balance_exporter.config import build_config
 from balance_exporter.targets import plan_targets
 
+SECRET = "TOPSECRET-targets"
+
 
 def test_interval_is_stretched_to_fit_the_key_budget() -> None:
     config = build_config({
-        "keys": [{"name": "k", "api_key": "master-k", "api_secret": "s", "requests_per_second": 2},
-                 {"name": "j", "api_key": "master-j", "api_secret": "s", "requests_per_second": 5}],
+        "keys": [{"name": "k", "api_key": "master-k", "api_secret": SECRET,
+                  "requests_per_second": 2},
+                 {"name": "j", "api_key": "master-j", "api_secret": SECRET,
+                  "requests_per_second": 5}],
         "accounts": [{"key": "k", "account": f"a{i}", "interval_seconds": 10} for i in range(50)]
         + [{"key": "j", "account": "b", "interval_seconds": 10}],
     }, {})
@@ -20,7 +24,8 @@ def test_interval_is_stretched_to_fit_the_key_budget() -> None:
 def test_a_global_budget_stretches_every_account() -> None:
     config = build_config({
         "gemini": {"requests_per_second": 1},
-        "keys": [{"name": "k", "api_key": "master-k", "api_secret": "s", "requests_per_second": 5}],
+        "keys": [{"name": "k", "api_key": "master-k", "api_secret": SECRET,
+                  "requests_per_second": 5}],
         "accounts": [{"key": "k", "account": f"a{i}", "interval_seconds": 5} for i in range(20)],
     }, {})
     assert {target.interval_seconds for target in plan_targets(config)} == {20.0}
@@ -28,8 +33,8 @@ def test_a_global_budget_stretches_every_account() -> None:
 
 def test_targets_keep_the_gemini_account_label_and_thresholds() -> None:
     config = build_config({
-        "keys": [{"name": "k", "api_key": "master-k", "api_secret": "s"},
-                 {"name": "solo", "api_key": "account-s", "api_secret": "s"}],
+        "keys": [{"name": "k", "api_key": "master-k", "api_secret": SECRET},
+                 {"name": "solo", "api_key": "account-s", "api_secret": SECRET}],
         "accounts": [{"key": "k", "account": "primary", "name": "treasury",
                       "min_available": {"USD": 10, "BTC": 1}, "max_available_drop_ratio": 0.5},
                      {"key": "solo"}],
