@@ -7,11 +7,13 @@ Secret files and variables are read here, at start and again on SIGHUP.
 
 import ipaddress
 import os
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Context, Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -42,6 +44,7 @@ MAX_DURATION_SECONDS = 86400.0
 # every occurrence of a common string.
 MIN_SECRET_LENGTH = 10
 MAX_CREDENTIAL_LENGTH = 256
+MAX_REPLY_BYTES_LIMIT = 64 * 1024 * 1024
 
 # Plenty for 19 fraction digits after a large integer part; Decimal's default (28) is not.
 _DECIMAL_CONTEXT = Context(prec=80, rounding=ROUND_FLOOR)
@@ -88,6 +91,13 @@ class GeminiSettings(_Strict):
     # A reply stamped further ahead of this host's clock is malformed (0: no check); otherwise
     # one reply from a server with a wrong clock would make every correct reply after it stale.
     max_timestamp_skew_seconds: Duration = 300.0
+    # A real reply is kilobytes; a larger one is malformed, and reading stops at the cap.
+    max_reply_bytes: Annotated[int, Field(ge=1024, le=MAX_REPLY_BYTES_LIMIT)] = 4 * 1024 * 1024
+    # An egress proxy (keys are often allow-listed to its address); HTTPS_PROXY and NO_PROXY
+    # are honoured without it.
+    proxy_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+/?$")] | None = None
+    # Extra CA certificates to trust for base_url (a private CA, a TLS-inspecting proxy).
+    ca_file: Path | None = None
 
     @field_validator("base_url", mode="after")
     @classmethod
@@ -260,6 +270,8 @@ class Config:
     # Per key name, in the order of `keys:`.
     credentials: dict[str, Credentials]
     warnings: tuple[str, ...]
+    # What to trust for Gemini's certificate when `gemini.ca_file` adds CAs; None: the system's.
+    gemini_tls: ssl.SSLContext | None = field(default=None, repr=False)
 
     @property
     def precision(self) -> Precision:
@@ -268,7 +280,9 @@ class Config:
 
     @property
     def secrets(self) -> list[str]:
-        return [key.api_secret.get_secret_value() for key in self.credentials.values()]
+        secrets = [key.api_secret.get_secret_value() for key in self.credentials.values()]
+        proxy_password = urlsplit(self.settings.gemini.proxy_url or "").password
+        return [*secrets, proxy_password] if proxy_password else secrets
 
 
 def _read_text_file(path: Path, where: str, problems: list[str]) -> str | None:
@@ -379,9 +393,24 @@ def build_config(
     }
     problems += _shared_key_problems(settings, keys)
     problems += _master_key_problems(settings, keys)
+    tls = _gemini_tls(settings.gemini.ca_file, base_dir or Path(), problems)
     if problems:
         raise ConfigError(problems)
-    return Config(settings=settings, credentials=keys, warnings=tuple(config_warnings(settings)))
+    return Config(settings=settings, credentials=keys, warnings=tuple(config_warnings(settings)),
+                  gemini_tls=tls)
+
+
+def _gemini_tls(ca_file: Path | None, base_dir: Path, problems: list[str]) -> ssl.SSLContext | None:
+    if ca_file is None:
+        return None
+    context = ssl.create_default_context()
+    try:
+        context.load_verify_locations(cafile=base_dir / ca_file)
+    except (OSError, ssl.SSLError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or "not PEM certificates"
+        problems.append(f"gemini.ca_file: cannot load {str(ca_file)!r}: {reason}")
+        return None
+    return context
 
 
 def read_config_file(path: Path) -> object:

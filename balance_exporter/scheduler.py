@@ -11,12 +11,13 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import aiohttp
 import structlog
 
-from balance_exporter.config import Config, Credentials, KeySettings, Precision
+from balance_exporter.config import Config, Credentials, KeySettings
 from balance_exporter.gemini.client import GeminiClient
 from balance_exporter.gemini.errors import (
     GeminiError,
@@ -26,7 +27,7 @@ from balance_exporter.gemini.errors import (
     TransientError,
 )
 from balance_exporter.gemini.nonce import NonceSource
-from balance_exporter.gemini.replies import parse_balances_reply
+from balance_exporter.gemini.replies import ReplyRules, parse_balances_reply
 from balance_exporter.store import BalanceStore, ReplyVerdict
 from balance_exporter.targets import AccountTarget, plan_targets
 
@@ -34,6 +35,14 @@ log = structlog.get_logger("balance_exporter.scheduler")
 
 TRANSIENT_BACKOFF_BASE_SECONDS = 2.0
 RATE_LIMIT_BACKOFF_BASE_SECONDS = 1.0
+# A rejection is often a short blip (a key being rotated, Gemini's auth service restarting):
+# retry soon, then back off towards `rejected_retry_seconds`.
+REJECTED_BACKOFF_BASE_SECONDS = 15.0
+# Past this many doublings every backoff has reached any cap there can be (1 day / 1 s < 2**17).
+MAX_BACKOFF_DOUBLINGS = 32
+RESTART_BACKOFF_BASE_SECONDS = 1.0
+# Real replies are a few kilobytes and parse in well under a millisecond.
+PARSE_IN_THREAD_BYTES = 64 * 1024
 
 
 class Clock(Protocol):
@@ -63,8 +72,10 @@ class SystemClock:
 
 
 def jittered_backoff(failures: int, base: float, cap: float, rng: random.Random) -> float:
-    """Exponential backoff, capped, with "equal jitter": between half and all of the step."""
-    step = min(cap, base * 2.0 ** max(0, failures - 1))
+    """Exponential backoff, capped, with "equal jitter": between half and all of the step.
+    Any number of failures is fine: the exponent stops growing once the cap is reached."""
+    doublings = min(max(0, failures - 1), MAX_BACKOFF_DOUBLINGS)
+    step = min(cap, base * 2.0 ** doublings)
     return step / 2 + rng.random() * step / 2
 
 
@@ -134,30 +145,28 @@ class KeySchedule:
         # Measured from the start, not the end, so slow replies do not drift the schedule.
         self.next_due[label] = started_at + self.targets[label].interval_seconds
 
-    def failed(self, label: str, now: float) -> float:
+    def _back_off(self, label: str, now: float, base: float, cap: float) -> float:
         self._failures[label] += 1
-        delay = jittered_backoff(
-            self._failures[label],
-            TRANSIENT_BACKOFF_BASE_SECONDS,
-            self._backoffs.max_backoff_seconds,
-            self._rng,
-        )
+        delay = jittered_backoff(self._failures[label], base, cap, self._rng)
         self.next_due[label] = now + delay
         return delay
 
+    def failed(self, label: str, now: float) -> float:
+        return self._back_off(label, now, TRANSIENT_BACKOFF_BASE_SECONDS,
+                              self._backoffs.max_backoff_seconds)
+
     def rejected(self, label: str, now: float) -> float:
-        self.next_due[label] = now + self._backoffs.rejected_retry_seconds
-        return self._backoffs.rejected_retry_seconds
+        return self._back_off(label, now, REJECTED_BACKOFF_BASE_SECONDS,
+                              self._backoffs.rejected_retry_seconds)
 
     def rate_limited(self, now: float, retry_after: float | None) -> float:
-        """Pause the whole key; the account stays due and goes first when the pause ends."""
+        """Pause the whole key; the account stays due and goes first when the pause ends.
+        Gemini's Retry-After is followed up to `max_backoff_seconds`: one header must not park
+        the key for days."""
         self.pacing.rate_limit_strikes += 1
-        pause = retry_after if retry_after is not None else jittered_backoff(
-            self.pacing.rate_limit_strikes,
-            RATE_LIMIT_BACKOFF_BASE_SECONDS,
-            self._backoffs.max_backoff_seconds,
-            self._rng,
-        )
+        cap = self._backoffs.max_backoff_seconds
+        pause = min(retry_after, cap) if retry_after is not None else jittered_backoff(
+            self.pacing.rate_limit_strikes, RATE_LIMIT_BACKOFF_BASE_SECONDS, cap, self._rng)
         self.pacing.paused_until = now + pause
         return pause
 
@@ -172,7 +181,7 @@ class KeyWorker:
         schedule: KeySchedule,
         client: BalanceSource,
         store: BalanceStore,
-        precision: Precision,
+        rules: ReplyRules,
         clock: Clock,
         shared_budget: SharedBudget | None = None,
     ) -> None:
@@ -181,7 +190,7 @@ class KeyWorker:
         self._schedule = schedule
         self._client = client
         self._store = store
-        self._precision = precision
+        self._rules = rules
         self._clock = clock
         self._shared_budget = shared_budget
 
@@ -203,7 +212,13 @@ class KeyWorker:
                 self._credentials, self._nonces, target.gemini_account,
                 target.show_pending_balances,
             )
-            reply = parse_balances_reply(body, self._precision)
+            now_ns = int(self._clock.wall() * 1e9)
+            if len(body) > PARSE_IN_THREAD_BYTES:
+                # A large body would hold the event loop (and every other poll and scrape) for
+                # tens of milliseconds; in a thread the interpreter switches away every 5 ms.
+                reply = await asyncio.to_thread(parse_balances_reply, body, self._rules, now_ns)
+            else:
+                reply = parse_balances_reply(body, self._rules, now_ns)
         except GeminiError as error:
             self._record_error(target, error, started, fields)
             return
@@ -223,14 +238,20 @@ class KeyWorker:
     ) -> None:
         now = self._clock.monotonic()
         self._store.record_failure(target.label, error.reason, now - started)
-        details = {**fields, "reason": error.reason, "status": error.status, "error": error.message}
+        details: dict[str, object] = {**fields, "reason": error.reason, "status": error.status,
+                                      "error": error.message}
+        if error.gemini_reason != error.reason:
+            details["gemini_reason"] = error.gemini_reason
         if isinstance(error, RateLimited):
             self._store.record_rate_limited(target.key_name)
             pause = self._schedule.rate_limited(now, error.retry_after)
+            if error.retry_after is not None and pause < error.retry_after:
+                details["retry_after_clamped_from"] = round(error.retry_after, 3)
             log.warning("rate limited, pausing key", **details, pause_seconds=round(pause, 3))
         elif isinstance(error, RequestRejected):
             retry = self._schedule.rejected(target.label, now)
-            log.error("request rejected", **details, hint=error.hint, retry_seconds=retry)
+            log.error("request rejected", **details, hint=error.hint,
+                      retry_seconds=round(retry, 3))
         else:
             assert isinstance(error, TransientError | MalformedReply)
             retry = self._schedule.failed(target.label, now)
@@ -284,9 +305,10 @@ class Scheduler:
             max_backoff_seconds=config.settings.polling.max_backoff_seconds,
             rejected_retry_seconds=config.settings.polling.rejected_retry_seconds,
         )
-        precision = config.precision
+        rules = ReplyRules(config.precision, config.settings.gemini.max_timestamp_skew_seconds)
         gemini = config.settings.gemini
-        client = GeminiClient(self._session, gemini.base_url, gemini.timeout_seconds)
+        client = GeminiClient(self._session, gemini.base_url, gemini.timeout_seconds,
+                              gemini.max_reply_bytes, gemini.proxy_url, config.gemini_tls)
         now = self._clock.monotonic()
         for key in config.settings.keys:
             credentials = config.credentials[key.name]
@@ -296,10 +318,40 @@ class Scheduler:
                 pacing, backoffs, now,
             )
             worker = KeyWorker(
-                credentials, nonces, schedule, client, self._store, precision, self._clock,
-                shared,
+                credentials, nonces, schedule, client, self._store, rules, self._clock, shared,
             )
-            self._tasks.append(asyncio.create_task(worker.run(), name=f"poll-{key.name}"))
+            task = asyncio.create_task(self._supervise(key.name, worker, backoffs),
+                                       name=f"poll-{key.name}")
+            task.add_done_callback(partial(self._supervisor_ended, key.name))
+            self._tasks.append(task)
+
+    async def _supervise(self, key_name: str, worker: KeyWorker, backoffs: Backoffs) -> None:
+        """Run the key's worker; if it raises (a bug), log it and start it again after a backoff,
+        so that one bad reply or state never stops a key's polling for good."""
+        crashes = 0
+        rng = random.Random()
+        while True:
+            self._store.record_worker_running(key_name, True)
+            try:
+                await worker.run()
+                raise RuntimeError("the worker returned")  # it loops forever by design
+            except Exception:
+                crashes += 1
+                self._store.record_worker_running(key_name, False)
+                self._store.record_worker_restart(key_name)
+                delay = jittered_backoff(crashes, RESTART_BACKOFF_BASE_SECONDS,
+                                         backoffs.max_backoff_seconds, rng)
+                log.exception("key worker crashed, restarting it", key=key_name,
+                              crashes=crashes, restart_in_seconds=round(delay, 3))
+            await self._clock.sleep(delay)
+
+    def _supervisor_ended(self, key_name: str, task: asyncio.Task[None]) -> None:
+        # Only a cancelled task ends on purpose; anything else leaves the key unpolled, and that
+        # must show (gemini_key_worker_running, /-/healthy) rather than pass in silence.
+        if not task.cancelled():
+            self._store.record_worker_running(key_name, False)
+            log.error("key worker supervisor ended; the key is no longer polled", key=key_name,
+                      error=repr(task.exception()))
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []

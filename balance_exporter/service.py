@@ -17,6 +17,7 @@ import structlog
 from balance_exporter import __version__
 from balance_exporter.config import Config, ConfigError, load_config
 from balance_exporter.exposition import ExpositionCache
+from balance_exporter.gemini.client import new_session
 from balance_exporter.logging import redactor
 from balance_exporter.scheduler import Clock, Scheduler, SystemClock
 from balance_exporter.server import WebOptions, WebServer
@@ -53,9 +54,7 @@ class Service:
         """Bind the server, then start polling; raises `ListenError` if it cannot bind."""
         redactor.set_secrets(self.config.secrets)
         await self._server.start()
-        self._session = aiohttp.ClientSession(
-            headers={"User-Agent": f"balance-exporter/{__version__}"}
-        )
+        self._session = new_session(f"balance-exporter/{__version__}")
         self._scheduler = Scheduler(self._session, self.store, self._clock)
         await self._scheduler.apply(self.config)
         log.info("exporter started", url=self.url, accounts=len(self.config.settings.accounts),

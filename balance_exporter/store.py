@@ -41,6 +41,9 @@ class KeyCounters:
     name: str
     requests: int = 0
     rate_limited: int = 0
+    # Whether the key's poll worker is running (False between a crash and its restart).
+    worker_running: bool = False
+    worker_restarts: int = 0
 
 
 class ReplyVerdict(enum.Enum):
@@ -114,6 +117,19 @@ class BalanceStore:
     def record_rate_limited(self, key_name: str) -> None:
         current = self._keys[key_name]
         self._keys[key_name] = replace(current, rate_limited=current.rate_limited + 1)
+
+    def record_worker_running(self, key_name: str, running: bool) -> None:
+        if key_name in self._keys:  # a key dropped by a reload has no counters any more
+            self._keys[key_name] = replace(self._keys[key_name], worker_running=running)
+
+    def record_worker_restart(self, key_name: str) -> None:
+        if key_name in self._keys:
+            current = self._keys[key_name]
+            self._keys[key_name] = replace(current, worker_restarts=current.worker_restarts + 1)
+
+    def stopped_workers(self) -> list[str]:
+        """Keys whose poll worker is not running: nothing is polled with them right now."""
+        return [key.name for key in self._keys.values() if not key.worker_running]
 
     def account_snapshots(self) -> tuple[AccountSnapshot, ...]:
         return tuple(self._accounts.values())

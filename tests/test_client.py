@@ -5,7 +5,7 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from yarl import URL
 
 from balance_exporter.config import Credentials
-from balance_exporter.gemini.client import GeminiClient, parse_retry_after
+from balance_exporter.gemini.client import GeminiClient, new_session, parse_retry_after
 from balance_exporter.gemini.errors import (
     GeminiError,
     MalformedReply,
@@ -31,7 +31,7 @@ URL_BALANCES = f"{BASE}/v1/balances"
 
 @pytest.fixture
 async def client() -> AsyncIterator[GeminiClient]:
-    async with aiohttp.ClientSession() as session:
+    async with new_session("test") as session:
         yield GeminiClient(session, BASE, timeout_seconds=0.5)
 
 
@@ -97,7 +97,7 @@ async def test_concurrent_requests_on_one_key_go_one_at_a_time_in_nonce_order(
         in_flight += 1
         most_in_flight = max(most_in_flight, in_flight)
         headers = kwargs["headers"]
-        assert isinstance(headers, dict)
+        assert isinstance(headers, Mapping)
         sent_nonces.append(json.loads(base64.b64decode(headers["X-GEMINI-PAYLOAD"]))["nonce"])
         await asyncio.sleep(0.01)
         in_flight -= 1
@@ -127,7 +127,9 @@ async def test_concurrent_requests_on_one_key_go_one_at_a_time_in_nonce_order(
     (503, error_body("Maintenance"), TransientError, "Maintenance"),
     (502, b"<html><title>502 Bad Gateway</title></html>", TransientError, "HTTP502"),
     (200, error_body("InvalidSignature"), RequestRejected, "InvalidSignature"),
-    (302, b"", MalformedReply, "MalformedReply"),
+    (302, b"", RequestRejected, "Redirect"),
+    (400, error_body("SomethingNew" * 20, "x" * 1_000_000), RequestRejected, "Other"),
+    (400, error_body("InvalidSignature", "x" * 5_000_000), MalformedReply, "ReplyTooLarge"),
 ])
 async def test_failures_become_typed_errors_keeping_the_reason(
     client: GeminiClient, key: Credentials, nonces: NonceSource, status: int, body: object,
@@ -143,6 +145,7 @@ async def test_failures_become_typed_errors_keeping_the_reason(
         assert len(sent(mocked)) == 1
     assert caught.value.reason == reason
     assert caught.value.status == status
+    assert len(caught.value.message) < 400  # upstream text is truncated, whatever its size
 
 
 async def test_rate_limit_keeps_retry_after(
@@ -192,6 +195,12 @@ async def test_errors_and_credentials_do_not_carry_the_secret(
 @pytest.mark.parametrize(("header", "expected"), [
     ("5", 5.0), (None, None), ("", None), ("soon", None),
     ("Wed, 21 Oct 2015 07:28:10 GMT", 10.0),
+    ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),          # in the past: go at once
+    ("999999", 999999.0),                            # read as sent; the scheduler clamps it
+    ("9" * 400, None), ("\u00b2", None), ("\u0661", None), ("-5", None), ("1e3", None),
+    ("inf", None), ("NaN", None),
+    ("Fri, 31 Dec 9999 23:59:59 GMT", 253402300799.0 - 1445412480.0),
+    ("Sat, 01 Jan 10000 00:00:00 GMT", None),
 ])
 def test_retry_after_takes_seconds_or_an_http_date(
     header: str | None, expected: float | None

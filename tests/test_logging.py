@@ -1,10 +1,23 @@
 import json
 import logging
+from collections.abc import Iterator
 
 import pytest
 import structlog
 
 from balance_exporter.logging import REDACTED, configure_logging, redactor
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """configure_logging points the root logger at this test's captured stderr, which closes
+    with the test: put back what was there, so later tests do not log into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
 
 
 def json_logging() -> None:

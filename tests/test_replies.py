@@ -5,10 +5,22 @@ import pytest
 
 from balance_exporter.config import Precision
 from balance_exporter.gemini.errors import MalformedReply
-from balance_exporter.gemini.replies import parse_balances_reply, parse_timestamp_ns
+from balance_exporter.gemini.replies import (
+    BalanceReply,
+    ReplyRules,
+    parse_balances_reply,
+    parse_timestamp_ns,
+)
 
 PRECISION = Precision({"USD": 2, "BTC": 8}, default_places=8)
+RULES = ReplyRules(PRECISION, max_timestamp_skew_seconds=300)
 STAMP_NS = 1_710_547_200_000_000_000
+# This host's clock in these tests: an hour after the replies' stamps.
+NOW_NS = STAMP_NS + 3600 * 10**9
+
+
+def parse(body: bytes, rules: ReplyRules = RULES, now_ns: int = NOW_NS) -> BalanceReply:
+    return parse_balances_reply(body, rules, now_ns)
 
 
 def reply(*rows: dict[str, object]) -> bytes:
@@ -26,7 +38,7 @@ def test_reference_page_example_parses() -> None:
         row("USD", "15000.00", available="5000.00", availableForWithdrawal="5000.00",
             _timestamp=STAMP_NS),
     )
-    parsed = parse_balances_reply(body, PRECISION)
+    parsed = parse(body)
     assert parsed.server_timestamp_ns == STAMP_NS
     assert parsed.account_type == "exchange"
     btc, usd = parsed.balances
@@ -36,11 +48,11 @@ def test_reference_page_example_parses() -> None:
     assert (btc.pending_withdrawal, btc.pending_deposit) == (0.0, 0.0)
 
 
-@pytest.mark.parametrize("amount", ["5.25", 5.25, 5, "  5.25 "])
+@pytest.mark.parametrize("amount", ["5.25", 5.25, 5, "0", "1e2", "-0.5E-3"])
 def test_amounts_as_strings_or_numbers(amount: object) -> None:
     body = f'[{{"currency":"BTC","amount":{json.dumps(amount)},"available":0,' \
            f'"availableForWithdrawal":0}}]'.encode()
-    assert parse_balances_reply(body, PRECISION).balances[0].amount == float(Decimal(
+    assert parse(body).balances[0].amount == float(Decimal(
         str(amount).strip()))
 
 
@@ -48,7 +60,7 @@ def test_number_literals_are_read_as_decimal_not_float() -> None:
     # Through float this would round up to 1.0, more than the account holds.
     body = b'[{"currency":"BTC","amount":0.999999999999999999,"available":0,' \
            b'"availableForWithdrawal":0}]'
-    assert parse_balances_reply(body, PRECISION).balances[0].amount == 0.99999999
+    assert parse(body).balances[0].amount == 0.99999999
 
 
 @pytest.mark.parametrize(("currency", "raw", "expected"), [
@@ -62,23 +74,22 @@ def test_number_literals_are_read_as_decimal_not_float() -> None:
 def test_values_are_floored_to_the_currency_precision(
     currency: str, raw: str, expected: float
 ) -> None:
-    parsed = parse_balances_reply(reply(row(currency, raw)), PRECISION)
+    parsed = parse(reply(row(currency, raw)))
     assert parsed.balances[0].amount == expected
 
 
 def test_negative_amounts_are_values_not_errors() -> None:
-    assert parse_balances_reply(reply(row("USD", "-12.50")), PRECISION).balances[0].amount == -12.5
+    assert parse(reply(row("USD", "-12.50"))).balances[0].amount == -12.5
 
 
 def test_pending_fields_are_read_when_present() -> None:
-    parsed = parse_balances_reply(
-        reply(row("BTC", "1", pendingWithdrawal="0.25", pendingDeposit=0.5)), PRECISION)
+    parsed = parse(reply(row("BTC", "1", pendingWithdrawal="0.25", pendingDeposit=0.5)))
     assert (parsed.balances[0].pending_withdrawal, parsed.balances[0].pending_deposit) == (
         0.25, 0.5)
 
 
 def test_empty_reply_means_no_balances() -> None:
-    parsed = parse_balances_reply(b"[]", PRECISION)
+    parsed = parse(b"[]")
     assert parsed.balances == ()
     assert parsed.server_timestamp_ns is None
 
@@ -112,9 +123,8 @@ def test_bad_timestamps_are_malformed(raw: object) -> None:
 
 
 def test_reply_stamp_is_the_largest_row_stamp() -> None:
-    parsed = parse_balances_reply(reply(
-        row("BTC", _timestamp=STAMP_NS), row("USD", _timestamp=STAMP_NS + 7), row("ETH")),
-        PRECISION)
+    parsed = parse(reply(
+        row("BTC", _timestamp=STAMP_NS), row("USD", _timestamp=STAMP_NS + 7), row("ETH")))
     assert parsed.server_timestamp_ns == STAMP_NS + 7
 
 
@@ -122,19 +132,19 @@ def test_reply_stamp_is_the_largest_row_stamp() -> None:
     (b"<html><body>502 Bad Gateway</body></html>", "not JSON"),
     (b'{"currency": "BTC"}', "expected a JSON array"),
     (b"[1]", "expected an object"),
-    (b'[{"amount": "1", "available": "1", "availableForWithdrawal": "1"}]', "no currency"),
+    (b'[{"amount": "1", "available": "1", "availableForWithdrawal": "1"}]', "not a currency"),
     (b'[{"currency": "", "amount": "1", "available": "1", "availableForWithdrawal": "1"}]',
-     "no currency"),
+     "not a currency"),
     (b'[{"currency": "BTC", "amount": "NaN", "available": "1", "availableForWithdrawal": "1"}]',
-     "not a finite number"),
+     "not a JSON number"),
     (b'[{"currency": "BTC", "amount": NaN, "available": "1", "availableForWithdrawal": "1"}]',
      "NaN"),
     (b'[{"currency": "BTC", "amount": "Infinity", "available": "1",'
-     b' "availableForWithdrawal": "1"}]', "not a finite number"),
+     b' "availableForWithdrawal": "1"}]', "not a JSON number"),
     (b'[{"currency": "BTC", "amount": Infinity, "available": "1",'
      b' "availableForWithdrawal": "1"}]', "Infinity"),
     (b'[{"currency": "BTC", "amount": "5,0", "available": "1", "availableForWithdrawal": "1"}]',
-     "is not a number"),
+     "is not a JSON number"),
     (b'[{"currency": "BTC", "amount": true, "available": "1", "availableForWithdrawal": "1"}]',
      "expected a number"),
     (b'[{"currency": "BTC", "amount": "1", "available": "1"}]', "availableForWithdrawal"),
@@ -153,4 +163,66 @@ def test_one_bad_row_makes_the_whole_reply_malformed(body: bytes, complaint: str
     if body.startswith(b"[{"):
         body = b"[" + good_row + b", " + body[1:]
     with pytest.raises(MalformedReply, match=complaint):
-        parse_balances_reply(body, PRECISION)
+        parse(body)
+
+
+def test_a_stamp_too_far_ahead_of_this_clock_is_malformed_and_says_why() -> None:
+    ahead = NOW_NS + 301 * 10**9
+    with pytest.raises(MalformedReply, match="ahead of this host's clock") as caught:
+        parse(reply(row("BTC", _timestamp=ahead)))
+    assert caught.value.reason == "FutureTimestamp"
+    # Within the skew it is fine, and 0 turns the check off.
+    assert parse(reply(row("BTC", _timestamp=NOW_NS + 299 * 10**9))).balances
+    year_2100 = "2100-01-01T00:00:00Z"
+    assert parse(reply(row("BTC", _timestamp=year_2100)),
+                 ReplyRules(PRECISION, max_timestamp_skew_seconds=0)).server_timestamp_ns
+
+
+def test_stamps_far_in_the_past_are_legal() -> None:
+    assert parse(reply(row("BTC", _timestamp="1990-01-01T00:00:00Z"))).server_timestamp_ns
+
+
+HOSTILE_BODIES = {
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "huge exponent literal": b'[{"currency":"BTC","amount":1e999999,"available":0,'
+                             b'"availableForWithdrawal":0}]',
+    "huge exponent string": b'[{"currency":"BTC","amount":"1e999999","available":"0",'
+                            b'"availableForWithdrawal":"0"}]',
+    "100k digits": b'[{"currency":"BTC","amount":' + b"9" * 100_000
+                   + b',"available":0,"availableForWithdrawal":0}]',
+    "100k digit string": b'[{"currency":"BTC","amount":"' + b"9" * 100_000
+                         + b'","available":"0","availableForWithdrawal":"0"}]',
+    "underscores": b'[{"currency":"BTC","amount":"1_000_000","available":"0",'
+                   b'"availableForWithdrawal":"0"}]',
+    "arabic digits": '[{"currency":"BTC","amount":"١٢٣","available":"0",'
+                     '"availableForWithdrawal":"0"}]'.encode(),
+    "padded number": b'[{"currency":"BTC","amount":" 5","available":"0",'
+                     b'"availableForWithdrawal":"0"}]',
+    "duplicate keys": b'[{"currency":"BTC","amount":"1","amount":"999","available":"0",'
+                      b'"availableForWithdrawal":"0"}]',
+    "surrogate currency": b'[{"currency":"\\ud800","amount":"1","available":"0",'
+                          b'"availableForWithdrawal":"0"}]',
+    "long currency": b'[{"currency":"' + b"A" * 200 + b'","amount":"1","available":"0",'
+                     b'"availableForWithdrawal":"0"}]',
+    "currency with a quote": b'[{"currency":"B\\"TC","amount":"1","available":"0",'
+                             b'"availableForWithdrawal":"0"}]',
+    "absurd row count": json.dumps([row(f"C{index}") for index in range(2001)]).encode(),
+    "huge timestamp": b'[{"currency":"BTC","amount":"1","available":"0",'
+                      b'"availableForWithdrawal":"0","_timestamp":' + b"9" * 40 + b"}]",
+}
+
+
+@pytest.mark.parametrize("body", HOSTILE_BODIES.values(), ids=HOSTILE_BODIES)
+def test_hostile_bodies_are_malformed_replies_not_crashes(body: bytes) -> None:
+    with pytest.raises(MalformedReply) as caught:
+        parse(body, ReplyRules(PRECISION, max_timestamp_skew_seconds=0))
+    assert len(str(caught.value)) < 500  # what is logged stays short whatever was sent
+
+
+def test_the_row_limit_is_inclusive() -> None:
+    assert len(parse(json.dumps([row(f"C{index}") for index in range(2000)]).encode())
+               .balances) == 2000
+
+
+def test_an_odd_account_type_is_ignored_not_made_a_label() -> None:
+    assert parse(reply(row("BTC", type="Exchange <script>"))).account_type is None

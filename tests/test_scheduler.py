@@ -5,9 +5,11 @@ import random
 from itertools import pairwise
 
 import pytest
+import structlog
 from pydantic import SecretStr
 
-from balance_exporter.config import Credentials, Precision
+from balance_exporter.config import Credentials, Precision, build_config
+from balance_exporter.gemini.client import new_session
 from balance_exporter.gemini.errors import (
     GeminiError,
     RateLimited,
@@ -15,11 +17,13 @@ from balance_exporter.gemini.errors import (
     TransientError,
 )
 from balance_exporter.gemini.nonce import NonceSource
+from balance_exporter.gemini.replies import ReplyRules
 from balance_exporter.scheduler import (
     Backoffs,
     KeyPacing,
     KeySchedule,
     KeyWorker,
+    Scheduler,
     SharedBudget,
     jittered_backoff,
 )
@@ -115,10 +119,29 @@ def test_backoff_has_jitter_and_a_cap() -> None:
     assert all(150.0 <= value <= 300.0 for value in values)
 
 
-def test_rejected_request_retries_on_the_long_interval() -> None:
+def test_rejected_requests_retry_from_15_s_doubling_up_to_the_long_interval() -> None:
     plan = schedule(2)
-    assert plan.rejected("a0", now=5.0) == 600
-    assert plan.next_due["a0"] == 605.0
+    delays = [plan.rejected("a0", now=5.0) for _ in range(12)]
+    for rejections, delay in enumerate(delays, start=1):
+        step = min(600.0, 15.0 * 2 ** (rejections - 1))
+        assert step / 2 <= delay <= step
+    assert max(delays) <= 600.0
+    assert plan.next_due["a0"] == 5.0 + delays[-1]
+    # A short blip: three tries cover more than 90 s of rejections at most.
+    assert sum(min(600.0, 15.0 * 2 ** n) for n in range(3)) > 90
+
+
+def test_backoffs_never_overflow_at_any_number_of_failures() -> None:
+    rng = random.Random(2)
+    for failures in (1024, 1025, 10_000, 10**9):
+        assert 150.0 <= jittered_backoff(failures, 2.0, 300.0, rng) <= 300.0
+
+
+def test_retry_after_is_clamped_to_the_largest_backoff() -> None:
+    plan = schedule(1)  # max_backoff_seconds 300
+    assert plan.rate_limited(now=0.0, retry_after=999_999.0) == 300.0
+    assert plan.next_poll()[1] == 300.0
+    assert plan.rate_limited(now=400.0, retry_after=0.0) == 0.0
 
 
 def test_shared_budget_spaces_every_key() -> None:
@@ -177,7 +200,7 @@ async def run_worker(
     plan = KeySchedule(accounts, KeyPacing(rps), BACKOFFS, clock.now, random.Random(3))
     credentials = Credentials("master-k", SecretStr("s"))
     worker = KeyWorker(credentials, NonceSource("milliseconds"), plan, gemini, store,
-                       Precision({}, 8), clock)
+                       ReplyRules(Precision({}, 8)), clock)
     gemini.wanted = polls
     task = asyncio.create_task(worker.run())
     await gemini.enough.wait()
@@ -216,10 +239,20 @@ async def test_worker_marks_rejected_accounts_down_and_keeps_the_others() -> Non
     gemini, store = await run_worker({"a0": [rejected], "a1": [BTC]}, count=2, polls=12)
     a0, a1 = store.account_snapshots()
     assert not a0.up
-    assert dict(a0.errors) == {"MissingRole": 1}
     assert a1.up
-    assert a1.polls == 11
-    assert [account for account, _ in gemini.calls].count("a0") == 1
+    a0_times = [at for account, at in gemini.calls if account == "a0"]
+    # Retried after 7.5-15 s, then 15-30 s, ...: fewer polls than a1's every 10 s.
+    assert 1 < len(a0_times) < a1.polls
+    assert dict(a0.errors) == {"MissingRole": len(a0_times)}
+    assert 7.5 <= a0_times[1] - a0_times[0] <= 15.0
+
+
+async def test_an_account_is_back_within_90_s_of_a_short_rejection_blip() -> None:
+    rejected = RequestRejected("InvalidNonce", "blip", 400)
+    gemini, store = await run_worker({"a0": [rejected, rejected, BTC]}, count=1, polls=3)
+    (_, t0), _, (_, back) = gemini.calls
+    assert back - t0 <= 90.0
+    assert store.account_snapshots()[0].up
 
 
 async def test_worker_retries_transient_failures_with_backoff() -> None:
@@ -241,3 +274,78 @@ async def test_worker_survives_a_malformed_reply_and_keeps_old_balances() -> Non
     assert [balance.currency for balance in snapshot.balances] == ["BTC"]
     assert dict(snapshot.errors) == {"MalformedReply": 1}
 
+
+
+async def test_ten_thousand_failures_in_a_row_never_stop_the_worker() -> None:
+    failure = TransientError("System", "down for the weekend", 500)
+    with structlog.testing.capture_logs() as logs:
+        gemini, store = await run_worker({"a0": [failure]}, count=1, polls=10_000)
+    assert sum(entry["event"] == "poll failed" for entry in logs) >= 9_999
+    times = [at for _, at in gemini.calls]
+    gaps = [b - a for a, b in pairwise(times[-100:])]
+    assert all(150.0 <= gap <= 300.0 for gap in gaps)  # capped, never overflowing
+    (snapshot,) = store.account_snapshots()
+    assert dict(snapshot.errors) == {"System": 10_000}
+
+
+class CrashingStore(BalanceStore):
+    """A store whose request counter raises the first `crashes` times: a bug in the loop."""
+
+    def __init__(self, crashes: int) -> None:
+        super().__init__()
+        self.crashes = crashes
+
+    def record_request(self, key_name: str) -> None:
+        if self.crashes > 0:
+            self.crashes -= 1
+            raise RuntimeError("injected crash")
+        super().record_request(key_name)
+
+
+async def test_a_crashed_worker_is_logged_counted_and_restarted() -> None:
+    clock = FakeClock()
+    store = CrashingStore(crashes=3)
+    config = build_config({
+        "gemini": {"base_url": "http://127.0.0.1:9", "timeout_seconds": 1},
+        "keys": [{"name": "k", "api_key": "account-k", "api_secret": "TOPSECRET-crash"}],
+        "accounts": [{"key": "k"}],
+    }, {})
+    async with new_session("test") as session:
+        scheduler = Scheduler(session, store, clock)
+        with structlog.testing.capture_logs() as logs:
+            await scheduler.apply(config)
+            for _ in range(200):
+                await asyncio.sleep(0)
+                if store.key_counters()[0].requests > 0:
+                    break
+            await scheduler.stop()
+    (key,) = store.key_counters()
+    assert key.worker_restarts == 3
+    assert key.requests > 0  # polling went on after the restarts
+    assert key.worker_running
+    crashes = [entry for entry in logs if entry["event"] == "key worker crashed, restarting it"]
+    assert [entry["crashes"] for entry in crashes] == [1, 2, 3]
+    assert all(entry["log_level"] == "error" and entry["exc_info"] for entry in crashes)
+
+
+async def test_a_worker_that_keeps_crashing_shows_as_not_running() -> None:
+    clock = FakeClock()
+    store = CrashingStore(crashes=10**9)
+    config = build_config({
+        "gemini": {"base_url": "http://127.0.0.1:9"},
+        "keys": [{"name": "k", "api_key": "account-k", "api_secret": "TOPSECRET-crash"}],
+        "accounts": [{"key": "k"}],
+    }, {})
+    async with new_session("test") as session:
+        scheduler = Scheduler(session, store, clock)
+        with structlog.testing.capture_logs():
+            await scheduler.apply(config)
+            running = []
+            for _ in range(50):
+                await asyncio.sleep(0)
+                running.append(store.key_counters()[0].worker_running)
+            await scheduler.stop()
+    # Between a crash and its restart the key is not polled, and the store says so.
+    assert False in running
+    assert store.stopped_workers() == ["k"]
+    assert store.key_counters()[0].worker_restarts > 5

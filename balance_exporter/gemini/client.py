@@ -2,17 +2,25 @@
 
 It returns the raw body of a successful reply; what the body means is `replies`' business.
 Nothing here retries: a POST carries a nonce, and the scheduler decides when to try again.
+Nothing here follows a redirect either: a signed request goes to `base_url` and nowhere else.
+Bodies are read, and decompressed, only up to a cap, so a huge reply or a gzip bomb costs one
+poll and a bounded amount of memory.
 """
 
 import json
+import math
+import ssl
+import zlib
 from email.utils import parsedate_to_datetime
 from time import time
 
 import aiohttp
+from yarl import URL
 
 from balance_exporter.config import Credentials
 from balance_exporter.gemini.errors import (
     GeminiError,
+    MalformedReply,
     TransientError,
     classify_error,
 )
@@ -20,20 +28,89 @@ from balance_exporter.gemini.nonce import NonceSource
 from balance_exporter.gemini.signing import PayloadValue, encode_payload, signed_headers
 
 BALANCES_PATH = "/v1/balances"
+DEFAULT_MAX_REPLY_BYTES = 4 * 1024 * 1024
+_READ_CHUNK_BYTES = 64 * 1024
+# Longer than any sane delay in seconds (a year is 8 digits); longer text is no number.
+_MAX_RETRY_AFTER_DIGITS = 12
+# gzip or zlib, told apart by their headers.
+_GZIP_OR_ZLIB = 32 + zlib.MAX_WBITS
+
+
+def new_session(user_agent: str) -> aiohttp.ClientSession:
+    """The session the client needs: it decompresses bodies itself (under the cap), and takes
+    HTTPS_PROXY / NO_PROXY from the environment as an egress proxy."""
+    return aiohttp.ClientSession(
+        headers={"User-Agent": user_agent, "Accept-Encoding": "gzip, deflate"},
+        auto_decompress=False,
+        trust_env=True,
+    )
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Retry-After as seconds to wait; it may be delta-seconds or an HTTP date."""
+    """Retry-After as seconds to wait (delta-seconds or an HTTP date); None when absent or not
+    readable. The caller clamps it: this says only what the header means."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return float(value) if len(value) <= _MAX_RETRY_AFTER_DIGITS else None
     try:
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
-    return max(0.0, moment.timestamp() - (time() if now is None else now))
+    wait = moment.timestamp() - (time() if now is None else now)
+    return max(0.0, wait) if math.isfinite(wait) else None
+
+
+def _decoder(encoding: str) -> "zlib._Decompress | None":
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return zlib.decompressobj(_GZIP_OR_ZLIB)
+    raise MalformedReply(f"reply in an encoding that was not asked for: {encoding[:40]!r}")
+
+
+def _too_large(limit: int, status: int) -> MalformedReply:
+    return MalformedReply(f"reply is larger than {limit} bytes (gemini.max_reply_bytes)",
+                          status, reason="ReplyTooLarge")
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, decompressed, or MalformedReply(ReplyTooLarge) as soon as it passes `limit`:
+    never more than `limit` bytes (plus one chunk) are held."""
+    decoder = _decoder(response.headers.get("Content-Encoding", "").strip().lower())
+    pieces: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.content.iter_chunked(_READ_CHUNK_BYTES):
+            data = chunk
+            if decoder is not None:
+                data = decoder.decompress(chunk, limit - size + 1)
+                if decoder.unconsumed_tail:  # more output waits than the cap leaves room for
+                    raise _too_large(limit, response.status)
+            size += len(data)
+            if size > limit:
+                raise _too_large(limit, response.status)
+            pieces.append(data)
+        if decoder is not None:
+            pieces.append(decoder.flush())
+    except zlib.error as error:
+        raise MalformedReply(f"reply does not decompress: {error}", response.status) from None
+    body = b"".join(pieces)
+    if len(body) > limit:
+        raise _too_large(limit, response.status)
+    return body
+
+
+def _redirect_message(response: aiohttp.ClientResponse) -> str:
+    location = response.headers.get("Location", "")
+    try:
+        target = response.url.join(URL(location)) if location else None
+    except ValueError:
+        target = None
+    host = target.host if target is not None and target.host else "an unreadable address"
+    return (f"HTTP {response.status} redirect to {host[:100]}, not followed (the signed request "
+            f"and its credentials go to {response.url.host} only)")
 
 
 def _error_from_reply(status: int, body: bytes, retry_after: float | None) -> GeminiError:
@@ -41,7 +118,7 @@ def _error_from_reply(status: int, body: bytes, retry_after: float | None) -> Ge
     message = ""
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
         snippet = body[:80].decode("utf-8", "replace").strip()
         message = f"non-JSON body: {snippet!r}"
     else:
@@ -56,16 +133,29 @@ def _is_error_object(body: bytes) -> bool:
         return False
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
         return False
     return isinstance(document, dict) and document.get("result") == "error"
 
 
 class GeminiClient:
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, timeout_seconds: float):
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        timeout_seconds: float,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        proxy_url: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        if session.auto_decompress:
+            raise ValueError("the session must not decompress on its own: use new_session()")
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._max_reply_bytes = max_reply_bytes
+        self._proxy = proxy_url
+        self._tls: ssl.SSLContext | bool = tls if tls is not None else True
 
     async def post_private(
         self, credentials: Credentials, nonces: NonceSource, path: str,
@@ -76,10 +166,13 @@ class GeminiClient:
             headers = signed_headers(credentials.api_key, credentials.api_secret, payload)
             try:
                 async with self._session.post(
-                    self._base_url + path, headers=headers, timeout=self._timeout
+                    self._base_url + path, headers=headers, timeout=self._timeout,
+                    allow_redirects=False, proxy=self._proxy, ssl=self._tls,
                 ) as response:
-                    body = await response.read()
                     status = response.status
+                    if 300 <= status < 400:
+                        raise classify_error(status, None, _redirect_message(response), None)
+                    body = await read_capped(response, self._max_reply_bytes)
                     retry_after = parse_retry_after(response.headers.get("Retry-After"))
             except TimeoutError:
                 raise TransientError("Timeout", f"no reply within {self._timeout.total}s") from None

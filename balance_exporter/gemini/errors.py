@@ -29,22 +29,50 @@ REJECTION_HINTS: dict[str, str] = {
 RATE_LIMIT_REASONS = frozenset({"RateLimit", "RateLimited", "Too Many Requests"})
 TRANSIENT_REASONS = frozenset({"Maintenance", "System"})
 
+# What this side names a failure when Gemini gave no reason (or no reply).
+LOCAL_REASONS = frozenset({
+    "Timeout", "ConnectionError", "MalformedReply", "FutureTimestamp", "ReplyTooLarge",
+    "Redirect", "InternalError",
+})
+# A reason outside the known ones is still logged in full; as a label value it is this one, so
+# that a server inventing reasons cannot grow the series without bound.
+OTHER_REASON = "Other"
+
 _REASON_UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 _REASON_MAX_LEN = 48
+# Upstream text in logs and errors: enough to diagnose, never megabytes.
+MAX_MESSAGE_CHARACTERS = 300
+_HTTP_REASON = re.compile(r"HTTP[1-5][0-9][0-9]")
 
 
 def normalize_reason(reason: str) -> str:
-    """A short, label-safe form of a reason: it becomes a label value, so it must stay small."""
+    """A short, label-safe form of a reason, as it is logged."""
     compact = _REASON_UNSAFE.sub("", reason.title() if " " in reason else reason)
     return compact[:_REASON_MAX_LEN] or "Unknown"
 
 
+KNOWN_REASONS = frozenset({
+    *REJECTION_HINTS, *TRANSIENT_REASONS, *LOCAL_REASONS,
+    *(normalize_reason(reason) for reason in RATE_LIMIT_REASONS),
+})
+
+
+def truncated(text: str, limit: int = MAX_MESSAGE_CHARACTERS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 class GeminiError(Exception):
-    """A request to Gemini that gave no usable reply."""
+    """A request to Gemini that gave no usable reply.
+
+    `reason` is a bounded label value (the known reasons, `HTTP<status>`, or `Other`);
+    `gemini_reason` is what the reply said, cleaned and shortened, for the log."""
 
     def __init__(self, reason: str, message: str, status: int | None = None) -> None:
+        message = truncated(message)
         super().__init__(f"{reason}: {message}" if message else reason)
-        self.reason = normalize_reason(reason)
+        self.gemini_reason = normalize_reason(reason)
+        self.reason = (self.gemini_reason if self.gemini_reason in KNOWN_REASONS
+                       or _HTTP_REASON.fullmatch(self.gemini_reason) else OTHER_REASON)
         self.message = message
         self.status = status
 
@@ -54,6 +82,9 @@ class RequestRejected(GeminiError):
 
     @property
     def hint(self) -> str:
+        if self.reason == "Redirect":
+            return ("private endpoints are never followed to another address: check base_url "
+                    "(and any proxy in front of Gemini)")
         return REJECTION_HINTS.get(self.reason, "check the key, its roles and the account name")
 
 
@@ -68,10 +99,13 @@ class TransientError(GeminiError):
 
 
 class MalformedReply(GeminiError):
-    """A reply that cannot be trusted: not JSON, an HTML page, or the wrong shape."""
+    """A reply that cannot be trusted: not JSON, an HTML page, the wrong shape, too large, or
+    stamped in the future; `reason` says which (one of LOCAL_REASONS)."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__("MalformedReply", message, status)
+    def __init__(
+        self, message: str, status: int | None = None, reason: str = "MalformedReply"
+    ) -> None:
+        super().__init__(reason, message, status)
 
 
 def classify_error(status: int, reason: str | None, message: str, retry_after: float | None) -> (
@@ -82,6 +116,8 @@ def classify_error(status: int, reason: str | None, message: str, retry_after: f
         return RateLimited(reason or "RateLimit", message, status, retry_after)
     if reason in TRANSIENT_REASONS or status >= 500:
         return TransientError(reason or f"HTTP{status}", message, status)
+    if 300 <= status < 400:
+        return RequestRejected("Redirect", message, status)
     if reason is not None:
         return RequestRejected(reason, message, status)
     if 400 <= status < 500:

@@ -1,0 +1,70 @@
+"""Property-based tests of the reply parser: whatever bytes or JSON arrive, it returns a reply or
+raises MalformedReply, and never shows more than was sent."""
+
+import json
+from decimal import Decimal
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balance_exporter.config import Precision
+from balance_exporter.gemini.errors import MalformedReply
+from balance_exporter.gemini.replies import BalanceReply, ReplyRules, parse_balances_reply
+
+RULES = ReplyRules(Precision({"USD": 2}, default_places=8), max_timestamp_skew_seconds=300)
+NOW_NS = 1_800_000_000 * 10**9
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+# Rows that look like Gemini's, with any value in any field.
+fields = st.sampled_from(["currency", "amount", "available", "availableForWithdrawal",
+                          "pendingWithdrawal", "pendingDeposit", "_timestamp", "type"])
+row_like = st.dictionaries(fields, json_values | st.sampled_from(["BTC", "USD", "1.5", "-2"]),
+                           max_size=8)
+
+
+def parse_or_malformed(body: bytes) -> BalanceReply | None:
+    try:
+        return parse_balances_reply(body, RULES, NOW_NS)
+    except MalformedReply:
+        return None
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_give_a_reply_or_malformed(body: bytes) -> None:
+    parse_or_malformed(body)
+
+
+@given(json_values)
+def test_any_json_gives_a_reply_or_malformed(document: object) -> None:
+    parse_or_malformed(json.dumps(document).encode())
+
+
+@given(st.lists(row_like, max_size=5))
+def test_rows_of_any_content_give_a_reply_or_malformed(rows: list[dict[str, object]]) -> None:
+    parse_or_malformed(json.dumps(rows).encode())
+
+
+amounts = st.decimals(allow_nan=False, allow_infinity=False, min_value=Decimal("-1e25"),
+                      max_value=Decimal("1e25"), places=None)
+
+
+@settings(max_examples=300)
+@given(amounts, st.sampled_from(["USD", "BTC", "XYZ"]), st.booleans())
+def test_a_value_is_never_above_what_was_sent(
+    amount: Decimal, currency: str, as_string: bool
+) -> None:
+    text = format(amount, "f") if as_string else None
+    raw = f'"{text}"' if text is not None else format(amount, "f")
+    body = (f'[{{"currency":"{currency}","amount":{raw},"available":{raw},'
+            f'"availableForWithdrawal":{raw}}}]').encode()
+    parsed = parse_or_malformed(body)
+    assert parsed is not None, body
+    (balance,) = parsed.balances
+    # Float rounding is monotonic, so floor(x) <= x holds after both become floats.
+    assert balance.amount <= float(amount)
+    assert balance.available == balance.amount == balance.available_for_withdrawal
