@@ -68,10 +68,49 @@ TEXT = ExpositionFormat(generate_latest, TEXT_TYPE, b"")
 OPENMETRICS = ExpositionFormat(generate_openmetrics, OPENMETRICS_TYPE, OPENMETRICS_EOF)
 
 
+# Only so much of a header is read: a scraper's Accept is a few ranges, not thousands.
+MAX_NEGOTIATED_HEADER_CHARACTERS = 4096
+MAX_NEGOTIATED_RANGES = 32
+
+
+def _qualities(header: str) -> dict[str, float]:
+    """Each listed value (lower-cased, parameters but q dropped) with its q, as RFC 9110 reads
+    `Accept` and `Accept-Encoding`; a q that is not a number counts as 0 (not acceptable)."""
+    qualities: dict[str, float] = {}
+    for part in header[:MAX_NEGOTIATED_HEADER_CHARACTERS].split(",")[:MAX_NEGOTIATED_RANGES]:
+        value, *parameters = part.split(";")
+        quality = 1.0
+        for parameter in parameters:
+            name, _, text = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = min(1.0, max(0.0, float(text.strip())))
+                except ValueError:
+                    quality = 0.0
+                quality = quality if quality == quality else 0.0  # NaN
+        value = value.strip().lower()
+        if value:
+            qualities[value] = max(quality, qualities.get(value, 0.0))
+    return qualities
+
+
+def _quality_of(qualities: dict[str, float], *names: str) -> float:
+    """The q of the first of `names` listed (the most specific first), else 0."""
+    return next((qualities[name] for name in names if name in qualities), 0.0)
+
+
 def choose_format(accept: str) -> ExpositionFormat:
-    """OpenMetrics when the scraper lists it (as Prometheus does), the text format otherwise."""
-    accepted = {part.split(";")[0].strip() for part in accept.split(",")}
-    return OPENMETRICS if "application/openmetrics-text" in accepted else TEXT
+    """OpenMetrics when the scraper prefers it at least as much as the text format (Prometheus
+    lists it first), the text format otherwise, also when nothing we speak is acceptable."""
+    qualities = _qualities(accept)
+    openmetrics = _quality_of(qualities, "application/openmetrics-text", "application/*", "*/*")
+    text = _quality_of(qualities, "text/plain", "text/*", "*/*")
+    return OPENMETRICS if openmetrics > 0 and openmetrics >= text else TEXT
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    qualities = _qualities(accept_encoding)
+    return _quality_of(qualities, "gzip", "x-gzip", "*") > 0
 
 
 @dataclass(frozen=True)
@@ -126,7 +165,7 @@ class ExpositionCache:
     async def render(self, accept: str, accept_encoding: str) -> Exposition:
         exposition_format = choose_format(accept)
         cache = self._caches[exposition_format.content_type]
-        gzipped = "gzip" in accept_encoding.lower()
+        gzipped = accepts_gzip(accept_encoding)
         async with self._lock:  # two scrapes at once render each account once
             await self._refresh(cache)
             body = self._body(cache, gzipped)

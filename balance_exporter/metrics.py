@@ -171,15 +171,25 @@ def account_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
 
 def exporter_families(store: BalanceStore, collect_errors: int) -> Iterator[Metric]:
     """The families that are not per account: keys, build, and the collector's own errors."""
+    keys = store.key_counters()
     for name, help_text, field in (
         ("gemini_key_requests", "Requests sent to Gemini with the key.", "requests"),
         ("gemini_key_rate_limited", "Replies that said the key was rate limited (429).",
          "rate_limited"),
+        ("gemini_key_worker_restarts", "Times the key's poll worker crashed (a bug, logged "
+         "with its traceback) and was started again.", "worker_restarts"),
     ):
         family = CounterMetricFamily(name, help_text, labels=["key"])
-        for key in store.key_counters():
+        for key in keys:
             family.add_metric([key.name], getattr(key, field))
         yield family
+    running = GaugeMetricFamily(
+        "gemini_key_worker_running",
+        "1 while the key's poll worker runs, 0 while it is down (between a crash and its "
+        "restart, or for good): nothing is polled with the key then.", labels=["key"])
+    for key in keys:
+        running.add_metric([key.name], float(key.worker_running))
+    yield running
     build = InfoMetricFamily("gemini_exporter_build", "The exporter's version.", labels=["version"])
     build.add_metric([__version__], {})
     yield build

@@ -80,6 +80,12 @@ Health: <a href="/-/healthy">/-/healthy</a>, readiness: <a href="/-/ready">/-/re
 
 
 async def healthy_handler(request: web.Request) -> web.Response:
+    # Unhealthy while a key is not polled at all: a restart of the process is then better
+    # than serving ever older balances.
+    stopped = request.app[EXPOSITION_KEY].store.stopped_workers()
+    if stopped:
+        return web.Response(status=503, text="Unhealthy: no poll worker running for keys "
+                            + ", ".join(stopped) + "\n")
     return web.Response(text="Healthy\n")
 
 
@@ -157,8 +163,10 @@ class WebServer:
         self._options = options
         web_config = options.web_config
         middlewares: tuple[Middleware, ...] = ()
-        if web_config and web_config.basic_auth_users:
-            middlewares = (BasicAuth(web_config.basic_auth_users).middleware,)
+        self._auth = (BasicAuth(web_config.basic_auth_users)
+                      if web_config and web_config.basic_auth_users else None)
+        if self._auth is not None:
+            middlewares = (self._auth.middleware,)
         self._tls = web_config.tls_server_config if web_config else None
         self._runner = web.AppRunner(
             build_app(exposition, options.telemetry_path, middlewares),
@@ -190,3 +198,5 @@ class WebServer:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
+        if self._auth is not None:
+            self._auth.close()

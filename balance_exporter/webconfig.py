@@ -2,14 +2,18 @@
 
 Passwords are stored as bcrypt hashes, as in exporter-toolkit, so the file holds no password.
 A successful check is cached (keyed by a SHA-256 of the credentials) because bcrypt is slow on
-purpose and Prometheus scrapes often.
+purpose and Prometheus scrapes often; the checks themselves run on a small thread pool, never
+on the event loop.
 """
 
+import asyncio
 import hashlib
 import hmac
+import secrets
 import ssl
 from base64 import b64decode
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -92,37 +96,86 @@ def ssl_context(tls: TlsServerConfig) -> ssl.SSLContext:
     return context
 
 
+# bcrypt reads at most 72 bytes of a password; a longer one is refused, never truncated.
+BCRYPT_MAX_PASSWORD_BYTES = 72
+# bcrypt takes tens to hundreds of milliseconds on purpose: it runs on these threads, never on
+# the event loop, and only so many checks may wait for them; past that a request is answered
+# 429 at once rather than queued behind a flood of wrong passwords.
+BCRYPT_THREADS = 2
+MAX_PENDING_CHECKS = 16
+MAX_REMEMBERED_LOGINS = 64
+
+
+def _cost(hashed: bytes) -> int:
+    try:
+        return int(hashed.split(b"$")[2])
+    except (IndexError, ValueError):
+        return 12
+
+
 class BasicAuth:
+    """HTTP basic auth against bcrypt hashes. A wrong user costs as much as a wrong password (a
+    dummy hash of the same cost is checked), so answers do not tell which users exist."""
+
     def __init__(self, users: dict[str, SecretStr]) -> None:
         self._hashes = {user: hashed.get_secret_value().encode() for user, hashed in users.items()}
+        cost = max((_cost(hashed) for hashed in self._hashes.values()), default=4)
+        self._dummy_hash = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(rounds=cost))
+        # Fingerprints of credentials that passed: a scrape every few seconds must not pay bcrypt.
         self._verified: set[bytes] = set()
+        self._pool = ThreadPoolExecutor(BCRYPT_THREADS, thread_name_prefix="bcrypt")
+        self._slots = asyncio.Semaphore(MAX_PENDING_CHECKS)
 
-    def _check(self, header: str | None) -> bool:
+    @staticmethod
+    def _credentials(header: str | None) -> tuple[str, bytes] | None:
         if not header or not header.startswith("Basic "):
-            return False
+            return None
         try:
             user, _, password = b64decode(header[6:], validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
+            return None
+        encoded = password.encode()
+        return (user, encoded) if len(encoded) <= BCRYPT_MAX_PASSWORD_BYTES else None
+
+    async def _check(self, header: str | None) -> bool | None:
+        """True or False, or None when too many checks are waiting already."""
+        credentials = self._credentials(header)
+        if credentials is None:
             return False
-        hashed = self._hashes.get(user)
-        if hashed is None:
-            return False
-        fingerprint = hashlib.sha256(hashed + b"\0" + password.encode()).digest()
-        if any(hmac.compare_digest(fingerprint, seen) for seen in self._verified):
+        user, password = credentials
+        known = self._hashes.get(user)
+        hashed = known if known is not None else self._dummy_hash
+        fingerprint = hashlib.sha256(hashed + b"\0" + password).digest()
+        if known is not None and any(hmac.compare_digest(fingerprint, seen)
+                                     for seen in self._verified):
             return True
-        if bcrypt.checkpw(password.encode(), hashed):
+        if self._slots.locked():
+            return None
+        async with self._slots:
+            loop = asyncio.get_running_loop()
+            matches = await loop.run_in_executor(self._pool, bcrypt.checkpw, password, hashed)
+        if matches and known is not None:
+            if len(self._verified) >= MAX_REMEMBERED_LOGINS:
+                self._verified.clear()
             self._verified.add(fingerprint)
             return True
         return False
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in UNAUTHENTICATED_PATHS or self._check(
-            request.headers.get("Authorization")
-        ):
+        if request.path in UNAUTHENTICATED_PATHS:
             return await handler(request)
+        verdict = await self._check(request.headers.get("Authorization"))
+        if verdict:
+            return await handler(request)
+        if verdict is None:
+            return web.Response(status=429, text="Too many logins being checked\n",
+                                headers={"Retry-After": "1"})
         return web.Response(
             status=401,
             text="Unauthorized\n",
             headers={"WWW-Authenticate": 'Basic realm="balance-exporter"'},
         )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -7,13 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-for tool in buildah podman debootstrap; do
+for tool in buildah podman debootstrap curl; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     if [ -n "${CI:-}" ]; then
       echo "container test: $tool is missing (CI installs it: see .ci/run)" >&2
       exit 1
     fi
-    echo "container test SKIPPED: $tool is not installed (apt-get install buildah podman debootstrap)"
+    echo "container test SKIPPED: $tool is not installed (apt-get install buildah podman debootstrap curl)"
     exit 0
   fi
 done
@@ -80,6 +80,7 @@ echo "== run the demo"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 podman run -d --name "$container" --network host "$image" \
   demo --web.listen-address "127.0.0.1:$port" >/dev/null
+echo "   waiting up to 60 s for the demo's balances on http://127.0.0.1:$port/metrics"
 for _ in $(seq 1 120); do
   if curl -fsS "http://127.0.0.1:$port/metrics" 2>/dev/null | grep -q '^gemini_balance_amount{account="savings",currency="BTC"} 12.5'; then
     break

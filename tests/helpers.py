@@ -15,6 +15,8 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
+from balance_exporter.service import Service
+from balance_exporter.simulator.server import RunningSimulator
 from balance_exporter.store import BalanceStore
 from balance_exporter.targets import AccountTarget
 
@@ -85,6 +87,8 @@ def fixed_store() -> BalanceStore:
         AccountTarget("savings", "savings", None, False, 60.0),
         AccountTarget("never-polled", "treasury", "other", False, 30.0),
     ], ["treasury", "savings"])
+    store.record_worker_running("treasury", True)
+    store.record_worker_running("savings", True)
     store.record_request("treasury")
     store.record_reply("treasury-primary", BalanceReply((
         CurrencyBalance("BTC", 5.0, 4.5, 4.5, 0.25, 0.0),
@@ -173,3 +177,31 @@ def sample(samples: Samples, name: str, **labels: str) -> float | None:
 
 # What Prometheus sends when it prefers OpenMetrics.
 OPENMETRICS_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+
+
+async def sim_state(http: aiohttp.ClientSession, simulator: RunningSimulator) -> Any:
+    async with http.get(f"{simulator.url}/_sim/state") as response:
+        return await response.json()
+
+
+async def sim_call(http: aiohttp.ClientSession, method: str, url: str, body: object) -> None:
+    async with http.request(method, url, json=body) as response:
+        assert response.status == 200, await response.text()
+
+
+async def add_fault(http: aiohttp.ClientSession, simulator: RunningSimulator, account: str,
+                    fault: dict[str, object]) -> None:
+    await sim_call(http, "POST", f"{simulator.url}/_sim/accounts/{account}/faults", fault)
+
+
+async def all_polled(http: aiohttp.ClientSession, exporter: Service) -> Samples:
+    samples: Samples = {}
+
+    async def ready() -> bool:
+        nonlocal samples
+        samples = await scrape(http, exporter.url)
+        return all(sample(samples, "gemini_account_up", account=name) == 1
+                   for name in ("alpha", "beta", "gamma", "delta"))
+
+    await wait_until(ready, what="every account up")
+    return samples

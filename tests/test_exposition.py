@@ -11,8 +11,13 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from balance_exporter import metrics
-from balance_exporter.exposition import ACCOUNTS_PER_BATCH, ExpositionCache
+from balance_exporter import exposition, metrics
+from balance_exporter.exposition import (
+    ACCOUNTS_PER_BATCH,
+    ExpositionCache,
+    accepts_gzip,
+    choose_format,
+)
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
 from balance_exporter.metrics import build_registry
 from balance_exporter.store import AccountSnapshot, BalanceStore
@@ -164,3 +169,33 @@ async def test_a_large_body_passes_promtool_check_metrics() -> None:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output, _ = await check.communicate(body)
     assert check.returncode == 0, output.decode()
+
+
+@pytest.mark.parametrize(("accept", "openmetrics"), [
+    ("", False),
+    ("text/plain", False),
+    ("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5", True),
+    # Prometheus 2.x and 3.x, as sent.
+    ("application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;"
+     "version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2", True),
+    ("APPLICATION/OpenMetrics-Text; version=1.0.0", True),          # case-insensitive
+    ("application/openmetrics-text;q=0,text/plain", False),          # q=0: not acceptable
+    ("application/openmetrics-text;q=0.2,text/plain;q=0.9", False),  # the higher q wins
+    ("application/openmetrics-text;q=bogus", False),
+    ("application/json", False),                                     # nothing we speak: text
+    ("*/*", True),
+    ("text/*;q=1, application/*;q=0.5", False),
+    ("a/b," * 5000 + "application/openmetrics-text", False),         # past what is read
+])
+def test_content_negotiation_follows_q_values(accept: str, openmetrics: bool) -> None:
+    assert (choose_format(accept) is exposition.OPENMETRICS) is openmetrics
+
+
+@pytest.mark.parametrize(("accept_encoding", "gzipped"), [
+    ("", False), ("gzip", True), ("GZIP", True), ("gzip, deflate, br", True),
+    ("gzip;q=0", False), ("gzip;q=0.0, identity", False), ("*", True), ("*;q=0", False),
+    ("identity", False), ("deflate, gzip;q=0.001", True), ("x-gzip", True),
+    ("gzip;q=0, *;q=1", False),
+])
+def test_gzip_only_when_acceptable(accept_encoding: str, gzipped: bool) -> None:
+    assert accepts_gzip(accept_encoding) is gzipped

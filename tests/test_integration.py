@@ -2,7 +2,6 @@
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import yaml
@@ -11,11 +10,14 @@ from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator
 from tests.helpers import (
     MASTER_KEY,
-    Samples,
+    add_fault,
+    all_polled,
     exporter_document,
     floored,
     sample,
     scrape,
+    sim_call,
+    sim_state,
     wait_until,
 )
 
@@ -23,34 +25,6 @@ FIELDS = {"amount": "gemini_balance_amount", "available": "gemini_balance_availa
           "availableForWithdrawal": "gemini_balance_available_for_withdrawal"}
 PENDING = {"pendingWithdrawal": "gemini_balance_pending_withdrawal",
            "pendingDeposit": "gemini_balance_pending_deposit"}
-
-
-async def sim_state(http: aiohttp.ClientSession, simulator: RunningSimulator) -> Any:
-    async with http.get(f"{simulator.url}/_sim/state") as response:
-        return await response.json()
-
-
-async def sim_call(http: aiohttp.ClientSession, method: str, url: str, body: object) -> None:
-    async with http.request(method, url, json=body) as response:
-        assert response.status == 200, await response.text()
-
-
-async def add_fault(http: aiohttp.ClientSession, simulator: RunningSimulator, account: str,
-                    fault: dict[str, object]) -> None:
-    await sim_call(http, "POST", f"{simulator.url}/_sim/accounts/{account}/faults", fault)
-
-
-async def all_polled(http: aiohttp.ClientSession, exporter: Service) -> Samples:
-    samples: Samples = {}
-
-    async def ready() -> bool:
-        nonlocal samples
-        samples = await scrape(http, exporter.url)
-        return all(sample(samples, "gemini_account_up", account=name) == 1
-                   for name in ("alpha", "beta", "gamma", "delta"))
-
-    await wait_until(ready, what="every account up")
-    return samples
 
 
 async def test_metrics_equal_the_simulator_balances(

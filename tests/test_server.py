@@ -100,3 +100,27 @@ def test_listen_addresses(address: str, host: str | None, port: int, shown: str)
 def test_bad_listen_addresses(address: str) -> None:
     with pytest.raises(ValueError, match="is not HOST:PORT"):
         ListenAddress.parse(address)
+
+
+async def test_healthy_is_503_while_a_keys_poll_worker_is_down(
+    http: aiohttp.ClientSession, serve: Serve
+) -> None:
+    store = fixed_store()
+    url = await serve(build_app(ExpositionCache(store)))
+    store.record_worker_running("savings", False)
+    async with http.get(f"{url}/-/healthy") as response:
+        assert response.status == 503
+        assert "savings" in await response.text()
+    store.record_worker_running("savings", True)
+    async with http.get(f"{url}/-/healthy") as response:
+        assert response.status == 200
+
+
+async def test_gzip_q_0_and_openmetrics_q_0_are_honoured(server: str) -> None:
+    headers = {"Accept-Encoding": "gzip;q=0, identity",
+               "Accept": "application/openmetrics-text;q=0, text/plain"}
+    async with aiohttp.ClientSession(auto_decompress=False) as raw, raw.get(
+            f"{server}/metrics", headers=headers) as response:
+        assert "Content-Encoding" not in response.headers
+        assert response.headers["Content-Type"].startswith("text/plain")
+        assert not (await response.text()).endswith("# EOF\n")

@@ -1,5 +1,6 @@
 """`--web.config.file`: basic auth and TLS over a real socket, and the web configs refused."""
 
+import asyncio
 import ssl
 import subprocess
 from pathlib import Path
@@ -11,7 +12,12 @@ import pytest
 from balance_exporter.config import ConfigError
 from balance_exporter.exposition import ExpositionCache
 from balance_exporter.server import build_app
-from balance_exporter.webconfig import BasicAuth, load_web_config, ssl_context
+from balance_exporter.webconfig import (
+    MAX_PENDING_CHECKS,
+    BasicAuth,
+    load_web_config,
+    ssl_context,
+)
 from tests.conftest import Serve
 from tests.helpers import fixed_store
 
@@ -85,3 +91,61 @@ def test_bad_web_configs_are_refused(tmp_path: Path, text: str, problem: str) ->
     with pytest.raises(ConfigError, match=problem) as caught:
         load_web_config(write_web_config(tmp_path, text))
     assert "plaintext" not in str(caught.value)
+
+
+def auth_header(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": aiohttp.encode_basic_auth(user, password)}
+
+
+async def test_long_passwords_are_refused_and_unknown_users_cost_a_bcrypt_check(
+    tmp_path: Path, http: aiohttp.ClientSession, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    auth = BasicAuth(load_web_config(write_web_config(
+        tmp_path, f"basic_auth_users:\n  prometheus: '{hashed}'\n")).basic_auth_users)
+    url = await serve(build_app(ExpositionCache(fixed_store()), middlewares=(auth.middleware,)))
+    checked: list[bytes] = []
+    real_checkpw = bcrypt.checkpw
+
+    def counting_checkpw(password: bytes, hashed_password: bytes) -> bool:
+        checked.append(hashed_password)
+        return real_checkpw(password, hashed_password)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting_checkpw)
+    async with http.get(f"{url}/metrics", headers=auth_header("prometheus", "x" * 73)) as reply:
+        assert reply.status == 401  # bcrypt would raise past 72 bytes: never a 500
+    async with http.get(f"{url}/metrics", headers=auth_header("nobody", "guess")) as reply:
+        assert reply.status == 401
+    async with http.get(f"{url}/metrics", headers=auth_header("prometheus", "guess")) as reply:
+        assert reply.status == 401
+    # The unknown user was checked against a dummy hash of the same cost, like a known one.
+    assert len(checked) == 2
+    assert checked[0] != hashed.encode()
+    assert checked[0][:7] == hashed.encode()[:7]
+    auth.close()
+
+
+async def test_a_flood_of_logins_is_answered_429_without_waiting(
+    tmp_path: Path, http: aiohttp.ClientSession, serve: Serve
+) -> None:
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode()
+    auth = BasicAuth(load_web_config(write_web_config(
+        tmp_path, f"basic_auth_users:\n  prometheus: '{hashed}'\n")).basic_auth_users)
+    url = await serve(build_app(ExpositionCache(fixed_store()), middlewares=(auth.middleware,)))
+    right = auth_header("prometheus", PASSWORD)
+    async with http.get(f"{url}/metrics", headers=right) as reply:
+        assert reply.status == 200  # remembered from now on
+
+    async def wrong() -> int:
+        async with http.get(f"{url}/metrics", headers=auth_header("prometheus", "no")) as reply:
+            return reply.status
+
+    flood = [asyncio.create_task(wrong()) for _ in range(MAX_PENDING_CHECKS + 24)]
+    await asyncio.sleep(0.05)
+    # While the flood is being checked, the remembered login still gets its metrics.
+    async with http.get(f"{url}/metrics", headers=right) as reply:
+        assert reply.status == 200
+    statuses = await asyncio.gather(*flood)
+    assert set(statuses) <= {401, 429}
+    assert 429 in statuses
+    auth.close()

@@ -4,10 +4,12 @@ header, signature, nonce, role and rate-limit checks, and the faults injected pe
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
 import time
+import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -26,6 +28,7 @@ from balance_exporter.simulator.state import (
 STATE_KEY = web.AppKey("sim_state", SimState)
 TIME_BASED_NONCE_WINDOW_SECONDS = 30
 STALE_OFFSET_NS = 5_000_000_000
+HUGE_CHUNK_BYTES = 1024 * 1024
 
 
 class SimError(Exception):
@@ -162,13 +165,40 @@ def _balance_rows(
     return rows
 
 
-async def _apply_fault(fault: Fault, account: SimAccount) -> web.Response | None:
+async def _huge_reply(request: web.Request, fault: Fault) -> web.StreamResponse:
+    """A body of `size_bytes` (a JSON array of blanks), gzipped if asked: then a gzip bomb. With
+    a window of blanks behind it, every megabyte of blanks compresses to the same bytes, so the
+    bomb is made once per megabyte and repeated."""
+    headers = {"Content-Type": "application/json"}
+    if fault.gzip:
+        headers["Content-Encoding"] = "gzip"
+    response = web.StreamResponse(status=200, headers=headers)
+    await response.prepare(request)
+    blank = b" " * HUGE_CHUNK_BYTES
+    first, repeated, last = b"[" + blank[1:], blank, b"]"
+    if fault.gzip:
+        compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        first = compressor.compress(first) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        repeated = compressor.compress(repeated) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        last = compressor.compress(last) + compressor.flush()
+    with contextlib.suppress(ConnectionError):  # the client hung up, as it should
+        await response.write(first)
+        for _ in range(1, fault.size_bytes // HUGE_CHUNK_BYTES):
+            await response.write(repeated)
+        await response.write(last)
+        await response.write_eof()
+    return response
+
+
+async def _apply_fault(
+    request: web.Request, fault: Fault, account: SimAccount
+) -> web.StreamResponse | None:
     """The reply a fault replaces the real one with; None when the real one goes out (latency)."""
     if fault.kind == "latency":
         await asyncio.sleep(fault.delay_seconds)
         return None
     if fault.kind == "rate_limit":
-        headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
+        headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
         raise SimError(429, fault.reason if fault.reason != "System" else "RateLimit",
                        "Requests were made too frequently", headers)
     if fault.kind in ("status", "auth"):
@@ -179,10 +209,14 @@ async def _apply_fault(fault: Fault, account: SimAccount) -> web.Response | None
     if fault.kind == "garbage":
         return web.Response(status=200, text='[{"currency": "BTC", "amount": ',
                             content_type="application/json")
+    if fault.kind == "redirect":
+        return web.Response(status=fault.status, headers={"Location": fault.location})
+    if fault.kind == "huge":
+        return await _huge_reply(request, fault)
     raise AssertionError(f"unhandled fault {fault.kind}")
 
 
-async def balances_handler(request: web.Request) -> web.Response:
+async def balances_handler(request: web.Request) -> web.StreamResponse:
     state, clock = request.app[STATE_KEY], request.app[CLOCK_KEY]
     key, payload = await _admit(request)
     account = _account_for(key, payload, state)
@@ -192,7 +226,11 @@ async def balances_handler(request: web.Request) -> web.Response:
         account.stale_served += 1
         stamp = max(1, account.last_stamp_ns - STALE_OFFSET_NS)
         return web.json_response(_balance_rows(account, show_pending, stamp, distort=True))
-    if fault is not None and (replaced := await _apply_fault(fault, account)) is not None:
+    if fault is not None and fault.kind == "future":
+        stamp = clock.stamp_ns() + int(fault.offset_seconds * 1e9)
+        return web.json_response(_balance_rows(account, show_pending, stamp, distort=True))
+    # A response is a mapping that is empty, so falsy: compare with None.
+    if fault is not None and (replaced := await _apply_fault(request, fault, account)) is not None:
         return replaced
     account.served += 1
     account.last_stamp_ns = clock.stamp_ns()

@@ -10,10 +10,14 @@ from balance_exporter.simulator.ratelimit import RateLimiter
 
 TimestampFormat = Literal["ns", "iso", "none"]
 NumberFormat = Literal["string", "number"]
-FaultKind = Literal["stale", "latency", "status", "html", "garbage", "rate_limit", "auth"]
+FaultKind = Literal["stale", "latency", "status", "html", "garbage", "rate_limit", "auth",
+                    "future", "redirect", "huge"]
 FAULT_KINDS: tuple[FaultKind, ...] = (
-    "stale", "latency", "status", "html", "garbage", "rate_limit", "auth"
+    "stale", "latency", "status", "html", "garbage", "rate_limit", "auth", "future", "redirect",
+    "huge",
 )
+# A hostile reply is still bounded here: the simulator must not take the test machine down.
+MAX_HUGE_FAULT_BYTES = 1024 * 1024 * 1024
 BALANCE_FIELDS = ("amount", "available", "availableForWithdrawal", "pendingWithdrawal",
                   "pendingDeposit")
 # Notional prices in USD for /v1/notionalbalances; fixed, the simulator is no market.
@@ -28,25 +32,41 @@ class Fault:
     status: int = 500
     reason: str = "System"
     delay_seconds: float = 0.0
-    retry_after: int | None = 1
+    # Sent as the Retry-After header's text, whatever it is (a hostile server's, say).
+    retry_after: str | None = "1"
+    # future: how far ahead of the clock the stamp is; redirect: where to.
+    offset_seconds: float = 0.0
+    location: str = ""
+    # huge: how many bytes the body has (decompressed, with gzip: a gzip bomb of zeros).
+    size_bytes: int = 0
+    gzip: bool = False
 
     @classmethod
     def from_document(cls, document: dict[str, Any]) -> "Fault":
         kind = document.get("kind")
         if kind not in FAULT_KINDS:
             raise ValueError(f"kind: expected one of {', '.join(FAULT_KINDS)}, got {kind!r}")
-        defaults = {"auth": (400, "InvalidSignature"), "html": (502, "BadGateway")}
+        defaults = {"auth": (400, "InvalidSignature"), "html": (502, "BadGateway"),
+                    "redirect": (302, "Redirect")}
         status, reason = defaults.get(kind, (500, "System"))
         count = document.get("count")
         if count is not None and (not isinstance(count, int) or count < 1):
             raise ValueError("count: expected a positive whole number or null (until cleared)")
+        size = int(document.get("size_bytes", 0))
+        if not 0 <= size <= MAX_HUGE_FAULT_BYTES:
+            raise ValueError(f"size_bytes: expected 0 to {MAX_HUGE_FAULT_BYTES}")
+        retry_after = document.get("retry_after", 1)
         return cls(
             kind=kind,
             remaining=count,
             status=int(document.get("status", status)),
             reason=str(document.get("reason", reason)),
             delay_seconds=float(document.get("delay_seconds", 0.0)),
-            retry_after=document.get("retry_after", 1),
+            retry_after=None if retry_after is None else str(retry_after),
+            offset_seconds=float(document.get("offset_seconds", 0.0)),
+            location=str(document.get("location", "")),
+            size_bytes=size,
+            gzip=bool(document.get("gzip", False)),
         )
 
 
