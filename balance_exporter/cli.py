@@ -66,6 +66,9 @@ def _exporter_parser() -> argparse.ArgumentParser:
                         help="YAML config file; without it, BALANCE_EXPORTER_* variables are read")
     parser.add_argument("--config.check", dest="config_check", action="store_true",
                         help="validate the config, print a summary (secrets masked) and exit")
+    parser.add_argument("--storage.path", dest="storage_path", type=Path,
+                        help="directory to keep each account's last accepted _timestamp in "
+                        "across restarts (default: none, a restart starts clean)")
     _add_web_flags(parser)
     _add_logging_flags(parser)
     return parser
@@ -159,7 +162,8 @@ def run_exporter(argv: Sequence[str]) -> int:
         return 0
     for warning in config.warnings:
         log.warning("config warning", problem=warning)
-    return _serve(run_until_signalled(Service(config, args.config_file, web_options)))
+    return _serve(run_until_signalled(Service(config, args.config_file, web_options,
+                                              storage_path=args.storage_path)))
 
 
 def _serve(running: Coroutine[Any, Any, None]) -> int:

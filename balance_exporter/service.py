@@ -21,6 +21,7 @@ from balance_exporter.gemini.client import new_session
 from balance_exporter.logging import redactor
 from balance_exporter.scheduler import Clock, Scheduler, SystemClock
 from balance_exporter.server import WebOptions, WebServer
+from balance_exporter.storage import StatePersister, load_stamps
 from balance_exporter.store import BalanceStore
 
 log = structlog.get_logger("balance_exporter.service")
@@ -33,11 +34,17 @@ class Service:
         config_path: Path | None,
         web_options: WebOptions,
         clock: Clock | None = None,
+        storage_path: Path | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self._clock = clock or SystemClock()
-        self.store = BalanceStore()
+        restored = (load_stamps(storage_path, int(self._clock.wall() * 1e9),
+                                config.settings.gemini.max_timestamp_skew_seconds)
+                    if storage_path is not None else {})
+        self.store = BalanceStore(restored)
+        self._persister = StatePersister(self.store, storage_path) if storage_path else None
+        self._persisting: asyncio.Task[None] | None = None
         self._server = WebServer(ExpositionCache(self.store), web_options)
         self._session: aiohttp.ClientSession | None = None
         self._scheduler: Scheduler | None = None
@@ -57,6 +64,8 @@ class Service:
         self._session = new_session(f"balance-exporter/{__version__}")
         self._scheduler = Scheduler(self._session, self.store, self._clock)
         await self._scheduler.apply(self.config)
+        if self._persister is not None:
+            self._persisting = asyncio.create_task(self._persister.run(), name="save-state")
         log.info("exporter started", url=self.url, accounts=len(self.config.settings.accounts),
                  keys=len(self.config.credentials), version=__version__)
 
@@ -81,6 +90,12 @@ class Service:
         """Close whatever `start` opened, also after a start that failed half-way."""
         if self._scheduler is not None:
             await self._scheduler.stop()
+        if self._persisting is not None:
+            self._persisting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._persisting
+        if self._persister is not None and self._session is not None:
+            await self._persister.save_if_changed()
         await self._server.stop()
         if self._session is not None:
             await self._session.close()

@@ -46,15 +46,27 @@ class KeyCounters:
     worker_restarts: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class SavedStamp:
+    """An account's last accepted `_timestamp`, as kept across restarts (`storage`)."""
+
+    key_name: str
+    gemini_account: str | None
+    server_timestamp_ns: int
+
+
 class ReplyVerdict(enum.Enum):
     ACCEPTED = "accepted"
     STALE = "stale"
 
 
 class BalanceStore:
-    def __init__(self) -> None:
+    def __init__(self, restored_stamps: Mapping[str, SavedStamp] | None = None) -> None:
         self._accounts: dict[str, AccountSnapshot] = {}
         self._keys: dict[str, KeyCounters] = {}
+        # Stamps from before a restart, for the first configure only: a reply older than its
+        # account's is stale, as it would have been had the process not restarted.
+        self._restored = dict(restored_stamps or {})
 
     def configure(self, targets: Iterable[AccountTarget], key_names: Iterable[str]) -> None:
         """Adopt a (new) set of accounts, keeping what is known of those that did not change."""
@@ -64,9 +76,25 @@ class BalanceStore:
             previous = old_accounts.get(target.label)
             keep = previous is not None and previous.target.identity == target.identity
             self._accounts[target.label] = (
-                replace(previous, target=target) if keep and previous else AccountSnapshot(target)
+                replace(previous, target=target) if keep and previous
+                else AccountSnapshot(target, server_timestamp_ns=self._restored_stamp(target))
             )
+        self._restored = {}
         self._keys = {name: self._keys.get(name, KeyCounters(name)) for name in key_names}
+
+    def _restored_stamp(self, target: AccountTarget) -> int | None:
+        saved = self._restored.get(target.label)
+        if saved is None or (saved.key_name, saved.gemini_account) != (
+                target.key_name, target.gemini_account):
+            return None  # another account under this label now: its stamps are not ours
+        return saved.server_timestamp_ns
+
+    def saved_stamps(self) -> dict[str, SavedStamp]:
+        """Every account's last accepted stamp, to keep across a restart."""
+        return {label: SavedStamp(snapshot.target.key_name, snapshot.target.gemini_account,
+                                  snapshot.server_timestamp_ns)
+                for label, snapshot in self._accounts.items()
+                if snapshot.server_timestamp_ns is not None}
 
     def record_reply(
         self, label: str, reply: BalanceReply, duration_seconds: float, wall_seconds: float

@@ -20,6 +20,8 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("gemini", "gemini.signing", "gemini.nonce", "gemini.errors", "gemini.client",
      "gemini.replies"),
     ("store",),
+    # Keeps the store's stamps across restarts.
+    ("storage",),
     # Drives the client and writes what it learns into the store.
     ("scheduler",),
     ("metrics",),

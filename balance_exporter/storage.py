@@ -1,0 +1,102 @@
+"""`--storage.path`: each account's last accepted `_timestamp`, kept across restarts.
+
+Without it, the first reply after a restart is accepted whatever its stamp, so a stale server
+could win once. The file is written atomically (a temporary file, fsync, rename) whenever a
+stamp moved, at most every few seconds and at stop; it is read at start. An unreadable or
+corrupt file is a warning and a clean start, never a reason not to start: the stamps only ever
+make the exporter stricter.
+"""
+
+import asyncio
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import structlog
+
+from balance_exporter.store import BalanceStore, SavedStamp
+
+log = structlog.get_logger("balance_exporter.storage")
+
+STATE_FILE_NAME = "state.json"
+STATE_VERSION = 1
+SAVE_EVERY_SECONDS = 5.0
+# A state file of a million accounts is no state file of ours.
+MAX_STATE_BYTES = 64 * 1024 * 1024
+
+
+def load_stamps(directory: Path, now_ns: int, max_skew_seconds: float) -> dict[str, SavedStamp]:
+    """The stamps saved in `directory`, by account label; {} (and a warning) if there are none
+    that can be used. Stamps further in the future than the skew allows are dropped, as a reply
+    with them would be."""
+    path = directory / STATE_FILE_NAME
+    try:
+        if path.stat().st_size > MAX_STATE_BYTES:
+            raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
+        document = json.loads(path.read_bytes())
+        accounts = document["accounts"] if document.get("version") == STATE_VERSION else None
+        if not isinstance(accounts, dict):
+            raise ValueError(f"not a version {STATE_VERSION} state file")
+        stamps = {label: SavedStamp(str(entry["key"]), entry["account"],
+                                    int(entry["server_timestamp_ns"]))
+                  for label, entry in accounts.items()}
+    except FileNotFoundError:
+        log.info("no saved state yet, starting clean", path=str(path))
+        return {}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+        log.warning("saved state unreadable, starting clean", path=str(path),
+                    error=f"{type(error).__name__}: {str(error)[:200]}")
+        return {}
+    limit = now_ns + int(max_skew_seconds * 1e9) if max_skew_seconds > 0 else None
+    usable = {label: stamp for label, stamp in stamps.items()
+              if (limit is None or stamp.server_timestamp_ns <= limit)
+              and (stamp.gemini_account is None or isinstance(stamp.gemini_account, str))}
+    if len(usable) < len(stamps):
+        log.warning("saved stamps ignored (from the future, or malformed)",
+                    ignored=len(stamps) - len(usable), path=str(path))
+    return usable
+
+
+def save_stamps(directory: Path, stamps: Mapping[str, SavedStamp]) -> None:
+    """Replace the state file atomically, readable by its owner only."""
+    document = {"version": STATE_VERSION, "accounts": {
+        label: {"key": stamp.key_name, "account": stamp.gemini_account,
+                "server_timestamp_ns": stamp.server_timestamp_ns}
+        for label, stamp in stamps.items()}}
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = directory / f".{STATE_FILE_NAME}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        json.dump(document, file, separators=(",", ":"))
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, directory / STATE_FILE_NAME)
+
+
+class StatePersister:
+    """Saves the store's stamps whenever they moved: every few seconds, and once more at stop."""
+
+    def __init__(self, store: BalanceStore, directory: Path) -> None:
+        self._store = store
+        self._directory = directory
+        self._saved: dict[str, SavedStamp] | None = None
+        self.failures = 0
+
+    async def save_if_changed(self) -> None:
+        stamps = self._store.saved_stamps()
+        if stamps == self._saved:
+            return
+        try:
+            await asyncio.to_thread(save_stamps, self._directory, stamps)
+        except OSError as error:
+            self.failures += 1
+            log.error("saving state failed; stamps are kept in memory and saved again later",
+                      path=str(self._directory), error=str(error)[:200], failures=self.failures)
+            return
+        self._saved = stamps
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(SAVE_EVERY_SECONDS)
+            await self.save_if_changed()

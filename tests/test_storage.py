@@ -1,0 +1,97 @@
+"""`--storage.path`: stamps survive a restart, and a file that cannot be used never stops one."""
+
+import json
+import stat
+from pathlib import Path
+
+import aiohttp
+import pytest
+import structlog
+
+from balance_exporter.config import build_config
+from balance_exporter.server import WebOptions
+from balance_exporter.service import Service
+from balance_exporter.simulator.server import RunningSimulator
+from balance_exporter.storage import STATE_FILE_NAME, load_stamps, save_stamps
+from balance_exporter.store import SavedStamp
+from tests.conftest import LOOPBACK_ANY_PORT
+from tests.helpers import add_fault, all_polled, exporter_document, sample, scrape, wait_until
+
+NOW_NS = 1_800_000_000 * 10**9
+STAMPS = {"alpha": SavedStamp("treasury", "alpha", NOW_NS - 10**9),
+          "delta": SavedStamp("solo", None, NOW_NS - 2 * 10**9)}
+
+
+def test_stamps_round_trip_through_an_owner_only_file(tmp_path: Path) -> None:
+    save_stamps(tmp_path / "state", STAMPS)
+    path = tmp_path / "state" / STATE_FILE_NAME
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_stamps(tmp_path / "state", NOW_NS, 300) == STAMPS
+    assert [p.name for p in (tmp_path / "state").iterdir()] == [STATE_FILE_NAME]  # no temp left
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json", b"[]", b'{"version": 2, "accounts": {}}', b'{"version": 1, "accounts": []}',
+    b'{"version": 1, "accounts": {"a": {"key": "k"}}}', b"\xff\xfe", b"[" * 100_000,
+], ids=["not json", "a list", "another version", "accounts a list", "no stamp", "not utf-8",
+        "deep"])
+def test_a_corrupt_file_is_a_warning_and_a_clean_start(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / STATE_FILE_NAME).write_bytes(content)
+    with structlog.testing.capture_logs() as logs:
+        assert load_stamps(tmp_path, NOW_NS, 300) == {}
+    assert [entry["event"] for entry in logs] == ["saved state unreadable, starting clean"]
+
+
+def test_an_unreadable_file_is_a_warning_and_a_clean_start(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE_NAME).mkdir()  # readable by nobody as a file, root included
+    with structlog.testing.capture_logs() as logs:
+        assert load_stamps(tmp_path, NOW_NS, 300) == {}
+    assert logs[0]["log_level"] == "warning"
+
+
+def test_no_file_yet_is_a_clean_start(tmp_path: Path) -> None:
+    assert load_stamps(tmp_path / "new", NOW_NS, 300) == {}
+
+
+def test_saved_stamps_from_the_future_are_dropped(tmp_path: Path) -> None:
+    save_stamps(tmp_path, {**STAMPS, "beta": SavedStamp("treasury", "beta", NOW_NS + 10**12)})
+    with structlog.testing.capture_logs() as logs:
+        assert load_stamps(tmp_path, NOW_NS, 300) == STAMPS
+    assert logs[0]["ignored"] == 1
+    assert "beta" in load_stamps(tmp_path, NOW_NS, 0)  # 0 turns the skew check off
+
+
+async def test_after_a_restart_a_stale_first_reply_is_ignored(
+    tmp_path: Path, http: aiohttp.ClientSession, simulator: RunningSimulator
+) -> None:
+    config = build_config(exporter_document(simulator.url), {})
+    storage = tmp_path / "storage"
+    first = Service(config, None, WebOptions(listen_address=LOOPBACK_ANY_PORT),
+                    storage_path=storage)
+    await first.start()
+    await all_polled(http, first)
+    await first.stop()
+    saved = json.loads((storage / STATE_FILE_NAME).read_text())["accounts"]
+    assert set(saved) == {"alpha", "beta", "gamma"}  # delta's replies carry no stamp
+
+    await add_fault(http, simulator, "alpha", {"kind": "stale", "count": 1})
+    second = Service(config, None, WebOptions(listen_address=LOOPBACK_ANY_PORT),
+                     storage_path=storage)
+    await second.start()
+    try:
+        async def first_reply_judged() -> bool:
+            samples = await scrape(http, second.url)
+            # The stale reply carries amounts a million higher: it must never show.
+            amount = sample(samples, "gemini_balance_amount", account="alpha", currency="BTC")
+            assert amount is None or amount < 1000
+            return sample(samples, "gemini_account_stale_replies_total", account="alpha") == 1
+
+        await wait_until(first_reply_judged, what="the stale first reply to be ignored")
+        await wait_until(lambda: _has_fresh_btc(http, second), what="a fresh reply after it")
+    finally:
+        await second.stop()
+
+
+async def _has_fresh_btc(http: aiohttp.ClientSession, service: Service) -> bool:
+    samples = await scrape(http, service.url)
+    return sample(samples, "gemini_balance_amount", account="alpha", currency="BTC") == 5.12345678
