@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import random
+import ssl
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -50,15 +51,18 @@ async def _drift_forever(state: SimState, every_seconds: float) -> None:
 
 
 async def start_simulator(
-    state: SimState, host: str = "127.0.0.1", port: int = 0, drift_seconds: float = 0.0
+    state: SimState, host: str = "127.0.0.1", port: int = 0, drift_seconds: float = 0.0,
+    tls: ssl.SSLContext | None = None,
 ) -> RunningSimulator:
+    """The simulator on a socket; over TLS with `tls`, as Gemini is (for proxy and CA tests)."""
     runner = web.AppRunner(build_simulator_app(state), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
     bound_host, bound_port = runner.addresses[0][:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
-    running = RunningSimulator(state, runner, f"http://{shown}:{bound_port}")
+    scheme = "https" if tls else "http"
+    running = RunningSimulator(state, runner, f"{scheme}://{shown}:{bound_port}")
     if drift_seconds > 0:
         running.drift_task = asyncio.create_task(_drift_forever(state, drift_seconds))
     return running
