@@ -100,10 +100,11 @@ def _quality_of(qualities: dict[str, float], *names: str) -> float:
 
 
 def choose_format(accept: str) -> ExpositionFormat:
-    """OpenMetrics when the scraper prefers it at least as much as the text format (Prometheus
-    lists it first), the text format otherwise, also when nothing we speak is acceptable."""
+    """OpenMetrics when the scraper names it and prefers it at least as much as the text format
+    (Prometheus does); the text format otherwise: for a wildcard (curl's */*), and also when
+    nothing we speak is acceptable."""
     qualities = _qualities(accept)
-    openmetrics = _quality_of(qualities, "application/openmetrics-text", "application/*", "*/*")
+    openmetrics = _quality_of(qualities, "application/openmetrics-text")
     text = _quality_of(qualities, "text/plain", "text/*", "*/*")
     return OPENMETRICS if openmetrics > 0 and openmetrics >= text else TEXT
 

@@ -2,13 +2,18 @@
 its listen address (TLS and basic auth from `--web.config.file`). No polling happens here.
 """
 
+import asyncio
 import html
 import logging
 import os
+import resource
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
 from balance_exporter import __version__
@@ -16,10 +21,27 @@ from balance_exporter.exposition import ExpositionCache
 from balance_exporter.store import AccountSnapshot
 from balance_exporter.webconfig import BasicAuth, WebConfig, ssl_context
 
+log = structlog.get_logger("balance_exporter.server")
+
 # Ports 9100-9999 are where other exporters live; this one keeps out of their way.
 DEFAULT_LISTEN_ADDRESS = ":8397"
 # Leaves room inside the 5 s a container runtime usually grants between SIGTERM and SIGKILL.
 SHUTDOWN_TIMEOUT_SECONDS = 2.0
+# A connection that has not sent a whole request this long after it opened or after its last
+# response is closed: idle keep-alives, and slow (slowloris) headers alike. Prometheus opens a
+# new one when it needs it.
+IDLE_TIMEOUT_SECONDS = 30.0
+# Repeated accept() failures (out of file descriptors) are logged once per this interval.
+ACCEPT_ERROR_LOG_INTERVAL_SECONDS = 10.0
+
+
+def default_max_connections() -> int:
+    """Half the descriptors this process may open, within [8, 512]: the rest stays for the
+    pollers, the log and the state file, so a flood of connections cannot starve them."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 512
+    return max(8, min(512, soft // 2))
 
 EXPOSITION_KEY = web.AppKey("exposition", ExpositionCache)
 TELEMETRY_PATH_KEY = web.AppKey("telemetry_path", str)
@@ -154,6 +176,84 @@ class WebOptions:
     telemetry_path: str = "/metrics"
     web_config: WebConfig | None = None
     access_log: bool = False
+    idle_timeout_seconds: float = IDLE_TIMEOUT_SECONDS
+    max_connections: int = field(default_factory=default_max_connections)
+
+
+class _CappedConnections:
+    """aiohttp's protocol factory, at most `limit` connections at once: a new connection past it
+    closes the oldest open one, which under a flood is one of the flood's slow ones (a scrape
+    takes milliseconds), so a flood cannot lock Prometheus out."""
+
+    def __init__(self, server: web.Server, limit: int) -> None:
+        self._server = server
+        self._limit = limit
+        self.closed_for_room = 0
+        self._last_logged = float("-inf")
+
+    def __call__(self) -> asyncio.Protocol:
+        open_connections = [handler for handler in self._server.connections
+                            if handler.transport is not None]
+        if len(open_connections) >= self._limit:
+            open_connections[0].force_close()
+            self.closed_for_room += 1
+            now = time.monotonic()
+            if now - self._last_logged >= ACCEPT_ERROR_LOG_INTERVAL_SECONDS:
+                self._last_logged = now
+                log.warning("too many HTTP connections; closing the oldest ones",
+                            limit=self._limit, closed_so_far=self.closed_for_room)
+        return self._server()
+
+
+class _BadRequestLog(logging.Filter):
+    """aiohttp logs each malformed request as an error with a traceback: one warning line per
+    interval (with how many came since) instead, naming what was wrong. Other records pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._suppressed = 0
+        self._last_logged = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._last_logged < ACCEPT_ERROR_LOG_INTERVAL_SECONDS:
+            self._suppressed += 1
+            return False
+        record.msg = "bad HTTP request answered 400: %s (%d more since the last such line)"
+        record.args = (" ".join(str(error.message).split())[:200], self._suppressed)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        self._last_logged, self._suppressed = now, 0
+        return True
+
+
+class _AcceptErrorLog:
+    """asyncio logs every failed accept() with a traceback (thousands a second when out of
+    descriptors): one line per interval with a count instead; anything else as before."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._previous = loop.get_exception_handler()
+        self._suppressed = 0
+        self._last_logged = float("-inf")
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), OSError) and "accept" in str(
+                context.get("message", "")):
+            now = time.monotonic()
+            if now - self._last_logged < ACCEPT_ERROR_LOG_INTERVAL_SECONDS:
+                self._suppressed += 1
+                return
+            log.error("cannot accept HTTP connections", error=str(context["exception"]),
+                      repeated=self._suppressed)
+            self._last_logged, self._suppressed = now, 0
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
 
 class WebServer:
@@ -172,21 +272,28 @@ class WebServer:
             build_app(exposition, options.telemetry_path, middlewares),
             shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
             access_log=logging.getLogger("aiohttp.access") if options.access_log else None,
+            keepalive_timeout=options.idle_timeout_seconds,
         )
+        self._listener: asyncio.Server | None = None
+        self._bad_requests = _BadRequestLog()
         self.port: int | None = None
 
     async def start(self) -> None:
         address = self._options.listen_address
         context = ssl_context(self._tls) if self._tls else None
         await self._runner.setup()
-        site = web.TCPSite(self._runner, address.host, address.port, ssl_context=context)
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_AcceptErrorLog(loop))
+        logging.getLogger("aiohttp.server").addFilter(self._bad_requests)
+        assert self._runner.server is not None  # made by setup()
+        connections = _CappedConnections(self._runner.server, self._options.max_connections)
         try:
-            await site.start()
+            self._listener = await loop.create_server(
+                connections, address.host, address.port, ssl=context, reuse_address=True)
         except OSError as error:
             await self._runner.cleanup()
             raise ListenError(f"cannot listen on {address}: {_cause(error)}") from None
-        sockets = self._runner.addresses
-        self.port = int(sockets[0][1]) if sockets else address.port
+        self.port = int(self._listener.sockets[0].getsockname()[1])
 
     @property
     def url(self) -> str:
@@ -197,6 +304,9 @@ class WebServer:
         return f"{scheme}://{shown}:{self.port}"
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         await self._runner.cleanup()
+        logging.getLogger("aiohttp.server").removeFilter(self._bad_requests)
         if self._auth is not None:
             self._auth.close()

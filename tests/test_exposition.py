@@ -183,7 +183,8 @@ async def test_a_large_body_passes_promtool_check_metrics() -> None:
     ("application/openmetrics-text;q=0.2,text/plain;q=0.9", False),  # the higher q wins
     ("application/openmetrics-text;q=bogus", False),
     ("application/json", False),                                     # nothing we speak: text
-    ("*/*", True),
+    ("*/*", False),                                                  # curl: text
+    ("application/openmetrics-text, */*;q=0.1", True),
     ("text/*;q=1, application/*;q=0.5", False),
     ("a/b," * 5000 + "application/openmetrics-text", False),         # past what is read
 ])

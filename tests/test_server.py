@@ -1,12 +1,22 @@
 """The HTTP surface over a real socket: formats, compression, pages, auth and TLS."""
 
+import asyncio
 import gzip
+import logging
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+import structlog
 
 from balance_exporter.exposition import ExpositionCache
-from balance_exporter.server import ListenAddress, build_app
+from balance_exporter.server import (
+    ListenAddress,
+    WebOptions,
+    WebServer,
+    _AcceptErrorLog,
+    build_app,
+)
 from tests.conftest import Serve
 from tests.helpers import fixed_store
 
@@ -124,3 +134,92 @@ async def test_gzip_q_0_and_openmetrics_q_0_are_honoured(server: str) -> None:
         assert "Content-Encoding" not in response.headers
         assert response.headers["Content-Type"].startswith("text/plain")
         assert not (await response.text()).endswith("# EOF\n")
+
+
+@pytest.fixture
+async def guarded() -> AsyncIterator[WebServer]:
+    """The real server with a short idle timeout and a small connection cap."""
+    options = WebOptions(listen_address=ListenAddress("127.0.0.1", 0), idle_timeout_seconds=0.5,
+                         max_connections=10)
+    server = WebServer(ExpositionCache(fixed_store(), process_metrics=False), options)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def slow_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A slowloris client: a request line and one header, and then nothing."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    await writer.drain()
+    return reader, writer
+
+
+async def test_slow_headers_are_closed_after_the_idle_timeout(guarded: WebServer) -> None:
+    assert guarded.port is not None
+    reader, writer = await slow_client(guarded.port)
+    # The server hangs up (EOF) instead of waiting for the rest of the headers for ever; the
+    # limit only guards against a hang.
+    assert await asyncio.wait_for(reader.read(), timeout=15) == b""
+    writer.close()
+
+
+async def test_a_flood_of_slow_connections_cannot_lock_a_scrape_out(
+    guarded: WebServer, http: aiohttp.ClientSession
+) -> None:
+    assert guarded.port is not None
+    flood = [await slow_client(guarded.port) for _ in range(30)]
+    async with http.get(f"http://127.0.0.1:{guarded.port}/metrics") as response:
+        assert response.status == 200
+        assert "gemini_balance_amount" in await response.text()
+    await asyncio.sleep(0.1)
+    still_open = [reader for reader, _ in flood if not reader.at_eof()]
+    assert len(still_open) <= 10  # the oldest were closed to make room
+    for _, writer in flood:
+        writer.close()
+
+
+def test_accept_errors_are_logged_once_per_interval() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        handler = _AcceptErrorLog(loop)
+        context = {"message": "socket.accept() out of system resource",
+                   "exception": OSError(24, "Too many open files")}
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(1000):
+                handler(loop, context)
+    finally:
+        loop.close()
+    assert [entry["event"] for entry in logs] == ["cannot accept HTTP connections"]
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_bad_requests_log_one_short_line_not_a_traceback(guarded: WebServer) -> None:
+    assert guarded.port is not None
+    records = Records()
+    aiohttp_server = logging.getLogger("aiohttp.server")
+    aiohttp_server.addHandler(records)
+    try:
+        for raw in (b"GET /metrics HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", b"GARBAGE\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nX: " + b"a" * 10_000 + b"\r\n\r\n") * 20:
+            reader, writer = await asyncio.open_connection("127.0.0.1", guarded.port)
+            writer.write(raw)
+            await writer.drain()
+            assert (await reader.read(12)).endswith(b"400")
+            writer.close()
+    finally:
+        aiohttp_server.removeHandler(records)
+    assert len(records.records) == 1  # 60 bad requests, one line in this interval
+    (record,) = records.records
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None
+    assert "\n" not in record.getMessage()
+    assert record.getMessage().startswith("bad HTTP request answered 400: ")
