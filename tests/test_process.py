@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -253,3 +254,23 @@ def test_a_malformed_listen_address_is_a_bad_flag_exit_2(
     assert "--web.listen-address" in result.stderr
     assert f"{address!r} is not HOST:PORT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_simulate_writes_its_config_with_secrets_readable_by_the_owner_only(
+    tmp_path: Path,
+) -> None:
+    written = tmp_path / "exporter.yml"
+    written.write_text("old, world-readable")
+    written.chmod(0o644)
+    port = free_port()
+    process = subprocess.Popen(command("simulate", "--listen", f"127.0.0.1:{port}",
+                                       "--write-config", str(written)),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: "api_secret" in written.read_text(), "the written config")
+        assert stat.S_IMODE(written.stat().st_mode) == 0o600
+        document = yaml.safe_load(written.read_text())
+        assert {key["name"] for key in document["keys"]} == {"treasury", "savings"}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
