@@ -10,7 +10,6 @@ import os
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_FLOOR, Context, Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -27,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from balance_exporter.precision import Precision
 
 GEMINI_RATE_LIMIT_PER_SECOND = 10.0  # 600 requests per minute
 GEMINI_RECOMMENDED_PER_SECOND = 5.0
@@ -45,9 +46,6 @@ MAX_DURATION_SECONDS = 86400.0
 MIN_SECRET_LENGTH = 10
 MAX_CREDENTIAL_LENGTH = 256
 MAX_REPLY_BYTES_LIMIT = 64 * 1024 * 1024
-
-# Plenty for 19 fraction digits after a large integer part; Decimal's default (28) is not.
-_DECIMAL_CONTEXT = Context(prec=80, rounding=ROUND_FLOOR)
 
 NonceUnit = Literal["milliseconds", "seconds"]
 LabelText = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
@@ -233,23 +231,6 @@ def config_warnings(settings: ExporterSettings) -> list[str]:
         for index, key in enumerate(settings.keys)
         if key.requests_per_second > GEMINI_RECOMMENDED_PER_SECOND
     ]
-
-
-class Precision:
-    """Decimal places to floor each currency to; currencies are matched case-insensitively.
-
-    A config value: the reply parser is handed one and floors every amount with it."""
-
-    def __init__(self, places: Mapping[str, int], default_places: int) -> None:
-        self._places = {currency.upper(): value for currency, value in places.items()}
-        self.default_places = default_places
-
-    def places_for(self, currency: str) -> int:
-        return self._places.get(currency.upper(), self.default_places)
-
-    def floor(self, value: Decimal, currency: str) -> Decimal:
-        quantum = Decimal(1).scaleb(-self.places_for(currency))
-        return value.quantize(quantum, context=_DECIMAL_CONTEXT)
 
 
 @dataclass(frozen=True)

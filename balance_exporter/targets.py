@@ -5,8 +5,10 @@ it and the scheduler, the store and the exposition all work from the same target
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from balance_exporter.config import Config
+if TYPE_CHECKING:  # a type only: the store and exposition import targets, not pydantic
+    from balance_exporter.config import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +32,7 @@ class AccountTarget:
         return (self.label, self.key_name, self.gemini_account, self.show_pending_balances)
 
 
-def plan_targets(config: Config) -> list[AccountTarget]:
+def plan_targets(config: "Config") -> list[AccountTarget]:
     """Each account's target, with the interval stretched to what its key's budget allows."""
     settings = config.settings
     rates = {key.name: key.requests_per_second for key in settings.keys}

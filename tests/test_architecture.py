@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).parent.parent / "balance_exporter"
 STAGES: tuple[tuple[str, ...], ...] = (
     # Shared by every stage: the version and the log set-up with its secret redactor.
     ("__init__", "logging"),
-    ("config",),
+    # The config, and the one config value the parser is handed (kept free of pydantic).
+    ("precision", "config"),
     ("targets",),
     # The Gemini client: signing, nonces, HTTP, typed errors, reply parsing and validation.
     ("gemini", "gemini.signing", "gemini.nonce", "gemini.errors", "gemini.client",

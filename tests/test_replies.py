@@ -3,7 +3,6 @@ from decimal import Decimal
 
 import pytest
 
-from balance_exporter.config import Precision
 from balance_exporter.gemini.errors import MalformedReply
 from balance_exporter.gemini.replies import (
     BalanceReply,
@@ -11,6 +10,7 @@ from balance_exporter.gemini.replies import (
     parse_balances_reply,
     parse_timestamp_ns,
 )
+from balance_exporter.precision import Precision
 
 PRECISION = Precision({"USD": 2, "BTC": 8}, default_places=8)
 RULES = ReplyRules(PRECISION, max_timestamp_skew_seconds=300)

@@ -7,9 +7,9 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balance_exporter.config import Precision
 from balance_exporter.gemini.errors import MalformedReply
 from balance_exporter.gemini.replies import BalanceReply, ReplyRules, parse_balances_reply
+from balance_exporter.precision import Precision
 
 RULES = ReplyRules(Precision({"USD": 2}, default_places=8), max_timestamp_skew_seconds=300)
 NOW_NS = 1_800_000_000 * 10**9

@@ -8,7 +8,7 @@ import pytest
 import structlog
 from pydantic import SecretStr
 
-from balance_exporter.config import Credentials, Precision, build_config
+from balance_exporter.config import Credentials, build_config
 from balance_exporter.gemini.client import new_session
 from balance_exporter.gemini.errors import (
     GeminiError,
@@ -18,6 +18,7 @@ from balance_exporter.gemini.errors import (
 )
 from balance_exporter.gemini.nonce import NonceSource
 from balance_exporter.gemini.replies import ReplyRules
+from balance_exporter.precision import Precision
 from balance_exporter.scheduler import (
     Backoffs,
     KeyPacing,

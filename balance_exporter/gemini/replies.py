@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from balance_exporter.config import Precision
 from balance_exporter.gemini.errors import MalformedReply
+from balance_exporter.precision import Precision
 
 _ISO_TIMESTAMP = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
