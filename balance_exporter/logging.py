@@ -4,6 +4,7 @@ Secrets are redacted twice: nothing logs them on purpose, and the redactor rewri
 configured secret value (and any field named like a secret) should one slip into an event.
 """
 
+import json
 import logging
 import sys
 from collections.abc import Iterable
@@ -25,8 +26,12 @@ class SecretRedactor:
         self._secrets: tuple[str, ...] = ()
 
     def set_secrets(self, secrets: Iterable[str]) -> None:
-        # Longest first, so a secret that contains another is blanked whole.
-        self._secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+        # Each secret also as repr() and JSON write it (a backslash or quote doubled), since it
+        # may reach an event inside the repr of something else. Longest first, so a secret that
+        # contains another is blanked whole.
+        forms = {form for secret in secrets if secret
+                 for form in (secret, repr(secret)[1:-1], json.dumps(secret)[1:-1])}
+        self._secrets = tuple(sorted(forms, key=len, reverse=True))
 
     def _scrub(self, value: str) -> str:
         for secret in self._secrets:

@@ -35,13 +35,18 @@ IDLE_TIMEOUT_SECONDS = 30.0
 ACCEPT_ERROR_LOG_INTERVAL_SECONDS = 10.0
 
 
+# Descriptors the process needs besides HTTP connections (about 50 measured: the event loop,
+# Gemini connections, resolver threads, logs), with room to spare.
+RESERVED_DESCRIPTORS = 64
+
+
 def default_max_connections() -> int:
-    """Half the descriptors this process may open, within [8, 512]: the rest stays for the
-    pollers, the log and the state file, so a flood of connections cannot starve them."""
+    """Half the descriptors left after the reserve, within [8, 512]: a flood of connections
+    cannot starve the pollers, the log or the state file."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 512
-    return max(8, min(512, soft // 2))
+    return max(8, min(512, (soft - RESERVED_DESCRIPTORS) // 2))
 
 EXPOSITION_KEY = web.AppKey("exposition", ExpositionCache)
 TELEMETRY_PATH_KEY = web.AppKey("telemetry_path", str)

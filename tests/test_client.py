@@ -128,7 +128,7 @@ async def test_concurrent_requests_on_one_key_go_one_at_a_time_in_nonce_order(
     (502, b"<html><title>502 Bad Gateway</title></html>", TransientError, "HTTP502"),
     (200, error_body("InvalidSignature"), RequestRejected, "InvalidSignature"),
     (302, b"", RequestRejected, "Redirect"),
-    (400, error_body("SomethingNew" * 20, "x" * 1_000_000), RequestRejected, "Other"),
+    (400, error_body("SomethingNew" * 20, "x" * 50_000), RequestRejected, "Other"),
     (400, error_body("InvalidSignature", "x" * 5_000_000), MalformedReply, "ReplyTooLarge"),
 ])
 async def test_failures_become_typed_errors_keeping_the_reason(
@@ -207,3 +207,18 @@ def test_retry_after_takes_seconds_or_an_http_date(
 ) -> None:
     now = 1445412480.0  # 07:28:00 that day
     assert parse_retry_after(header, now=now) == expected
+
+
+async def test_a_large_error_like_body_is_not_parsed_on_the_event_loop(
+    client: GeminiClient, key: Credentials, nonces: NonceSource
+) -> None:
+    big = json.dumps({"result": "error", "reason": "InvalidSignature",
+                      "message": "x" * 100_000}).encode()
+    with aioresponses() as mocked:
+        mocked.post(URL_BALANCES, status=200, body=big)
+        mocked.post(URL_BALANCES, status=400, body=big)
+        # Returned as a body (the reply parser rejects it, in a thread), not read as an error.
+        assert await client.fetch_balances(key, nonces, "primary", False) == big
+        with pytest.raises(RequestRejected) as caught:
+            await client.fetch_balances(key, nonces, "primary", False)
+    assert caught.value.reason == "HTTP400"

@@ -64,3 +64,14 @@ def test_level_filters(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert "quiet" not in err
     assert "loud" in err
+
+
+def test_a_secret_is_blanked_also_where_repr_escaped_it(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("debug", "json")
+    secret = 'TOPSECRET\\with"quote'
+    redactor.set_secrets([secret])
+    structlog.get_logger("t").error("failed", detail=repr({"secret": secret}),
+                                    error=ValueError(secret))
+    line = capsys.readouterr().err
+    assert "TOPSECRET" not in line
+    assert REDACTED in line

@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import signal
 import socket
 import stat
@@ -274,3 +275,39 @@ def test_simulate_writes_its_config_with_secrets_readable_by_the_owner_only(
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_a_slowloris_flood_under_a_low_descriptor_limit_leaves_metrics_up(
+    config_path: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    log_path = tmp_path / "exporter.log"
+
+    def low_descriptor_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            console_script("--config.file", str(config_path),
+                           "--web.listen-address", f"127.0.0.1:{port}"),
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=low_descriptor_limit)
+    flood: list[socket.socket] = []
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http_get(f"{url}/-/ready")[0] == 200, "exporter ready")
+        for _ in range(150):  # more slow clients than the exporter may hold descriptors
+            client = socket.create_connection(("127.0.0.1", port), timeout=5)
+            client.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            flood.append(client)
+        status, body = http_get(f"{url}/metrics")
+        assert status == 200
+        assert "gemini_balance_amount" in body
+        assert process.poll() is None
+        logs = log_path.read_text()
+        assert logs.count("Traceback") == 0
+        assert logs.count("too many HTTP connections") <= 1  # once per interval, not per client
+    finally:
+        for client in flood:
+            client.close()
+        process.kill()
+        process.wait()

@@ -34,6 +34,9 @@ _READ_CHUNK_BYTES = 64 * 1024
 _MAX_RETRY_AFTER_DIGITS = 12
 # gzip or zlib, told apart by their headers.
 _GZIP_OR_ZLIB = 32 + zlib.MAX_WBITS
+# Gemini's error objects are a few hundred bytes. A larger body is never read as one here, on the
+# event loop: it goes to the reply parser, which parses large bodies in a thread.
+MAX_ERROR_OBJECT_BYTES = 64 * 1024
 
 
 def new_session(user_agent: str) -> aiohttp.ClientSession:
@@ -117,6 +120,8 @@ def _error_from_reply(status: int, body: bytes, retry_after: float | None) -> Ge
     reason: str | None = None
     message = ""
     try:
+        if len(body) > MAX_ERROR_OBJECT_BYTES:
+            raise ValueError("too large for an error object")
         document = json.loads(body)
     except (ValueError, RecursionError):
         snippet = body[:80].decode("utf-8", "replace").strip()
@@ -129,7 +134,7 @@ def _error_from_reply(status: int, body: bytes, retry_after: float | None) -> Ge
 
 
 def _is_error_object(body: bytes) -> bool:
-    if not body.lstrip().startswith(b"{"):
+    if len(body) > MAX_ERROR_OBJECT_BYTES or not body.lstrip().startswith(b"{"):
         return False
     try:
         document = json.loads(body)
