@@ -7,6 +7,7 @@ Bodies are read, and decompressed, only up to a cap, so a huge reply or a gzip b
 poll and a bounded amount of memory.
 """
 
+import asyncio
 import json
 import math
 import ssl
@@ -30,6 +31,7 @@ from balance_exporter.gemini.signing import PayloadValue, encode_payload, signed
 BALANCES_PATH = "/v1/balances"
 DEFAULT_MAX_REPLY_BYTES = 4 * 1024 * 1024
 _READ_CHUNK_BYTES = 64 * 1024
+_INFLATE_STEP_BYTES = 256 * 1024
 # Longer than any sane delay in seconds (a year is 8 digits); longer text is no number.
 _MAX_RETRY_AFTER_DIGITS = 12
 # gzip or zlib, told apart by their headers.
@@ -80,21 +82,24 @@ def _too_large(limit: int, status: int) -> MalformedReply:
 
 async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body, decompressed, or MalformedReply(ReplyTooLarge) as soon as it passes `limit`:
-    never more than `limit` bytes (plus one chunk) are held."""
+    never more than `limit` bytes (plus one step) are held."""
     decoder = _decoder(response.headers.get("Content-Encoding", "").strip().lower())
     pieces: list[bytes] = []
     size = 0
     try:
         async for chunk in response.content.iter_chunked(_READ_CHUNK_BYTES):
-            data = chunk
-            if decoder is not None:
-                data = decoder.decompress(chunk, limit - size + 1)
-                if decoder.unconsumed_tail:  # more output waits than the cap leaves room for
+            pending = chunk
+            while pending:
+                # A compressed chunk may inflate a thousandfold: a step at a time, with the loop
+                # free between steps.
+                data = decoder.decompress(pending, _INFLATE_STEP_BYTES) if decoder else pending
+                pending = decoder.unconsumed_tail if decoder else b""
+                size += len(data)
+                if size > limit:
                     raise _too_large(limit, response.status)
-            size += len(data)
-            if size > limit:
-                raise _too_large(limit, response.status)
-            pieces.append(data)
+                pieces.append(data)
+                if pending:
+                    await asyncio.sleep(0)
         if decoder is not None:
             pieces.append(decoder.flush())
     except zlib.error as error:

@@ -5,6 +5,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -165,22 +166,29 @@ def _balance_rows(
     return rows
 
 
+@functools.cache
+def huge_segments(gzipped: bool) -> tuple[bytes, bytes, bytes]:
+    """The first, repeated and last pieces of a huge body: a JSON array of blanks, a megabyte a
+    piece. Gzipped, with a window of blanks behind it every megabyte compresses to the same
+    bytes, so a bomb of any size is these three pieces, made once."""
+    blank = b" " * HUGE_CHUNK_BYTES
+    first, repeated, last = b"[" + blank[1:], blank, b"]"
+    if gzipped:
+        compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        first = compressor.compress(first) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        repeated = compressor.compress(repeated) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        last = compressor.compress(last) + compressor.flush()
+    return first, repeated, last
+
+
 async def _huge_reply(request: web.Request, fault: Fault) -> web.StreamResponse:
-    """A body of `size_bytes` (a JSON array of blanks), gzipped if asked: then a gzip bomb. With
-    a window of blanks behind it, every megabyte of blanks compresses to the same bytes, so the
-    bomb is made once per megabyte and repeated."""
+    """A body of about `size_bytes` (whole megabytes), gzipped if asked: then a gzip bomb."""
     headers = {"Content-Type": "application/json"}
     if fault.gzip:
         headers["Content-Encoding"] = "gzip"
     response = web.StreamResponse(status=200, headers=headers)
     await response.prepare(request)
-    blank = b" " * HUGE_CHUNK_BYTES
-    first, repeated, last = b"[" + blank[1:], blank, b"]"
-    if fault.gzip:
-        compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-        first = compressor.compress(first) + compressor.flush(zlib.Z_SYNC_FLUSH)
-        repeated = compressor.compress(repeated) + compressor.flush(zlib.Z_SYNC_FLUSH)
-        last = compressor.compress(last) + compressor.flush()
+    first, repeated, last = huge_segments(fault.gzip)
     with contextlib.suppress(ConnectionError):  # the client hung up, as it should
         await response.write(first)
         for _ in range(1, fault.size_bytes // HUGE_CHUNK_BYTES):
