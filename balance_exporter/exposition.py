@@ -23,6 +23,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.registry import Collector
 
 from balance_exporter.metrics import (
+    ExporterCounters,
     account_families,
     exporter_families,
     register_process_collectors,
@@ -154,7 +155,7 @@ class ExpositionCache:
 
     def __init__(self, store: BalanceStore, process_metrics: bool = True) -> None:
         self.store = store
-        self.collect_errors = 0
+        self.counters = ExporterCounters()
         self._caches = {TEXT.content_type: _FormatCache(TEXT),
                         OPENMETRICS.content_type: _FormatCache(OPENMETRICS)}
         self._tail = CollectorRegistry(auto_describe=False)
@@ -210,7 +211,7 @@ class ExpositionCache:
                 raise ValueError(f"{len(samples)} families rendered, {len(cache.headers)} known")
         except Exception:
             # Never into the scrape: keep what was rendered before (or nothing), and count it.
-            self.collect_errors += 1
+            self.counters.collect_errors += 1
             log.exception("rendering an account failed", account=label)
             if label not in cache.accounts:
                 cache.accounts[label] = _Fragments(snapshot, [b""] * len(cache.headers),
@@ -248,4 +249,4 @@ class _TailCollector(Collector):
         return []
 
     def collect(self) -> Iterable[Metric]:
-        return exporter_families(self._cache.store, self._cache.collect_errors)
+        return exporter_families(self._cache.store, self._cache.counters)

@@ -169,7 +169,33 @@ def account_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
     yield from _health_families(accounts)
 
 
-def exporter_families(store: BalanceStore, collect_errors: int) -> Iterator[Metric]:
+@dataclass
+class ExporterCounters:
+    """The exporter's own troubles that are not an account's or a key's: each is logged (once
+    per interval where it can flood) and counted here."""
+
+    collect_errors: int = 0  # an account's samples failed to render
+    http_bad_requests: int = 0  # malformed requests, answered 400
+    http_accept_errors: int = 0  # accept() failed (out of descriptors)
+    http_connections_closed: int = 0  # closed to make room under the connection cap
+
+
+_EXPORTER_COUNTERS = (
+    ("gemini_exporter_collect_errors", "collect_errors",
+     "Times an account's samples could not be rendered for /metrics (its previously rendered "
+     "samples, or none, were served instead)."),
+    ("gemini_exporter_http_bad_requests", "http_bad_requests",
+     "Malformed HTTP requests answered 400 (bad headers, oversized lines; a garbled request "
+     "line, as from port scanners, is answered without being counted)."),
+    ("gemini_exporter_http_accept_errors", "http_accept_errors",
+     "Times accepting an HTTP connection failed (out of file descriptors, say)."),
+    ("gemini_exporter_http_connections_closed", "http_connections_closed",
+     "HTTP connections closed to make room under the connection cap (a flood, or slow "
+     "clients)."),
+)
+
+
+def exporter_families(store: BalanceStore, counters: ExporterCounters) -> Iterator[Metric]:
     """The families that are not per account: keys, build, and the collector's own errors."""
     keys = store.key_counters()
     for name, help_text, field in (
@@ -193,11 +219,12 @@ def exporter_families(store: BalanceStore, collect_errors: int) -> Iterator[Metr
     build = InfoMetricFamily("gemini_exporter_build", "The exporter's version.", labels=["version"])
     build.add_metric([__version__], {})
     yield build
+    for name, field, help_text in _EXPORTER_COUNTERS:
+        yield CounterMetricFamily(name, help_text, value=getattr(counters, field))
     yield CounterMetricFamily(
-        "gemini_exporter_collect_errors",
-        "Times an account's samples could not be rendered for /metrics (its previously "
-        "rendered samples, or none, were served instead).",
-        value=collect_errors)
+        "gemini_exporter_state_save_errors",
+        "Times saving the --storage.path state failed (it is saved again later).",
+        value=store.state_save_errors)
 
 
 class BalanceCollector(Collector):
@@ -213,7 +240,7 @@ class BalanceCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         yield from account_families(self._store.account_snapshots())
-        yield from exporter_families(self._store, collect_errors=0)
+        yield from exporter_families(self._store, ExporterCounters())
 
 
 def register_process_collectors(registry: CollectorRegistry) -> None:

@@ -18,6 +18,7 @@ from aiohttp.typedefs import Middleware
 
 from balance_exporter import __version__
 from balance_exporter.exposition import ExpositionCache
+from balance_exporter.metrics import ExporterCounters
 from balance_exporter.store import AccountSnapshot
 from balance_exporter.webconfig import BasicAuth, WebConfig, ssl_context
 
@@ -190,10 +191,10 @@ class _CappedConnections:
     closes the oldest open one, which under a flood is one of the flood's slow ones (a scrape
     takes milliseconds), so a flood cannot lock Prometheus out."""
 
-    def __init__(self, server: web.Server, limit: int) -> None:
+    def __init__(self, server: web.Server, limit: int, counters: ExporterCounters) -> None:
         self._server = server
         self._limit = limit
-        self.closed_for_room = 0
+        self._counters = counters
         self._last_logged = float("-inf")
 
     def __call__(self) -> asyncio.Protocol:
@@ -201,12 +202,13 @@ class _CappedConnections:
                             if handler.transport is not None]
         if len(open_connections) >= self._limit:
             open_connections[0].force_close()
-            self.closed_for_room += 1
+            self._counters.http_connections_closed += 1
             now = time.monotonic()
             if now - self._last_logged >= ACCEPT_ERROR_LOG_INTERVAL_SECONDS:
                 self._last_logged = now
                 log.warning("too many HTTP connections; closing the oldest ones",
-                            limit=self._limit, closed_so_far=self.closed_for_room)
+                            limit=self._limit,
+                            closed_so_far=self._counters.http_connections_closed)
         return self._server()
 
 
@@ -214,8 +216,9 @@ class _BadRequestLog(logging.Filter):
     """aiohttp logs each malformed request as an error with a traceback: one warning line per
     interval (with how many came since) instead, naming what was wrong. Other records pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, counters: ExporterCounters) -> None:
         super().__init__()
+        self._counters = counters
         self._suppressed = 0
         self._last_logged = float("-inf")
 
@@ -223,6 +226,7 @@ class _BadRequestLog(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         if not isinstance(error, HttpProcessingError):
             return True
+        self._counters.http_bad_requests += 1
         now = time.monotonic()
         if now - self._last_logged < ACCEPT_ERROR_LOG_INTERVAL_SECONDS:
             self._suppressed += 1
@@ -239,7 +243,8 @@ class _AcceptErrorLog:
     """asyncio logs every failed accept() with a traceback (thousands a second when out of
     descriptors): one line per interval with a count instead; anything else as before."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, counters: ExporterCounters) -> None:
+        self._counters = counters
         self._previous = loop.get_exception_handler()
         self._suppressed = 0
         self._last_logged = float("-inf")
@@ -247,6 +252,7 @@ class _AcceptErrorLog:
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         if isinstance(context.get("exception"), OSError) and "accept" in str(
                 context.get("message", "")):
+            self._counters.http_accept_errors += 1
             now = time.monotonic()
             if now - self._last_logged < ACCEPT_ERROR_LOG_INTERVAL_SECONDS:
                 self._suppressed += 1
@@ -266,6 +272,7 @@ class WebServer:
 
     def __init__(self, exposition: ExpositionCache, options: WebOptions) -> None:
         self._options = options
+        self._counters = exposition.counters
         web_config = options.web_config
         middlewares: tuple[Middleware, ...] = ()
         self._auth = (BasicAuth(web_config.basic_auth_users)
@@ -280,7 +287,7 @@ class WebServer:
             keepalive_timeout=options.idle_timeout_seconds,
         )
         self._listener: asyncio.Server | None = None
-        self._bad_requests = _BadRequestLog()
+        self._bad_requests = _BadRequestLog(self._counters)
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -288,10 +295,11 @@ class WebServer:
         context = ssl_context(self._tls) if self._tls else None
         await self._runner.setup()
         loop = asyncio.get_running_loop()
-        loop.set_exception_handler(_AcceptErrorLog(loop))
+        loop.set_exception_handler(_AcceptErrorLog(loop, self._counters))
         logging.getLogger("aiohttp.server").addFilter(self._bad_requests)
         assert self._runner.server is not None  # made by setup()
-        connections = _CappedConnections(self._runner.server, self._options.max_connections)
+        connections = _CappedConnections(self._runner.server, self._options.max_connections,
+                                         self._counters)
         try:
             self._listener = await loop.create_server(
                 connections, address.host, address.port, ssl=context, reuse_address=True)

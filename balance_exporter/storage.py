@@ -81,7 +81,6 @@ class StatePersister:
         self._store = store
         self._directory = directory
         self._saved: dict[str, SavedStamp] | None = None
-        self.failures = 0
 
     async def save_if_changed(self) -> None:
         stamps = self._store.saved_stamps()
@@ -90,9 +89,10 @@ class StatePersister:
         try:
             await asyncio.to_thread(save_stamps, self._directory, stamps)
         except OSError as error:
-            self.failures += 1
+            self._store.record_state_save_error()
             log.error("saving state failed; stamps are kept in memory and saved again later",
-                      path=str(self._directory), error=str(error)[:200], failures=self.failures)
+                      path=str(self._directory), error=str(error)[:200],
+                      failures=self._store.state_save_errors)
             return
         self._saved = stamps
 

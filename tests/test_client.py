@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import hmac
 import json
@@ -222,3 +223,48 @@ async def test_a_large_error_like_body_is_not_parsed_on_the_event_loop(
         with pytest.raises(RequestRejected) as caught:
             await client.fetch_balances(key, nonces, "primary", False)
     assert caught.value.reason == "HTTP400"
+
+
+@pytest.mark.parametrize("gzipped", [False, True], ids=["plain", "gzip"])
+async def test_the_reply_cap_holds_at_and_just_past_its_size(
+    key: Credentials, nonces: NonceSource, gzipped: bool
+) -> None:
+    def body(size: int) -> bytes:
+        data = b"[" + b" " * (size - 2) + b"]"
+        return gzip.compress(data) if gzipped else data
+
+    headers = {"Content-Encoding": "gzip"} if gzipped else {}
+    async with new_session("test") as session:
+        capped = GeminiClient(session, BASE, timeout_seconds=5, max_reply_bytes=100_000)
+        with aioresponses() as mocked:
+            mocked.post(URL_BALANCES, status=200, body=body(100_000), headers=headers)
+            mocked.post(URL_BALANCES, status=200, body=body(100_001), headers=headers)
+            assert len(await capped.fetch_balances(key, nonces, None, False)) == 100_000
+            with pytest.raises(MalformedReply) as caught:
+                await capped.fetch_balances(key, nonces, None, False)
+    assert caught.value.reason == "ReplyTooLarge"
+
+
+@pytest.mark.parametrize(("size", "reason"), [(64 * 1024, "InvalidSignature"),
+                                              (64 * 1024 + 1, "HTTP400")])
+async def test_error_objects_are_read_up_to_64_kib(
+    client: GeminiClient, key: Credentials, nonces: NonceSource, size: int, reason: str
+) -> None:
+    head = b'{"result":"error","reason":"InvalidSignature","message":"'
+    raw = head + b"x" * (size - len(head) - 2) + b'"}'
+    assert len(raw) == size
+    with aioresponses() as mocked:
+        mocked.post(URL_BALANCES, status=400, body=raw)
+        with pytest.raises(RequestRejected) as caught:
+            await client.fetch_balances(key, nonces, "primary", False)
+    assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize(("header", "expected"), [("9" * 12, 999999999999.0), ("9" * 13, None)])
+def test_retry_after_digits_are_bounded(header: str, expected: float | None) -> None:
+    assert parse_retry_after(header) == expected
+
+
+def test_upstream_messages_are_cut_at_300_characters() -> None:
+    assert GeminiError("System", "x" * 300).message == "x" * 300
+    assert GeminiError("System", "x" * 301).message.startswith("x" * 300 + "… (301")

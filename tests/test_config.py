@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from balance_exporter.config import ConfigError, load_config
+from balance_exporter.config import ConfigError, build_config, load_config
 
 CONFIGS = Path(__file__).parent / "testdata" / "config"
 GOOD = sorted((CONFIGS / "good").glob("*.yml"))
@@ -138,3 +138,35 @@ def test_secret_files_are_reread_on_each_load(tmp_path: Path) -> None:
     assert load_config(path, {}).credentials["k"].api_secret.get_secret_value() == "first-secret"
     secret.write_text("second-secret")
     assert load_config(path, {}).credentials["k"].api_secret.get_secret_value() == "second-secret"
+
+
+def one_key(**fields: object) -> dict[str, object]:
+    key = {"name": "k", "api_key": "account-k", "api_secret": "TOPSECRET-1", **fields}
+    return {"keys": [key], "accounts": [{"key": "k"}]}
+
+
+@pytest.mark.parametrize(("secret", "valid"), [
+    ("x" * 9, False), ("x" * 10, True), ("x" * 256, True), ("x" * 257, False),
+])
+def test_secret_length_is_bounded_at_both_ends(secret: str, valid: bool) -> None:
+    document = one_key(api_secret=secret)
+    if valid:
+        assert build_config(document, {}).credentials["k"].api_secret.get_secret_value() == secret
+    else:
+        with pytest.raises(ConfigError, match=r"keys\[0\]\.api_secret") as caught:
+            build_config(document, {})
+        assert secret not in str(caught.value)
+
+
+@pytest.mark.parametrize(("seconds", "valid"), [(86400, True), (86400.5, False)])
+def test_durations_are_bounded_at_one_day(seconds: float, valid: bool) -> None:
+    document = {**one_key(), "polling": {"max_backoff_seconds": seconds,
+                                         "rejected_retry_seconds": seconds},
+                "gemini": {"max_timestamp_skew_seconds": seconds}}
+    document["accounts"] = [{"key": "k", "interval_seconds": seconds}]
+    if valid:
+        assert build_config(document, {}).settings.polling.max_backoff_seconds == seconds
+    else:
+        with pytest.raises(ConfigError) as caught:
+            build_config(document, {})
+        assert len(caught.value.problems) == 4  # every duration names its own problem

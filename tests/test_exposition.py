@@ -150,7 +150,7 @@ async def test_an_account_that_fails_to_render_costs_only_itself(
     update(store, "acct-1", 99)
     update(store, "acct-2", 99)
     after = await fast(cache)
-    assert cache.collect_errors == 1
+    assert cache.counters.collect_errors == 1
     assert b"gemini_exporter_collect_errors_total 1.0" in after
     # acct-1 keeps its last rendered samples; acct-2 shows its new ones.
     line = b'gemini_balance_amount{account="acct-1",currency="C0"} 1.5\n'

@@ -226,3 +226,31 @@ def test_the_row_limit_is_inclusive() -> None:
 
 def test_an_odd_account_type_is_ignored_not_made_a_label() -> None:
     assert parse(reply(row("BTC", type="Exchange <script>"))).account_type is None
+
+
+def amount_row(amount: str) -> bytes:
+    return (f'[{{"currency":"BTC","amount":{amount},"available":0,'
+            f'"availableForWithdrawal":0}}]').encode()
+
+
+def test_number_length_is_bounded_at_100_characters() -> None:
+    at_bound = "1." + "1" * 98  # 100 characters
+    assert parse(amount_row(at_bound)).balances[0].amount == 1.11111111
+    with pytest.raises(MalformedReply, match="101 characters"):
+        parse(amount_row(at_bound + "1"))
+    with pytest.raises(MalformedReply, match="not a JSON number"):
+        parse(amount_row(f'"{at_bound}1"'))
+
+
+def test_amounts_are_bounded_below_10_to_the_30() -> None:
+    assert parse(amount_row("9.99e29")).balances[0].amount == 9.99e29
+    with pytest.raises(MalformedReply, match="out of range"):
+        parse(amount_row("1e30"))
+    with pytest.raises(MalformedReply, match="out of range"):
+        parse(amount_row('"-1e30"'))
+
+
+def test_timestamps_are_bounded_at_25_digits() -> None:
+    assert parse_timestamp_ns("9" * 25) == int("9" * 25)
+    with pytest.raises(MalformedReply):
+        parse_timestamp_ns("9" * 26)

@@ -350,3 +350,9 @@ async def test_a_worker_that_keeps_crashing_shows_as_not_running() -> None:
     assert False in running
     assert store.stopped_workers() == ["k"]
     assert store.key_counters()[0].worker_restarts > 5
+
+
+@pytest.mark.parametrize(("retry_after", "pause"), [(299.5, 299.5), (300.0, 300.0),
+                                                     (300.5, 300.0)])
+def test_retry_after_clamp_at_and_past_the_bound(retry_after: float, pause: float) -> None:
+    assert schedule(1).rate_limited(now=0.0, retry_after=retry_after) == pause

@@ -10,6 +10,7 @@ import pytest
 import structlog
 
 from balance_exporter.exposition import ExpositionCache
+from balance_exporter.metrics import ExporterCounters
 from balance_exporter.server import (
     ListenAddress,
     WebOptions,
@@ -177,6 +178,10 @@ async def test_a_flood_of_slow_connections_cannot_lock_a_scrape_out(
     await asyncio.sleep(0.1)
     still_open = [reader for reader, _ in flood if not reader.at_eof()]
     assert len(still_open) <= 10  # the oldest were closed to make room
+    async with http.get(f"http://127.0.0.1:{guarded.port}/metrics") as response:
+        closed = [line for line in (await response.text()).splitlines()
+                  if line.startswith("gemini_exporter_http_connections_closed_total ")]
+    assert float(closed[0].split()[1]) >= 20
     for _, writer in flood:
         writer.close()
 
@@ -184,7 +189,8 @@ async def test_a_flood_of_slow_connections_cannot_lock_a_scrape_out(
 def test_accept_errors_are_logged_once_per_interval() -> None:
     loop = asyncio.new_event_loop()
     try:
-        handler = _AcceptErrorLog(loop)
+        counters = ExporterCounters()
+        handler = _AcceptErrorLog(loop, counters)
         context = {"message": "socket.accept() out of system resource",
                    "exception": OSError(24, "Too many open files")}
         with structlog.testing.capture_logs() as logs:
@@ -193,6 +199,7 @@ def test_accept_errors_are_logged_once_per_interval() -> None:
     finally:
         loop.close()
     assert [entry["event"] for entry in logs] == ["cannot accept HTTP connections"]
+    assert counters.http_accept_errors == 1000  # every one counted, one logged
 
 
 class Records(logging.Handler):
@@ -220,6 +227,12 @@ async def test_bad_requests_log_one_short_line_not_a_traceback(guarded: WebServe
     finally:
         aiohttp_server.removeHandler(records)
     assert len(records.records) == 1  # 60 bad requests, one line in this interval
+    samples = {line.split(" ")[0]: line.split(" ")[1] for line in (await (await aiohttp.request(
+        "GET", f"http://127.0.0.1:{guarded.port}/metrics").__aenter__()).text()).splitlines()
+        if line.startswith("gemini_exporter_http")}
+    # Bad headers and oversized lines are counted; a garbled request line aiohttp answers 400
+    # without reporting it (port scanners, TLS spoken to a plain port), so it is not.
+    assert samples["gemini_exporter_http_bad_requests_total"] == "40.0"
     (record,) = records.records
     assert record.levelno == logging.WARNING
     assert record.exc_info is None

@@ -95,3 +95,18 @@ async def test_after_a_restart_a_stale_first_reply_is_ignored(
 async def _has_fresh_btc(http: aiohttp.ClientSession, service: Service) -> bool:
     samples = await scrape(http, service.url)
     return sample(samples, "gemini_balance_amount", account="alpha", currency="BTC") == 5.12345678
+
+
+def test_a_state_file_past_64_mib_is_not_read(tmp_path: Path) -> None:
+    save_stamps(tmp_path, STAMPS)
+    path = tmp_path / STATE_FILE_NAME
+    with path.open("r+b") as file:  # sparse: no 64 MiB written
+        file.truncate(64 * 1024 * 1024)
+    with structlog.testing.capture_logs() as logs:
+        assert load_stamps(tmp_path, NOW_NS, 300) == {}  # at the bound: read (and corrupt)
+    assert "larger than" not in str(logs)
+    with path.open("r+b") as file:
+        file.truncate(64 * 1024 * 1024 + 1)
+    with structlog.testing.capture_logs() as logs:
+        assert load_stamps(tmp_path, NOW_NS, 300) == {}
+    assert "larger than" in str(logs[0]["error"])
