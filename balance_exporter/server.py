@@ -32,8 +32,9 @@ SHUTDOWN_TIMEOUT_SECONDS = 2.0
 # response is closed: idle keep-alives, and slow (slowloris) headers alike. Prometheus opens a
 # new one when it needs it.
 IDLE_TIMEOUT_SECONDS = 30.0
-# Repeated accept() failures (out of file descriptors) are logged once per this interval.
-ACCEPT_ERROR_LOG_INTERVAL_SECONDS = 10.0
+# Failures that can repeat thousands of times a second (a flood of connections or malformed
+# requests, accept() out of descriptors) are logged once per this interval, with a count.
+LOG_INTERVAL_SECONDS = 10.0
 
 
 # Descriptors the process needs besides HTTP connections (about 50 measured: the event loop,
@@ -165,7 +166,7 @@ class ListenAddress:
 
 
 def _cause(error: OSError) -> str:
-    # aiohttp rewrites the message around the address; the errno says it plainly.
+    # asyncio rewrites the message around the address tuple; the errno says it plainly.
     if error.errno is not None and error.errno > 0:
         return os.strerror(error.errno).lower()
     return (error.strerror or str(error) or type(error).__name__).lower()
@@ -186,6 +187,25 @@ class WebOptions:
     max_connections: int = field(default_factory=default_max_connections)
 
 
+class _Throttle:
+    """Lets a log line through at most once per interval, and counts the ones it held back:
+    what can happen thousands of times a second must not flood the log."""
+
+    def __init__(self, interval_seconds: float = LOG_INTERVAL_SECONDS) -> None:
+        self._interval = interval_seconds
+        self._last = float("-inf")
+        self._held_back = 0
+
+    def allow(self) -> int | None:
+        """None to hold this one back, or how many were held back since the last one."""
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            self._held_back += 1
+            return None
+        held_back, self._held_back, self._last = self._held_back, 0, now
+        return held_back
+
+
 class _CappedConnections:
     """aiohttp's protocol factory, at most `limit` connections at once: a new connection past it
     closes the oldest open one, which under a flood is one of the flood's slow ones (a scrape
@@ -195,7 +215,7 @@ class _CappedConnections:
         self._server = server
         self._limit = limit
         self._counters = counters
-        self._last_logged = float("-inf")
+        self._throttle = _Throttle()
 
     def __call__(self) -> asyncio.Protocol:
         open_connections = [handler for handler in self._server.connections
@@ -203,9 +223,7 @@ class _CappedConnections:
         if len(open_connections) >= self._limit:
             open_connections[0].force_close()
             self._counters.http_connections_closed += 1
-            now = time.monotonic()
-            if now - self._last_logged >= ACCEPT_ERROR_LOG_INTERVAL_SECONDS:
-                self._last_logged = now
+            if self._throttle.allow() is not None:
                 log.warning("too many HTTP connections; closing the oldest ones",
                             limit=self._limit,
                             closed_so_far=self._counters.http_connections_closed)
@@ -219,23 +237,20 @@ class _BadRequestLog(logging.Filter):
     def __init__(self, counters: ExporterCounters) -> None:
         super().__init__()
         self._counters = counters
-        self._suppressed = 0
-        self._last_logged = float("-inf")
+        self._throttle = _Throttle()
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if not isinstance(error, HttpProcessingError):
             return True
         self._counters.http_bad_requests += 1
-        now = time.monotonic()
-        if now - self._last_logged < ACCEPT_ERROR_LOG_INTERVAL_SECONDS:
-            self._suppressed += 1
+        held_back = self._throttle.allow()
+        if held_back is None:
             return False
         record.msg = "bad HTTP request answered 400: %s (%d more since the last such line)"
-        record.args = (" ".join(str(error.message).split())[:200], self._suppressed)
+        record.args = (" ".join(str(error.message).split())[:200], held_back)
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info = record.exc_text = None
-        self._last_logged, self._suppressed = now, 0
         return True
 
 
@@ -246,20 +261,16 @@ class _AcceptErrorLog:
     def __init__(self, loop: asyncio.AbstractEventLoop, counters: ExporterCounters) -> None:
         self._counters = counters
         self._previous = loop.get_exception_handler()
-        self._suppressed = 0
-        self._last_logged = float("-inf")
+        self._throttle = _Throttle()
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         if isinstance(context.get("exception"), OSError) and "accept" in str(
                 context.get("message", "")):
             self._counters.http_accept_errors += 1
-            now = time.monotonic()
-            if now - self._last_logged < ACCEPT_ERROR_LOG_INTERVAL_SECONDS:
-                self._suppressed += 1
-                return
-            log.error("cannot accept HTTP connections", error=str(context["exception"]),
-                      repeated=self._suppressed)
-            self._last_logged, self._suppressed = now, 0
+            held_back = self._throttle.allow()
+            if held_back is not None:
+                log.error("cannot accept HTTP connections", error=str(context["exception"]),
+                          repeated=held_back)
             return
         if self._previous is not None:
             self._previous(loop, context)
