@@ -40,6 +40,7 @@ LOG_INTERVAL_SECONDS = 10.0
 # Descriptors the process needs besides HTTP connections (about 50 measured: the event loop,
 # Gemini connections, resolver threads, logs), with room to spare.
 RESERVED_DESCRIPTORS = 64
+MAX_ACCEPT_BACKLOG = 128
 
 
 def default_max_connections() -> int:
@@ -312,8 +313,11 @@ class WebServer:
         connections = _CappedConnections(self._runner.server, self._options.max_connections,
                                          self._counters)
         try:
+            # asyncio accepts up to `backlog` connections in one pass, before the ones closed
+            # to make room give their descriptors back: a pass must fit in what the cap leaves.
             self._listener = await loop.create_server(
-                connections, address.host, address.port, ssl=context, reuse_address=True)
+                connections, address.host, address.port, ssl=context, reuse_address=True,
+                backlog=max(1, min(MAX_ACCEPT_BACKLOG, self._options.max_connections // 2)))
         except OSError as error:
             await self._runner.cleanup()
             raise ListenError(f"cannot listen on {address}: {_cause(error)}") from None
