@@ -129,6 +129,7 @@ async def test_concurrent_requests_on_one_key_go_one_at_a_time_in_nonce_order(
     (502, b"<html><title>502 Bad Gateway</title></html>", TransientError, "HTTP502"),
     (200, error_body("InvalidSignature"), RequestRejected, "InvalidSignature"),
     (302, b"", RequestRejected, "Redirect"),
+    (304, b"", MalformedReply, "MalformedReply"),  # not a redirect: an unexpected status
     (400, error_body("SomethingNew" * 20, "x" * 50_000), RequestRejected, "Other"),
     (400, error_body("InvalidSignature", "x" * 5_000_000), MalformedReply, "ReplyTooLarge"),
 ])

@@ -206,6 +206,10 @@ HOSTILE_BODIES = {
                      b'"availableForWithdrawal":"0"}]',
     "currency with a quote": b'[{"currency":"B\\"TC","amount":"1","available":"0",'
                              b'"availableForWithdrawal":"0"}]',
+    "one currency twice, in two cases": b'[{"currency":"BTC","amount":"1","available":"0",'
+                                        b'"availableForWithdrawal":"0"},{"currency":"btc",'
+                                        b'"amount":"999","available":"0",'
+                                        b'"availableForWithdrawal":"0"}]',
     "absurd row count": json.dumps([row(f"C{index}") for index in range(2001)]).encode(),
     "huge timestamp": b'[{"currency":"BTC","amount":"1","available":"0",'
                       b'"availableForWithdrawal":"0","_timestamp":' + b"9" * 40 + b"}]",

@@ -20,6 +20,7 @@ from yarl import URL
 
 from balance_exporter.config import Credentials
 from balance_exporter.gemini.errors import (
+    REDIRECT_STATUSES,
     GeminiError,
     MalformedReply,
     TransientError,
@@ -180,7 +181,7 @@ class GeminiClient:
                     allow_redirects=False, proxy=self._proxy, ssl=self._tls,
                 ) as response:
                     status = response.status
-                    if 300 <= status < 400:
+                    if status in REDIRECT_STATUSES:
                         raise classify_error(status, None, _redirect_message(response), None)
                     body = await read_capped(response, self._max_reply_bytes)
                     retry_after = parse_retry_after(response.headers.get("Retry-After"))

@@ -26,6 +26,8 @@ REJECTION_HINTS: dict[str, str] = {
     "RemoteAddressForbidden": "this host's address is not allowed for the key (IP allow-list)",
     "ApiKeyIpFilteringFailure": "this host's address is not allowed for the key (IP allow-list)",
 }
+# Statuses that send a request elsewhere; the client never follows them.
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RATE_LIMIT_REASONS = frozenset({"RateLimit", "RateLimited", "Too Many Requests"})
 TRANSIENT_REASONS = frozenset({"Maintenance", "System"})
 
@@ -116,7 +118,7 @@ def classify_error(status: int, reason: str | None, message: str, retry_after: f
         return RateLimited(reason or "RateLimit", message, status, retry_after)
     if reason in TRANSIENT_REASONS or status >= 500:
         return TransientError(reason or f"HTTP{status}", message, status)
-    if 300 <= status < 400:
+    if status in REDIRECT_STATUSES:
         return RequestRejected("Redirect", message, status)
     if reason is not None:
         return RequestRejected(reason, message, status)

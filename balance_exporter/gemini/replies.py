@@ -214,9 +214,10 @@ def parse_balances_reply(body: bytes, rules: ReplyRules, now_ns: int) -> Balance
     account_types: set[str] = set()
     for index, row in enumerate(document):
         balance, stamp = _parse_row(row, index, rules.precision)
-        if balance.currency in seen:
+        # Precision matches currencies case-insensitively; so does "the same currency twice".
+        if balance.currency.upper() in seen:
             raise MalformedReply(f"row {index}: currency {balance.currency!r} appears twice")
-        seen.add(balance.currency)
+        seen.add(balance.currency.upper())
         balances.append(balance)
         if stamp is not None:
             stamps.append(stamp)
