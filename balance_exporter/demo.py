@@ -4,13 +4,13 @@
 simulator alone and can write an exporter config that points at it.
 """
 
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from balance_exporter.config import build_config
+from balance_exporter.files import write_private_file
 from balance_exporter.server import ListenAddress, WebOptions
 from balance_exporter.service import Service, run_until_signalled, wait_for_stop_signal
 from balance_exporter.simulator.server import start_simulator
@@ -72,14 +72,6 @@ async def run_demo(web_options: WebOptions, drift_seconds: float) -> None:
         await simulator.close()
 
 
-def write_secret_file(path: Path, text: str) -> None:
-    """Write a file that holds secrets, readable by its owner only (also when it existed)."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(descriptor, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-        file.write(text)
-
-
 async def run_simulator(
     listen: ListenAddress, state_document: Any | None, drift_seconds: float,
     write_config: Path | None,
@@ -95,7 +87,8 @@ async def run_simulator(
         if write_config:
             exporter_document = (generic_exporter_document(state, simulator.url) if state_document
                                  else demo_exporter_document(state, simulator.url))
-            write_secret_file(write_config, yaml.safe_dump(exporter_document, sort_keys=False))
+            write_private_file(write_config,
+                               yaml.safe_dump(exporter_document, sort_keys=False))
         print(f"Gemini simulator at {simulator.url}", flush=True)
         await wait_for_stop_signal()
     finally:

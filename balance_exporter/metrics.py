@@ -178,6 +178,10 @@ class ExporterCounters:
     http_bad_requests: int = 0  # malformed requests, answered 400
     http_accept_errors: int = 0  # accept() failed (out of descriptors)
     http_connections_closed: int = 0  # closed to make room under the connection cap
+    state_save_errors: int = 0  # saving the --storage.path state failed
+
+    def count_state_save_error(self) -> None:
+        self.state_save_errors += 1
 
 
 _EXPORTER_COUNTERS = (
@@ -192,6 +196,8 @@ _EXPORTER_COUNTERS = (
     ("gemini_exporter_http_connections_closed", "http_connections_closed",
      "HTTP connections closed to make room under the connection cap (a flood, or slow "
      "clients)."),
+    ("gemini_exporter_state_save_errors", "state_save_errors",
+     "Times saving the --storage.path state failed (it is saved again later)."),
 )
 
 
@@ -221,10 +227,6 @@ def exporter_families(store: BalanceStore, counters: ExporterCounters) -> Iterat
     yield build
     for name, field, help_text in _EXPORTER_COUNTERS:
         yield CounterMetricFamily(name, help_text, value=getattr(counters, field))
-    yield CounterMetricFamily(
-        "gemini_exporter_state_save_errors",
-        "Times saving the --storage.path state failed (it is saved again later).",
-        value=store.state_save_errors)
 
 
 class BalanceCollector(Collector):

@@ -261,7 +261,9 @@ class _AcceptErrorLog:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, counters: ExporterCounters) -> None:
         self._counters = counters
-        self._previous = loop.get_exception_handler()
+        # The loop's handler before this one: everything but accept errors goes to it, and it is
+        # put back when the server stops.
+        self.previous = loop.get_exception_handler()
         self._throttle = _Throttle()
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -273,8 +275,8 @@ class _AcceptErrorLog:
                 log.error("cannot accept HTTP connections", error=str(context["exception"]),
                           repeated=held_back)
             return
-        if self._previous is not None:
-            self._previous(loop, context)
+        if self.previous is not None:
+            self.previous(loop, context)
         else:
             loop.default_exception_handler(context)
 
@@ -299,6 +301,7 @@ class WebServer:
             keepalive_timeout=options.idle_timeout_seconds,
         )
         self._listener: asyncio.Server | None = None
+        self._accept_errors: _AcceptErrorLog | None = None
         self._bad_requests = _BadRequestLog(self._counters)
         self.port: int | None = None
 
@@ -307,7 +310,8 @@ class WebServer:
         context = ssl_context(self._tls) if self._tls else None
         await self._runner.setup()
         loop = asyncio.get_running_loop()
-        loop.set_exception_handler(_AcceptErrorLog(loop, self._counters))
+        self._accept_errors = _AcceptErrorLog(loop, self._counters)
+        loop.set_exception_handler(self._accept_errors)
         logging.getLogger("aiohttp.server").addFilter(self._bad_requests)
         assert self._runner.server is not None  # made by setup()
         connections = _CappedConnections(self._runner.server, self._options.max_connections,
@@ -336,5 +340,7 @@ class WebServer:
             self._listener.close()
         await self._runner.cleanup()
         logging.getLogger("aiohttp.server").removeFilter(self._bad_requests)
+        if self._accept_errors is not None:
+            asyncio.get_running_loop().set_exception_handler(self._accept_errors.previous)
         if self._auth is not None:
             self._auth.close()

@@ -43,9 +43,12 @@ class Service:
                                 config.settings.gemini.max_timestamp_skew_seconds)
                     if storage_path is not None else {})
         self.store = BalanceStore(restored)
-        self._persister = StatePersister(self.store, storage_path) if storage_path else None
+        exposition = ExpositionCache(self.store)
+        self._persister = (StatePersister(self.store, storage_path,
+                                          exposition.counters.count_state_save_error)
+                           if storage_path else None)
         self._persisting: asyncio.Task[None] | None = None
-        self._server = WebServer(ExpositionCache(self.store), web_options)
+        self._server = WebServer(exposition, web_options)
         self._session: aiohttp.ClientSession | None = None
         self._scheduler: Scheduler | None = None
 

@@ -9,12 +9,12 @@ make the exporter stricter.
 
 import asyncio
 import json
-import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import structlog
 
+from balance_exporter.files import write_private_file
 from balance_exporter.store import BalanceStore, SavedStamp
 
 log = structlog.get_logger("balance_exporter.storage")
@@ -65,21 +65,18 @@ def save_stamps(directory: Path, stamps: Mapping[str, SavedStamp]) -> None:
                 "server_timestamp_ns": stamp.server_timestamp_ns}
         for label, stamp in stamps.items()}}
     directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / f".{STATE_FILE_NAME}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-        json.dump(document, file, separators=(",", ":"))
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, directory / STATE_FILE_NAME)
+    write_private_file(directory / STATE_FILE_NAME, json.dumps(document, separators=(",", ":")))
 
 
 class StatePersister:
     """Saves the store's stamps whenever they moved: every few seconds, and once more at stop."""
 
-    def __init__(self, store: BalanceStore, directory: Path) -> None:
+    def __init__(
+        self, store: BalanceStore, directory: Path, on_failure: Callable[[], None]
+    ) -> None:
         self._store = store
         self._directory = directory
+        self._on_failure = on_failure
         self._saved: dict[str, SavedStamp] | None = None
 
     async def save_if_changed(self) -> None:
@@ -89,10 +86,9 @@ class StatePersister:
         try:
             await asyncio.to_thread(save_stamps, self._directory, stamps)
         except OSError as error:
-            self._store.record_state_save_error()
+            self._on_failure()
             log.error("saving state failed; stamps are kept in memory and saved again later",
-                      path=str(self._directory), error=str(error)[:200],
-                      failures=self._store.state_save_errors)
+                      path=str(self._directory), error=str(error)[:200])
             return
         self._saved = stamps
 

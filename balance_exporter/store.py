@@ -67,7 +67,6 @@ class BalanceStore:
         # Stamps from before a restart, for the first configure only: a reply older than its
         # account's is stale, as it would have been had the process not restarted.
         self._restored = dict(restored_stamps or {})
-        self.state_save_errors = 0
 
     def configure(self, targets: Iterable[AccountTarget], key_names: Iterable[str]) -> None:
         """Adopt a (new) set of accounts, keeping what is known of those that did not change."""
@@ -146,9 +145,6 @@ class BalanceStore:
     def record_rate_limited(self, key_name: str) -> None:
         current = self._keys[key_name]
         self._keys[key_name] = replace(current, rate_limited=current.rate_limited + 1)
-
-    def record_state_save_error(self) -> None:
-        self.state_save_errors += 1
 
     def record_worker_running(self, key_name: str, running: bool) -> None:
         if key_name in self._keys:  # a key dropped by a reload has no counters any more

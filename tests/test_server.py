@@ -3,6 +3,7 @@
 import asyncio
 import gzip
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -16,6 +17,7 @@ from balance_exporter.server import (
     WebOptions,
     WebServer,
     _AcceptErrorLog,
+    _Throttle,
     build_app,
 )
 from tests.conftest import Serve
@@ -158,6 +160,17 @@ async def slow_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWr
     return reader, writer
 
 
+async def test_the_loops_exception_handler_is_put_back_at_stop() -> None:
+    loop = asyncio.get_running_loop()
+    before = loop.get_exception_handler()
+    server = WebServer(ExpositionCache(fixed_store(), process_metrics=False),
+                       WebOptions(listen_address=ListenAddress("127.0.0.1", 0)))
+    await server.start()
+    assert loop.get_exception_handler() is not before
+    await server.stop()
+    assert loop.get_exception_handler() is before
+
+
 async def test_slow_headers_are_closed_after_the_idle_timeout(guarded: WebServer) -> None:
     assert guarded.port is not None
     reader, writer = await slow_client(guarded.port)
@@ -238,3 +251,12 @@ async def test_bad_requests_log_one_short_line_not_a_traceback(guarded: WebServe
     assert record.exc_info is None
     assert "\n" not in record.getMessage()
     assert record.getMessage().startswith("bad HTTP request answered 400: ")
+
+
+def test_the_throttle_lets_one_line_through_per_interval_and_counts_the_rest() -> None:
+    throttle = _Throttle(interval_seconds=0.2)
+    assert throttle.allow() == 0
+    assert [throttle.allow() for _ in range(5)] == [None] * 5
+    time.sleep(0.25)  # just past the interval (the sleep is the input, nothing is timed)
+    assert throttle.allow() == 5
+    assert throttle.allow() is None

@@ -9,11 +9,13 @@ import pytest
 import structlog
 
 from balance_exporter.config import build_config
+from balance_exporter.metrics import ExporterCounters
 from balance_exporter.server import WebOptions
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator
-from balance_exporter.storage import STATE_FILE_NAME, load_stamps, save_stamps
-from balance_exporter.store import SavedStamp
+from balance_exporter.storage import STATE_FILE_NAME, StatePersister, load_stamps, save_stamps
+from balance_exporter.store import BalanceStore, SavedStamp
+from balance_exporter.targets import AccountTarget
 from tests.conftest import LOOPBACK_ANY_PORT
 from tests.helpers import add_fault, all_polled, exporter_document, sample, scrape, wait_until
 
@@ -110,3 +112,27 @@ def test_a_state_file_past_64_mib_is_not_read(tmp_path: Path) -> None:
     with structlog.testing.capture_logs() as logs:
         assert load_stamps(tmp_path, NOW_NS, 300) == {}
     assert "larger than" in str(logs[0]["error"])
+
+
+def test_a_temporary_file_left_by_a_crash_does_not_leak_its_mode(tmp_path: Path) -> None:
+    leftover = tmp_path / f".{STATE_FILE_NAME}.tmp"
+    leftover.write_text("half a state file")
+    leftover.chmod(0o644)
+    save_stamps(tmp_path, STAMPS)
+    assert stat.S_IMODE((tmp_path / STATE_FILE_NAME).stat().st_mode) == 0o600
+    assert not leftover.exists()
+
+
+async def test_a_failed_save_is_logged_counted_and_retried(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the state directory should be")
+    store = BalanceStore(STAMPS)
+    store.configure([AccountTarget("alpha", "treasury", "alpha", False, 30.0)], ["treasury"])
+    counters = ExporterCounters()
+    persister = StatePersister(store, blocked, counters.count_state_save_error)
+    with structlog.testing.capture_logs() as logs:
+        await persister.save_if_changed()
+        await persister.save_if_changed()  # not saved, so still changed: tried again
+    assert counters.state_save_errors == 2
+    assert [entry["event"] for entry in logs] == [
+        "saving state failed; stamps are kept in memory and saved again later"] * 2

@@ -14,6 +14,7 @@ from balance_exporter.exposition import ExpositionCache
 from balance_exporter.server import build_app
 from balance_exporter.webconfig import (
     MAX_PENDING_CHECKS,
+    MAX_REMEMBERED_LOGINS,
     BasicAuth,
     load_web_config,
     ssl_context,
@@ -149,3 +150,17 @@ async def test_a_flood_of_logins_is_answered_429_without_waiting(
     assert set(statuses) <= {401, 429}
     assert 429 in statuses
     auth.close()
+
+
+async def test_remembered_logins_are_bounded(tmp_path: Path) -> None:
+    users = {f"user{index}": bcrypt.hashpw(b"TOPSECRET-pw", bcrypt.gensalt(rounds=4)).decode()
+             for index in range(MAX_REMEMBERED_LOGINS + 1)}
+    auth = BasicAuth(load_web_config(write_web_config(tmp_path, "basic_auth_users:\n" + "".join(
+        f"  {user}: '{hashed}'\n" for user, hashed in users.items()))).basic_auth_users)
+    try:
+        for index, user in enumerate(users):
+            assert await auth._check(auth_header(user, "TOPSECRET-pw")["Authorization"])
+            # Full at the bound; one more starts afresh rather than growing.
+            assert len(auth._verified) == (index + 1 if index < MAX_REMEMBERED_LOGINS else 1)
+    finally:
+        auth.close()

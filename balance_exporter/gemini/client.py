@@ -122,31 +122,27 @@ def _redirect_message(response: aiohttp.ClientResponse) -> str:
             f"and its credentials go to {response.url.host} only)")
 
 
-def _error_from_reply(status: int, body: bytes, retry_after: float | None) -> GeminiError:
-    reason: str | None = None
-    message = ""
-    try:
-        if len(body) > MAX_ERROR_OBJECT_BYTES:
-            raise ValueError("too large for an error object")
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        snippet = body[:80].decode("utf-8", "replace").strip()
-        message = f"non-JSON body: {snippet!r}"
-    else:
-        if isinstance(document, dict):
-            reason = document.get("reason") if isinstance(document.get("reason"), str) else None
-            message = str(document.get("message", ""))
-    return classify_error(status, reason, message, retry_after)
-
-
-def _is_error_object(body: bytes) -> bool:
+def _json_object(body: bytes) -> dict[str, object] | None:
+    """The body as a JSON object if it is a small one (an error object), else None: parsed once,
+    and never a large body on the event loop."""
     if len(body) > MAX_ERROR_OBJECT_BYTES or not body.lstrip().startswith(b"{"):
-        return False
+        return None
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
-        return False
-    return isinstance(document, dict) and document.get("result") == "error"
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _error_from_reply(
+    status: int, body: bytes, document: dict[str, object] | None, retry_after: float | None
+) -> GeminiError:
+    if document is None:
+        snippet = body[:80].decode("utf-8", "replace").strip()
+        return classify_error(status, None, f"non-JSON body: {snippet!r}", retry_after)
+    reason = document.get("reason")
+    return classify_error(status, reason if isinstance(reason, str) else None,
+                          str(document.get("message", "")), retry_after)
 
 
 class GeminiClient:
@@ -191,8 +187,9 @@ class GeminiClient:
                 detail = str(error) or type(error).__name__
                 raise TransientError("ConnectionError", detail) from None
         # Some gateways answer errors with 200 and an error object.
-        if status != 200 or _is_error_object(body):
-            raise _error_from_reply(status, body, retry_after)
+        document = _json_object(body)
+        if status != 200 or (document is not None and document.get("result") == "error"):
+            raise _error_from_reply(status, body, document, retry_after)
         return body
 
     async def fetch_balances(
