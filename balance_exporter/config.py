@@ -60,6 +60,20 @@ class ConfigError(Exception):
 
 
 Duration = Annotated[float, Field(ge=0, le=MAX_DURATION_SECONDS)]
+Interval = Annotated[float, Field(ge=1, le=MAX_DURATION_SECONDS)]
+# A shell-style pattern on account short names (`*`, `?`, `[...]`).
+AccountPattern = Annotated[str, Field(min_length=1, max_length=128)]
+MAX_DISCOVERY_PATTERNS = 64
+
+
+def _off_or_interval(value: float | None) -> float | None:
+    if value is not None and 0 < value < 1:
+        raise ValueError("must be 0 (off) or at least 1 second")
+    return value
+
+
+# 0 turns the poll off; otherwise an interval like `interval_seconds`.
+OffOrInterval = Annotated[float, Field(ge=0, le=MAX_DURATION_SECONDS)]
 
 
 class _Strict(BaseModel):
@@ -113,6 +127,55 @@ class GeminiSettings(_Strict):
         return url
 
 
+class AccountOptions(_Strict):
+    """What is polled for an account and how often: an `accounts:` entry but its key, account
+    and name, which is also what `discover.defaults` gives every discovered account."""
+
+    show_pending_balances: bool = False
+    interval_seconds: Interval = 30.0
+    # None: `notional.interval_seconds` when `notional:` is set; 0: no notional polls.
+    notional_interval_seconds: OffOrInterval | None = None
+    # None or 0: no staking polls.
+    staking_interval_seconds: OffOrInterval | None = None
+    # Alert thresholds, exported as metrics so that alert rules need no editing.
+    min_available: dict[Annotated[str, Field(min_length=1)], float] = {}
+    max_available_drop_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
+    # In the quote currency (`notional.currency`): the least the account's available value
+    # may be.
+    min_available_notional: Annotated[float, Field(ge=0)] | None = None
+
+    _check_off_or_interval = field_validator(
+        "notional_interval_seconds", "staking_interval_seconds")(_off_or_interval)
+
+    def over(self, defaults: "AccountOptions") -> "AccountOptions":
+        """These options where they were set, `defaults` where they were not."""
+        own = {name: getattr(self, name) for name in self.model_fields_set
+               if name in AccountOptions.model_fields}
+        return AccountOptions.model_validate({**defaults.model_dump(), **own})
+
+
+class DiscoverSettings(_Strict):
+    """A master key's accounts, polled from Gemini's /v1/account/list instead of listed here."""
+
+    include: Annotated[list[AccountPattern], Field(min_length=1,
+                                                   max_length=MAX_DISCOVERY_PATTERNS)] = ["*"]
+    exclude: Annotated[list[AccountPattern], Field(max_length=MAX_DISCOVERY_PATTERNS)] = []
+    refresh_seconds: Interval = 900.0
+    defaults: AccountOptions = AccountOptions()
+
+
+class NotionalSettings(_Strict):
+    """Every account's value in one quote currency, from /v1/notionalbalances/{currency}."""
+
+    currency: Annotated[str, Field(pattern=r"^[A-Za-z]{3,5}$")]
+    interval_seconds: Interval = 300.0
+
+    @field_validator("currency", mode="after")
+    @classmethod
+    def _upper(cls, currency: str) -> str:
+        return currency.upper()
+
+
 class KeySettings(_Strict):
     name: LabelText
     api_key: Annotated[str, Field(min_length=1)] | None = None
@@ -122,19 +185,15 @@ class KeySettings(_Strict):
     api_secret_env: Annotated[str, Field(min_length=1)] | None = None
     nonce: NonceUnit = "milliseconds"
     requests_per_second: Annotated[float, Field(gt=0)] = 2.0
+    discover: DiscoverSettings | None = None
 
 
-class AccountSettings(_Strict):
+class AccountSettings(AccountOptions):
     key: str
     # Gemini's short name for the account; None for an account-scoped key.
     account: Annotated[str, Field(min_length=1)] | None = None
     # The `account` label value; defaults to `account`, then to the key's name.
     name: LabelText | None = None
-    show_pending_balances: bool = False
-    interval_seconds: Annotated[float, Field(ge=1, le=MAX_DURATION_SECONDS)] = 30.0
-    # Alert thresholds, exported as metrics so that alert rules need no editing.
-    min_available: dict[Annotated[str, Field(min_length=1)], float] = {}
-    max_available_drop_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
 
     @property
     def label(self) -> str:
@@ -150,7 +209,9 @@ class PollingSettings(_Strict):
 class ExporterSettings(_Strict):
     gemini: GeminiSettings = GeminiSettings()
     keys: Annotated[list[KeySettings], Field(min_length=1)]
-    accounts: Annotated[list[AccountSettings], Field(min_length=1)]
+    # May be empty when a key discovers its accounts.
+    accounts: list[AccountSettings] = []
+    notional: NotionalSettings | None = None
     precision: dict[str, Annotated[int, Field(ge=0, le=30)]] = {}
     default_precision: Annotated[int, Field(ge=0, le=30)] = DEFAULT_PRECISION_PLACES
     polling: PollingSettings = PollingSettings()
@@ -158,7 +219,8 @@ class ExporterSettings(_Strict):
     # ConfigError is no ValueError, so pydantic lets it through with its own paths intact.
     @model_validator(mode="after")
     def _check_references(self) -> "ExporterSettings":
-        problems = [*_key_problems(self.keys), *_account_problems(self)]
+        problems = [*_key_problems(self.keys), *_account_problems(self),
+                    *_notional_problems(self)]
         if problems:
             raise ConfigError(problems)
         return self
@@ -221,6 +283,28 @@ def _account_problems(settings: ExporterSettings) -> list[str]:
         if target in targets:
             problems.append(f"{where}: key {account.key!r} already polls this account")
         targets.add(target)
+    if not settings.accounts and not any(key.discover for key in settings.keys):
+        problems.append("accounts: nothing to poll: list accounts, or give a master key "
+                        "`discover:`")
+    return problems
+
+
+def _notional_problems(settings: ExporterSettings) -> list[str]:
+    """Notional polls and thresholds need the quote currency, which only `notional:` gives."""
+    if settings.notional is not None:
+        return []
+    entries: list[tuple[str, AccountOptions]] = [
+        (f"accounts[{index}]", account) for index, account in enumerate(settings.accounts)]
+    entries += [(f"keys[{index}].discover.defaults", key.discover.defaults)
+                for index, key in enumerate(settings.keys) if key.discover is not None]
+    problems = []
+    for where, options in entries:
+        if options.notional_interval_seconds:
+            problems.append(f"{where}.notional_interval_seconds: needs a top-level `notional:` "
+                            "with the quote currency")
+        if options.min_available_notional is not None:
+            problems.append(f"{where}.min_available_notional: needs a top-level `notional:` "
+                            "with the quote currency")
     return problems
 
 
@@ -330,7 +414,13 @@ def _shared_key_problems(settings: ExporterSettings, keys: dict[str, Credentials
 
 
 def _master_key_problems(settings: ExporterSettings, keys: dict[str, Credentials]) -> list[str]:
-    return [
+    discovering = [
+        f"keys[{index}].discover: key {key.name!r} is account-scoped; only a master key can "
+        "list a group's accounts (/v1/account/list)"
+        for index, key in enumerate(settings.keys)
+        if key.discover is not None and key.name in keys and not keys[key.name].is_master
+    ]
+    return discovering + [
         f"accounts[{index}].account: key {account.key!r} is a master key, which needs the "
         "account's short name (Gemini answers MissingAccounts without it)"
         for index, account in enumerate(settings.accounts)

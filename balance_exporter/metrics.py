@@ -9,6 +9,7 @@ benchmarks' baseline.
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import (
@@ -20,8 +21,14 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from balance_exporter import __version__
-from balance_exporter.gemini.replies import CurrencyBalance
-from balance_exporter.store import AccountSnapshot, BalanceStore
+from balance_exporter.store import (
+    AccountSnapshot,
+    BalanceStore,
+    DiscoveryState,
+    KeyCounters,
+    PollState,
+)
+from balance_exporter.targets import Endpoint
 
 _POLLED = (
     "Polled in the background from Gemini's /v1/balances every "
@@ -50,22 +57,69 @@ BALANCE_GAUGES = (
     BalanceGauge("gemini_balance_pending_deposit", "pending_deposit",
                  "Amount in deposits not yet credited (Gemini `pendingDeposit`).", True),
 )
+_NOTIONAL = ("Gemini's value in the quote currency (notional_currency), floored to its "
+             "precision; polled in the background from /v1/notionalbalances every "
+             "gemini_notional_poll_interval_seconds.")
+NOTIONAL_GAUGES = (
+    BalanceGauge("gemini_balance_amount_notional", "amount",
+                 "Value of the confirmed balance (Gemini `amountNotional`).", False),
+    BalanceGauge("gemini_balance_available_notional", "available",
+                 "Value of the balance available for trading (Gemini `availableNotional`).",
+                 False),
+    BalanceGauge("gemini_balance_available_for_withdrawal_notional", "available_for_withdrawal",
+                 "Value of the balance available for withdrawal (Gemini "
+                 "`availableForWithdrawalNotional`).", False),
+)
+_STAKING = ("In units of the currency; polled in the background from /v1/balances/staking "
+            "every gemini_staking_poll_interval_seconds.")
+STAKING_GAUGES = (
+    BalanceGauge("gemini_staking_balance", "balance", "Staked balance (Gemini `balance`).",
+                 False),
+    BalanceGauge("gemini_staking_available", "available",
+                 "Staked balance available to trade (Gemini `available`).", False),
+    BalanceGauge("gemini_staking_available_for_withdrawal", "available_for_withdrawal",
+                 "Staked balance available to redeem to the exchange account (Gemini "
+                 "`availableForWithdrawal`).", False),
+)
 ACCOUNT_LABELS = ["account"]
 BALANCE_LABELS = ["account", "currency"]
+NOTIONAL_LABELS = ["account", "currency", "notional_currency"]
 
 
-def _balance_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
-    for gauge in BALANCE_GAUGES:
-        family = GaugeMetricFamily(gauge.name, f"{gauge.help} {_POLLED}", labels=BALANCE_LABELS)
+def _row_families(
+    accounts: tuple[AccountSnapshot, ...], endpoint: Endpoint, gauges: tuple[BalanceGauge, ...],
+    suffix: str, labels: list[str],
+) -> Iterator[Metric]:
+    """One gauge per field of an endpoint's rows, one sample per account and currency."""
+    quoted = "notional_currency" in labels
+    for gauge in gauges:
+        family = GaugeMetricFamily(gauge.name, f"{gauge.help} {suffix}", labels=labels)
         for snapshot in accounts:
             if gauge.pending and not snapshot.target.show_pending_balances:
                 continue
-            balance: CurrencyBalance
-            for balance in snapshot.balances:
-                family.add_metric(
-                    [snapshot.target.label, balance.currency], getattr(balance, gauge.field)
-                )
+            extra = [snapshot.target.notional_currency or ""] if quoted else []
+            for row in snapshot.poll(endpoint).rows:
+                family.add_metric([snapshot.target.label, row.currency, *extra],
+                                  getattr(row, gauge.field))
         yield family
+
+
+def _balance_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
+    yield from _row_families(accounts, Endpoint.BALANCES, BALANCE_GAUGES, _POLLED,
+                             BALANCE_LABELS)
+    yield from _row_families(accounts, Endpoint.NOTIONAL, NOTIONAL_GAUGES, _NOTIONAL,
+                             NOTIONAL_LABELS)
+    yield from _row_families(accounts, Endpoint.STAKING, STAKING_GAUGES, _STAKING,
+                             BALANCE_LABELS)
+    by_provider = GaugeMetricFamily(
+        "gemini_staking_balance_by_provider",
+        f"Staked balance per staking provider (Gemini `balanceByProvider`). {_STAKING}",
+        labels=["account", "currency", "provider"])
+    for snapshot in accounts:
+        for row in snapshot.staking.rows:
+            for provider, amount in row.by_provider:
+                by_provider.add_metric([snapshot.target.label, row.currency, provider], amount)
+    yield by_provider
 
 
 def _threshold_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
@@ -82,6 +136,11 @@ def _threshold_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metri
         "Configured largest fraction of an available balance that may go within an hour "
         "(`max_available_drop_ratio`); alert rules compare against it.",
         accounts, lambda s: s.target.max_available_drop_ratio)
+    yield _account_gauge(
+        "gemini_account_min_available_notional",
+        "Configured minimum of the account's available value in the quote currency, the sum of "
+        "gemini_balance_available_notional (`min_available_notional`); alert rules compare "
+        "against it.", accounts, lambda s: s.target.min_available_notional)
 
 
 def _account_gauge(
@@ -108,25 +167,69 @@ def _account_counter(
     return family
 
 
+def _errors_family(
+    name: str, help_text: str, accounts: Iterable[AccountSnapshot], endpoint: Endpoint
+) -> CounterMetricFamily:
+    errors = CounterMetricFamily(name, help_text, labels=["account", "reason"])
+    for snapshot in accounts:
+        for reason, count in sorted(snapshot.poll(endpoint).errors.items()):
+            errors.add_metric([snapshot.target.label, reason], count)
+    return errors
+
+
+_REASONS = ("by Gemini's reason or the local failure (Timeout, ConnectionError, MalformedReply, "
+            "HTTP<status>)")
+
+
+def _endpoint_health_families(
+    accounts: tuple[AccountSnapshot, ...], endpoint: Endpoint, path: str
+) -> Iterator[Metric]:
+    """The health of a further endpoint's polls, for the accounts that poll it."""
+    polled = [s for s in accounts if s.target.interval_for(endpoint) is not None]
+    prefix = f"gemini_{endpoint.value}"
+
+    def state(snapshot: AccountSnapshot) -> PollState[Any]:
+        return snapshot.poll(endpoint)
+    yield _account_gauge(
+        f"{prefix}_up", f"1 if the last background poll of {path} gave a usable reply (a stale "
+        "one counts), else 0 (also before the first poll).",
+        polled, lambda s: float(state(s).up))
+    yield _account_gauge(
+        f"{prefix}_last_success_timestamp_seconds",
+        f"Unix time of the last accepted (fresh) {path} reply: data age is now minus this.",
+        polled, lambda s: state(s).last_success_seconds)
+    yield _account_gauge(
+        f"{prefix}_poll_interval_seconds",
+        f"Interval between polls of {path}: the configured one, stretched to fit the key's "
+        "request budget.", polled, lambda s: s.target.interval_for(endpoint))
+    yield _errors_family(f"{prefix}_poll_errors",
+                         f"Polls of {path} that gave no usable reply, {_REASONS}.",
+                         polled, endpoint)
+    yield _account_counter(
+        f"{prefix}_stale_replies",
+        f"{path} replies ignored because their `_timestamp` was older than the last accepted "
+        "one.", polled, lambda s: state(s).stale_replies)
+
+
 def _health_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
     yield _account_gauge(
         "gemini_account_up",
         "1 if the last background poll of the account gave a usable reply (a stale one "
         "counts), else 0 (also before the first poll).",
-        accounts, lambda s: float(s.up))
+        accounts, lambda s: float(s.balances.up))
     yield _account_gauge(
         "gemini_account_last_success_timestamp_seconds",
         "Unix time of the last accepted (fresh) /v1/balances reply: data age is now minus this.",
-        accounts, lambda s: s.last_success_seconds)
+        accounts, lambda s: s.balances.last_success_seconds)
     yield _account_gauge(
         "gemini_account_server_timestamp_seconds",
         "Gemini's `_timestamp` of the last accepted reply, in seconds.",
         accounts,
-        lambda s: None if s.server_timestamp_ns is None else s.server_timestamp_ns / 1e9)
+        lambda s: _seconds(s.balances.server_timestamp_ns))
     yield _account_gauge(
         "gemini_account_poll_duration_seconds",
         "Duration of the account's last background poll of /v1/balances.",
-        accounts, lambda s: s.last_poll_duration_seconds)
+        accounts, lambda s: s.balances.last_poll_duration_seconds)
     yield _account_gauge(
         "gemini_account_poll_interval_seconds",
         "Interval between polls of the account: the configured one, stretched to fit the "
@@ -135,31 +238,40 @@ def _health_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
     yield _account_counter(
         "gemini_account_polls",
         "Background polls of the account's /v1/balances, successful or not.",
-        accounts, lambda s: s.polls)
-    errors = CounterMetricFamily(
-        "gemini_account_poll_errors",
-        "Polls that gave no usable reply, by Gemini's reason or the local failure "
-        "(Timeout, ConnectionError, MalformedReply, HTTP<status>).",
-        labels=["account", "reason"])
-    for snapshot in accounts:
-        for reason, count in sorted(snapshot.errors.items()):
-            errors.add_metric([snapshot.target.label, reason], count)
-    yield errors
+        accounts, lambda s: s.balances.polls)
+    yield _errors_family("gemini_account_poll_errors",
+                         f"Polls that gave no usable reply, {_REASONS}.", accounts,
+                         Endpoint.BALANCES)
     yield _account_counter(
         "gemini_account_stale_replies",
         "Replies ignored because their `_timestamp` was older than the last accepted one.",
-        accounts, lambda s: s.stale_replies)
+        accounts, lambda s: s.balances.stale_replies)
     yield _account_counter(
         "gemini_account_unstamped_replies",
         "Replies accepted without a `_timestamp` (staleness could not be checked).",
-        accounts, lambda s: s.unstamped_replies)
+        accounts, lambda s: s.balances.unstamped_replies)
     info = InfoMetricFamily(
-        "gemini_account", "The configured account and the key that polls it.",
-        labels=["account", "key", "account_type"])
+        "gemini_account", "The polled account, the key that polls it, its type, its display "
+        "name (from the key's account listing; empty without one) and whether it was "
+        "discovered (1) or configured (0).",
+        labels=["account", "key", "account_type", "display_name", "discovered"])
     for snapshot in accounts:
-        info.add_metric(
-            [snapshot.target.label, snapshot.target.key_name, snapshot.account_type], {})
+        target = snapshot.target
+        info.add_metric([target.label, target.key_name, snapshot.account_type,
+                         target.display_name, str(int(target.discovered))], {})
     yield info
+    yield from _endpoint_health_families(accounts, Endpoint.NOTIONAL, "/v1/notionalbalances")
+    yield from _endpoint_health_families(accounts, Endpoint.STAKING, "/v1/balances/staking")
+    yield _account_counter(
+        "gemini_staking_unreadable_provider_entries",
+        "Entries of `balanceByProvider` that could not be read and were left out (the row's "
+        "totals were kept).",
+        [s for s in accounts if s.target.staking_interval_seconds is not None],
+        lambda s: s.staking.skipped_entries)
+
+
+def _seconds(nanoseconds: int | None) -> float | None:
+    return None if nanoseconds is None else nanoseconds / 1e9
 
 
 def account_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
@@ -201,6 +313,67 @@ _EXPORTER_COUNTERS = (
 )
 
 
+def _key_gauge(
+    name: str, help_text: str, keys: Iterable[KeyCounters],
+    value: Callable[[KeyCounters], float | None],
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_text, labels=["key"])
+    for key in keys:
+        sample = value(key)
+        if sample is not None:
+            family.add_metric([key.name], sample)
+    return family
+
+
+def _discovery_families(keys: tuple[KeyCounters, ...]) -> Iterator[Metric]:
+    discovering = [key for key in keys if key.discovery is not None]
+
+    def of(key: KeyCounters) -> DiscoveryState:
+        assert key.discovery is not None
+        return key.discovery
+    listed = GaugeMetricFamily(
+        "gemini_key_discovered_accounts",
+        "Accounts in the key's last successful /v1/account/list, by type and status (only open "
+        "exchange accounts are polled).", labels=["key", "type", "status"])
+    for key in discovering:
+        counts: dict[tuple[str, str], int] = {}
+        for row in of(key).listed:
+            kind = (row.account_type, row.status)
+            counts[kind] = counts.get(kind, 0) + 1
+        for (account_type, status), count in sorted(counts.items()):
+            listed.add_metric([key.name, account_type, status], count)
+    yield listed
+    yield _key_gauge(
+        "gemini_key_discovery_polled_accounts",
+        "Discovered accounts the key polls: open exchange accounts that match the patterns, "
+        "whose label no other account has.", discovering, lambda k: of(k).polled)
+    yield _key_gauge(
+        "gemini_key_discovery_up",
+        "1 if the key's last account listing succeeded, else 0 (also before the first one).",
+        discovering, lambda k: float(of(k).up))
+    yield _key_gauge(
+        "gemini_key_discovery_last_success_timestamp_seconds",
+        "Unix time of the key's last successful account listing.",
+        discovering, lambda k: of(k).last_success_seconds)
+    yield _key_gauge(
+        "gemini_key_discovery_refresh_interval_seconds",
+        "Interval between the key's account listings, stretched to fit its request budget.",
+        discovering, lambda k: of(k).refresh_seconds)
+    yield _key_gauge(
+        "gemini_key_discovery_listing_full",
+        "1 if the key's last listing had 500 rows, all one call can list (Gemini documents no "
+        "paging): accounts past them are not polled.",
+        discovering, lambda k: float(of(k).full))
+    errors = CounterMetricFamily(
+        "gemini_key_discovery_errors",
+        f"Account listings that failed, {_REASONS}; the last good listing stays in use.",
+        labels=["key", "reason"])
+    for key in discovering:
+        for reason, count in sorted(of(key).errors.items()):
+            errors.add_metric([key.name, reason], count)
+    yield errors
+
+
 def exporter_families(store: BalanceStore, counters: ExporterCounters) -> Iterator[Metric]:
     """The families that are not per account: keys, build, and the collector's own errors."""
     keys = store.key_counters()
@@ -215,13 +388,12 @@ def exporter_families(store: BalanceStore, counters: ExporterCounters) -> Iterat
         for key in keys:
             family.add_metric([key.name], getattr(key, field))
         yield family
-    running = GaugeMetricFamily(
+    yield _key_gauge(
         "gemini_key_worker_running",
         "1 while the key's poll worker runs, 0 while it is down (between a crash and its "
-        "restart, or for good): nothing is polled with the key then.", labels=["key"])
-    for key in keys:
-        running.add_metric([key.name], float(key.worker_running))
-    yield running
+        "restart, or for good): nothing is polled with the key then.",
+        keys, lambda k: float(k.worker_running))
+    yield from _discovery_families(keys)
     build = InfoMetricFamily("gemini_exporter_build", "The exporter's version.", labels=["version"])
     build.add_metric([__version__], {})
     yield build

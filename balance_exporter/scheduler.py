@@ -1,24 +1,38 @@
-"""When to poll which account: one worker per API key, one request at a time, in nonce order.
+"""When to send which request: one worker per API key, one request at a time, in nonce order.
+
+Every request of a key is a job of its `KeySchedule`: each account's balances, notional and
+staking polls, and a discovering key's account listing. They share the key's budget and its
+nonces; each job has its own interval and its own backoff, so an endpoint that fails or is slow
+backs off alone, and when several jobs are due the balances go first.
 
 `KeySchedule` is the decision logic and takes times as arguments, so it is tested with plain
 numbers; `KeyWorker` is the loop that follows it with a real (or fake) clock. Pacing state that
 belongs to the API key itself (spacing, rate-limit pauses) lives in `KeyPacing`, which survives
-a config reload so a reload cannot burst past the key's budget.
+a config reload so a reload cannot burst past the key's budget. A listing that changes what a
+key polls makes the `Scheduler` plan every key again (a shared budget ties them together).
 """
 
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import structlog
 
 from balance_exporter.config import Config, Credentials, KeySettings
-from balance_exporter.gemini.client import GeminiClient
+from balance_exporter.gemini.client import (
+    LIST_ACCOUNTS_LIMIT,
+    GeminiClient,
+    PrivateRequest,
+    account_list_request,
+    balances_request,
+    notional_request,
+    staking_request,
+)
 from balance_exporter.gemini.errors import (
     GeminiError,
     MalformedReply,
@@ -27,9 +41,17 @@ from balance_exporter.gemini.errors import (
     TransientError,
 )
 from balance_exporter.gemini.nonce import NonceSource
-from balance_exporter.gemini.replies import ReplyRules, parse_balances_reply
+from balance_exporter.gemini.replies import (
+    AccountListing,
+    ParsedReply,
+    ReplyRules,
+    parse_account_list,
+    parse_balances_reply,
+    parse_notional_reply,
+    parse_staking_reply,
+)
 from balance_exporter.store import BalanceStore, ReplyVerdict
-from balance_exporter.targets import AccountTarget, plan_targets
+from balance_exporter.targets import AccountTarget, Endpoint, KeyPlan, ListedAccount, Plan, plan
 
 log = structlog.get_logger("balance_exporter.scheduler")
 
@@ -43,6 +65,9 @@ MAX_BACKOFF_DOUBLINGS = 32
 RESTART_BACKOFF_BASE_SECONDS = 1.0
 # Real replies are a few kilobytes and parse in well under a millisecond.
 PARSE_IN_THREAD_BYTES = 64 * 1024
+# A key with nothing to poll (no accounts, no listing) looks again this often.
+IDLE_SECONDS = 3600.0
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -51,13 +76,31 @@ class Clock(Protocol):
     async def sleep(self, seconds: float) -> None: ...
 
 
-class BalanceSource(Protocol):
+class PrivateApi(Protocol):
     """What a worker needs of the Gemini client (tests drive workers with a fake one)."""
 
-    async def fetch_balances(
-        self, credentials: Credentials, nonces: NonceSource, account: str | None,
-        show_pending_balances: bool,
+    async def post(
+        self, credentials: Credentials, nonces: NonceSource, request: PrivateRequest
     ) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One request stream of a key: an account's endpoint, or the key's listing."""
+
+    label: str  # the account's label; "" for the listing
+    endpoint: Endpoint | None  # None: the key's /v1/account/list
+
+    @property
+    def log_fields(self) -> dict[str, str]:
+        if self.endpoint is None:
+            return {"endpoint": "account_list"}
+        return {"account": self.label, "endpoint": self.endpoint.value}
+
+
+LISTING = Job("", None)
+# When several jobs are due, the balances go first: no other endpoint delays them.
+_PRIORITY = {Endpoint.BALANCES: 0, None: 1, Endpoint.NOTIONAL: 2, Endpoint.STAKING: 2}
 
 
 class SystemClock:
@@ -113,54 +156,82 @@ class Backoffs:
 
 
 class KeySchedule:
-    """The next account to poll on one key, and how each outcome moves the schedule."""
+    """The next job of one key, and how each outcome moves the schedule."""
 
     def __init__(
         self,
-        targets: Sequence[AccountTarget],
+        key_plan: KeyPlan,
         pacing: KeyPacing,
         backoffs: Backoffs,
         now: float,
         rng: random.Random | None = None,
     ) -> None:
-        self.targets = {target.label: target for target in targets}
         self.pacing = pacing
         self._backoffs = backoffs
         self._rng = rng or random.Random()
-        # Every account is due at once; the key's spacing spreads the first round evenly.
-        self.next_due = dict.fromkeys(self.targets, now)
-        self._failures = dict.fromkeys(self.targets, 0)
+        self.targets: dict[str, AccountTarget] = {}
+        self.next_due: dict[Job, float] = {}
+        self._intervals: dict[Job, float] = {}
+        self._failures: dict[Job, int] = {}
+        self.update(key_plan, now)
 
-    def next_poll(self) -> tuple[AccountTarget, float]:
-        """The account due first (config order breaks ties) and when its request may start."""
-        label = min(self.next_due, key=self.next_due.__getitem__)
-        return self.targets[label], max(self.next_due[label], self.pacing.earliest_start())
+    def update(self, key_plan: KeyPlan, now: float) -> None:
+        """Adopt a (new) plan: new jobs are due at once (the key's spacing spreads them), the
+        others keep their due time and their failures."""
+        intervals: dict[Job, float] = {}
+        if key_plan.listing_interval_seconds is not None:
+            intervals[LISTING] = key_plan.listing_interval_seconds
+        for target in key_plan.targets:
+            for endpoint in Endpoint:
+                interval = target.interval_for(endpoint)
+                if interval is not None:
+                    intervals[Job(target.label, endpoint)] = interval
+        self.targets = {target.label: target for target in key_plan.targets}
+        self.next_due = {job: self.next_due.get(job, now) for job in intervals}
+        self._failures = {job: self._failures.get(job, 0) for job in intervals}
+        self._intervals = intervals
+
+    def next_poll(self, now: float) -> tuple[Job, float] | None:
+        """The job to send next and when it may start; None when the key has no jobs. Of the
+        jobs due by then, balances go first, then the earliest due (plan order breaks ties)."""
+        if not self.next_due:
+            return None
+        earliest = self.pacing.earliest_start()
+        ready_at = max(now, earliest)
+        due = [job for job, at in self.next_due.items() if at <= ready_at]
+        job = (min(due, key=lambda job: (_PRIORITY[job.endpoint], self.next_due[job])) if due
+               else min(self.next_due, key=self.next_due.__getitem__))
+        return job, max(self.next_due[job], earliest)
 
     def started(self, at: float) -> None:
         self.pacing.last_start = at
 
-    def succeeded(self, label: str, started_at: float) -> None:
-        self._failures[label] = 0
+    def succeeded(self, job: Job, started_at: float) -> None:
+        if job not in self._intervals:  # dropped by a new plan while it ran
+            return
+        self._failures[job] = 0
         self.pacing.rate_limit_strikes = 0
         # Measured from the start, not the end, so slow replies do not drift the schedule.
-        self.next_due[label] = started_at + self.targets[label].interval_seconds
+        self.next_due[job] = started_at + self._intervals[job]
 
-    def _back_off(self, label: str, now: float, base: float, cap: float) -> float:
-        self._failures[label] += 1
-        delay = jittered_backoff(self._failures[label], base, cap, self._rng)
-        self.next_due[label] = now + delay
+    def _back_off(self, job: Job, now: float, base: float, cap: float) -> float:
+        failures = self._failures.get(job, 0) + 1
+        delay = jittered_backoff(failures, base, cap, self._rng)
+        if job in self._intervals:
+            self._failures[job] = failures
+            self.next_due[job] = now + delay
         return delay
 
-    def failed(self, label: str, now: float) -> float:
-        return self._back_off(label, now, TRANSIENT_BACKOFF_BASE_SECONDS,
+    def failed(self, job: Job, now: float) -> float:
+        return self._back_off(job, now, TRANSIENT_BACKOFF_BASE_SECONDS,
                               self._backoffs.max_backoff_seconds)
 
-    def rejected(self, label: str, now: float) -> float:
-        return self._back_off(label, now, REJECTED_BACKOFF_BASE_SECONDS,
+    def rejected(self, job: Job, now: float) -> float:
+        return self._back_off(job, now, REJECTED_BACKOFF_BASE_SECONDS,
                               self._backoffs.rejected_retry_seconds)
 
     def rate_limited(self, now: float, retry_after: float | None) -> float:
-        """Pause the whole key; the account stays due and goes first when the pause ends.
+        """Pause the whole key; the job stays due and goes first when the pause ends.
         Gemini's Retry-After is followed up to `max_backoff_seconds`: one header must not park
         the key for days."""
         self.pacing.rate_limit_strikes += 1
@@ -171,20 +242,26 @@ class KeySchedule:
         return pause
 
 
+ListingHandler = Callable[[str, tuple[ListedAccount, ...]], None]
+
+
 class KeyWorker:
-    """Polls one key's accounts forever, following its `KeySchedule`."""
+    """Sends one key's requests forever, following its `KeySchedule`."""
 
     def __init__(
         self,
+        key_name: str,
         credentials: Credentials,
         nonces: NonceSource,
         schedule: KeySchedule,
-        client: BalanceSource,
+        client: PrivateApi,
         store: BalanceStore,
         rules: ReplyRules,
         clock: Clock,
         shared_budget: SharedBudget | None = None,
+        on_listing: ListingHandler | None = None,
     ) -> None:
+        self._key_name = key_name
         self._credentials = credentials
         self._nonces = nonces
         self._schedule = schedule
@@ -193,77 +270,126 @@ class KeyWorker:
         self._rules = rules
         self._clock = clock
         self._shared_budget = shared_budget
+        self._on_listing = on_listing
 
     async def run(self) -> None:
         while True:
-            target, start = self._schedule.next_poll()
+            planned = self._schedule.next_poll(self._clock.monotonic())
+            if planned is None:
+                await self._clock.sleep(IDLE_SECONDS)
+                continue
+            job, start = planned
             if self._shared_budget is not None:
                 start = self._shared_budget.reserve(start)
             await self._clock.sleep(start - self._clock.monotonic())
-            await self.poll(target)
+            # A new plan (another key's listing) may have dropped the job meanwhile.
+            if job in self._schedule.next_due:
+                await self.poll(job)
 
-    async def poll(self, target: AccountTarget) -> None:
+    async def poll(self, job: Job) -> None:
         started = self._clock.monotonic()
         self._schedule.started(started)
-        self._store.record_request(target.key_name)
-        fields = {"account": target.label, "key": target.key_name}
+        self._store.record_request(self._key_name)
+        fields = {"key": self._key_name, **job.log_fields}
         try:
-            body = await self._client.fetch_balances(
-                self._credentials, self._nonces, target.gemini_account,
-                target.show_pending_balances,
-            )
-            now_ns = int(self._clock.wall() * 1e9)
-            if len(body) > PARSE_IN_THREAD_BYTES:
-                # A large body would hold the event loop (and every other poll and scrape) for
-                # tens of milliseconds; in a thread the interpreter switches away every 5 ms.
-                reply = await asyncio.to_thread(parse_balances_reply, body, self._rules, now_ns)
+            if job.endpoint is None:
+                listing = await self._fetch(account_list_request(), _parse_listing)
             else:
-                reply = parse_balances_reply(body, self._rules, now_ns)
+                target = self._schedule.targets[job.label]
+                request, parse = _request_for(target, job.endpoint, self._rules)
+                reply = await self._fetch(request, parse)
         except GeminiError as error:
-            self._record_error(target, error, started, fields)
+            self._record_error(job, error, started, fields)
             return
         except Exception as error:  # a bug must not stop the other accounts
             log.exception("poll crashed", **fields)
             internal = TransientError("InternalError", repr(error))
-            self._record_error(target, internal, started, fields)
+            self._record_error(job, internal, started, fields)
+            return
+        self._schedule.succeeded(job, started)
+        if job.endpoint is None:
+            self._adopt_listing(listing)
             return
         duration = self._clock.monotonic() - started
-        verdict = self._store.record_reply(target.label, reply, duration, self._clock.wall())
-        self._schedule.succeeded(target.label, started)
+        verdict = self._store.record_reply(job.label, job.endpoint, reply, duration,
+                                           self._clock.wall())
         if verdict is ReplyVerdict.STALE:
             log.debug("stale reply ignored", **fields, stamp_ns=reply.server_timestamp_ns)
 
+    async def _fetch(self, request: PrivateRequest, parse: Callable[[bytes, int], T]) -> T:
+        body = await self._client.post(self._credentials, self._nonces, request)
+        now_ns = int(self._clock.wall() * 1e9)
+        if len(body) > PARSE_IN_THREAD_BYTES:
+            # A large body would hold the event loop (and every other poll and scrape) for
+            # tens of milliseconds; in a thread the interpreter switches away every 5 ms.
+            return await asyncio.to_thread(parse, body, now_ns)
+        return parse(body, now_ns)
+
+    def _adopt_listing(self, listing: AccountListing) -> None:
+        full = len(listing.accounts) >= LIST_ACCOUNTS_LIMIT
+        if full:
+            log.warning("account listing is full: Gemini lists at most this many accounts in "
+                        "one call and documents no paging, so some may be missing",
+                        key=self._key_name, accounts=len(listing.accounts))
+        self._store.record_listing(self._key_name, listing.accounts, full, self._clock.wall())
+        if self._on_listing is not None:
+            self._on_listing(self._key_name, listing.accounts)
+
     def _record_error(
-        self, target: AccountTarget, error: GeminiError, started: float, fields: dict[str, str]
+        self, job: Job, error: GeminiError, started: float, fields: dict[str, str]
     ) -> None:
         now = self._clock.monotonic()
-        self._store.record_failure(target.label, error.reason, now - started)
+        if job.endpoint is None:
+            self._store.record_listing_failure(self._key_name, error.reason)
+        elif job.label in self._schedule.targets:
+            self._store.record_failure(job.label, job.endpoint, error.reason, now - started)
         details: dict[str, object] = {**fields, "reason": error.reason, "status": error.status,
                                       "error": error.message}
         if error.gemini_reason != error.reason:
             details["gemini_reason"] = error.gemini_reason
         if isinstance(error, RateLimited):
-            self._store.record_rate_limited(target.key_name)
+            self._store.record_rate_limited(self._key_name)
             pause = self._schedule.rate_limited(now, error.retry_after)
             if error.retry_after is not None and pause < error.retry_after:
                 details["retry_after_clamped_from"] = round(error.retry_after, 3)
             log.warning("rate limited, pausing key", **details, pause_seconds=round(pause, 3))
         elif isinstance(error, RequestRejected):
-            retry = self._schedule.rejected(target.label, now)
+            retry = self._schedule.rejected(job, now)
             log.error("request rejected", **details, hint=error.hint,
                       retry_seconds=round(retry, 3))
         else:
             assert isinstance(error, TransientError | MalformedReply)
-            retry = self._schedule.failed(target.label, now)
+            retry = self._schedule.failed(job, now)
             log.warning("poll failed", **details, retry_seconds=round(retry, 3))
+
+
+def _parse_listing(body: bytes, now_ns: int) -> AccountListing:
+    return parse_account_list(body)
+
+
+def _request_for(
+    target: AccountTarget, endpoint: Endpoint, rules: ReplyRules
+) -> tuple[PrivateRequest, Callable[[bytes, int], ParsedReply[Any]]]:
+    """An endpoint's request for the account, and the parser of its reply."""
+    account = target.gemini_account
+    if endpoint is Endpoint.BALANCES:
+        return (balances_request(account, target.show_pending_balances),
+                lambda body, now_ns: parse_balances_reply(body, rules, now_ns))
+    if endpoint is Endpoint.NOTIONAL:
+        quote = target.notional_currency
+        assert quote is not None  # the plan polls notional values only with a quote currency
+        return (notional_request(account, quote),
+                lambda body, now_ns: parse_notional_reply(body, rules, now_ns, quote))
+    return (staking_request(account),
+            lambda body, now_ns: parse_staking_reply(body, rules, now_ns))
 
 
 class Scheduler:
     """Runs one `KeyWorker` per configured key; `apply` swaps in a new config.
 
-    A key's nonces and pacing belong to the API key itself, not to its entry in the config, so
-    they are kept per API key across reloads: a reload can neither reuse a nonce nor burst past
-    the key's budget.
+    A key's nonces, pacing and last listing belong to the API key itself, not to its entry in
+    the config, so they are kept per API key across reloads: a reload can neither reuse a nonce
+    nor burst past the key's budget, and discovered accounts stay polled through it.
     """
 
     def __init__(self, session: aiohttp.ClientSession, store: BalanceStore, clock: Clock) -> None:
@@ -272,6 +398,10 @@ class Scheduler:
         self._clock = clock
         self._nonces: dict[str, NonceSource] = {}
         self._pacing: dict[str, KeyPacing] = {}
+        # Per API key: the last successful listing, and when (monotonic) it came.
+        self._listings: dict[str, tuple[tuple[ListedAccount, ...], float]] = {}
+        self._config: Config | None = None
+        self._schedules: dict[str, KeySchedule] = {}
         self._tasks: list[asyncio.Task[None]] = []
         # Two reloads in quick succession must not interleave and leave two workers on a key.
         self._applying = asyncio.Lock()
@@ -293,9 +423,30 @@ class Scheduler:
             await self.stop()
             self._start(config)
 
+    def _known_listings(self, config: Config) -> dict[str, tuple[ListedAccount, ...]]:
+        """The last listing of each discovering key (by key name), if its API key has one."""
+        return {key.name: self._listings[config.credentials[key.name].api_key][0]
+                for key in config.settings.keys
+                if key.discover is not None
+                and config.credentials[key.name].api_key in self._listings}
+
+    def _configure_store(self, config: Config, current: Plan) -> None:
+        discovering = {name: key_plan.listing_interval_seconds
+                       for name, key_plan in current.keys.items()
+                       if key_plan.listing_interval_seconds is not None}
+        self._store.configure(current.targets, config.credentials.keys(), discovering)
+        for name, key_plan in current.keys.items():
+            if name in discovering:
+                polled = sum(target.discovered for target in key_plan.targets)
+                self._store.record_discovered_polled(name, polled)
+        for skipped in current.skipped:
+            log.warning("discovered account not polled: its label is taken", key=skipped.key_name,
+                        account=skipped.short_name, taken_by_key=skipped.taken_by)
+
     def _start(self, config: Config) -> None:
-        targets = plan_targets(config)
-        self._store.configure(targets, config.credentials.keys())
+        self._config = config
+        current = plan(config, self._known_listings(config))
+        self._configure_store(config, current)
         shared = (
             SharedBudget(config.settings.gemini.requests_per_second)
             if config.settings.gemini.requests_per_second is not None
@@ -310,20 +461,48 @@ class Scheduler:
         client = GeminiClient(self._session, gemini.base_url, gemini.timeout_seconds,
                               gemini.max_reply_bytes, gemini.proxy_url, config.gemini_tls)
         now = self._clock.monotonic()
+        self._schedules = {}
         for key in config.settings.keys:
             credentials = config.credentials[key.name]
             nonces, pacing = self._key_continuity(key, credentials)
-            schedule = KeySchedule(
-                [target for target in targets if target.key_name == key.name],
-                pacing, backoffs, now,
-            )
+            key_plan = current.keys[key.name]
+            schedule = KeySchedule(key_plan, pacing, backoffs, now)
+            known = self._listings.get(credentials.api_key)
+            if known is not None and key_plan.listing_interval_seconds is not None:
+                # The accounts it listed are polled at once; the listing keeps its rhythm.
+                schedule.next_due[LISTING] = known[1] + key_plan.listing_interval_seconds
+            self._schedules[key.name] = schedule
             worker = KeyWorker(
-                credentials, nonces, schedule, client, self._store, rules, self._clock, shared,
+                key.name, credentials, nonces, schedule, client, self._store, rules,
+                self._clock, shared, on_listing=self._adopt_listing,
             )
             task = asyncio.create_task(self._supervise(key.name, worker, backoffs),
                                        name=f"poll-{key.name}")
             task.add_done_callback(partial(self._supervisor_ended, key.name))
             self._tasks.append(task)
+
+    def _adopt_listing(self, key_name: str, listed: tuple[ListedAccount, ...]) -> None:
+        """A key's new listing: if it changes what is polled, plan every key again."""
+        config = self._config
+        assert config is not None
+        api_key = config.credentials[key_name].api_key
+        previous = self._listings.get(api_key)
+        self._listings[api_key] = (listed, self._clock.monotonic())
+        if previous is not None and previous[0] == listed:
+            return
+        old_labels = {target.label for target in self._store_targets()}
+        current = plan(config, self._known_listings(config))
+        now = self._clock.monotonic()
+        for name, schedule in self._schedules.items():
+            schedule.update(current.keys[name], now)
+        self._configure_store(config, current)
+        new_labels = {target.label for target in current.targets}
+        log.info("account listing changed what is polled", key=key_name,
+                 listed=len(listed), added=sorted(new_labels - old_labels)[:50],
+                 removed=sorted(old_labels - new_labels)[:50])
+
+    def _store_targets(self) -> list[AccountTarget]:
+        return [snapshot.target for snapshot in self._store.account_snapshots()]
 
     async def _supervise(self, key_name: str, worker: KeyWorker, backoffs: Backoffs) -> None:
         """Run the key's worker; if it raises (a bug), log it and start it again after a backoff,

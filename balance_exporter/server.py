@@ -19,7 +19,7 @@ from aiohttp.typedefs import Middleware
 from balance_exporter import __version__
 from balance_exporter.exposition import ExpositionCache
 from balance_exporter.metrics import ExporterCounters
-from balance_exporter.store import AccountSnapshot
+from balance_exporter.store import AccountSnapshot, BalanceStore
 from balance_exporter.webconfig import BasicAuth, WebConfig, ssl_context
 
 log = structlog.get_logger("balance_exporter.server")
@@ -67,20 +67,54 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 def _status(snapshot: AccountSnapshot) -> str:
-    if not snapshot.attempted:
+    balances = snapshot.balances
+    if not balances.attempted:
         return "waiting for first poll"
-    return "up" if snapshot.up else f"down ({snapshot.last_error})"
+    return "up" if balances.up else f"down ({balances.last_error})"
 
 
 def _age(snapshot: AccountSnapshot, now: float) -> str:
-    if snapshot.last_success_seconds is None:
+    if snapshot.balances.last_success_seconds is None:
         return "no data yet"
-    return f"{now - snapshot.last_success_seconds:.0f}s"
+    return f"{now - snapshot.balances.last_success_seconds:.0f}s"
+
+
+def _total_value(snapshot: AccountSnapshot) -> float | None:
+    if snapshot.notional.last_success_seconds is None:
+        return None
+    return sum(row.amount for row in snapshot.notional.rows)
+
+
+def _value_text(value: float | None, currency: str | None) -> str:
+    return "" if value is None or currency is None else f"{value:,.2f} {currency}"
+
+
+def _staked(snapshot: AccountSnapshot) -> str:
+    if snapshot.target.staking_interval_seconds is None:
+        return ""
+    return ", ".join(f"{row.balance:g} {row.currency}" for row in snapshot.staking.rows[:5])
+
+
+def _discovery_text(store: BalanceStore, now: float) -> str:
+    lines = []
+    for key in store.key_counters():
+        discovery = key.discovery
+        if discovery is None:
+            continue
+        when = (f"listed {now - discovery.last_success_seconds:.0f}s ago"
+                if discovery.last_success_seconds is not None else "not listed yet")
+        lines.append(f"Key {key.name}: {len(discovery.listed)} accounts listed, "
+                     f"{discovery.polled} discovered and polled, {when}"
+                     + ("" if discovery.up or not discovery.attempted else
+                        " (the last listing failed)"))
+    return "".join(f"<p>{html.escape(line)}.</p>" for line in lines)
 
 
 async def landing_handler(request: web.Request) -> web.Response:
     now = time.time()
     path = html.escape(request.app[TELEMETRY_PATH_KEY])
+    store = request.app[EXPOSITION_KEY].store
+    snapshots = store.account_snapshots()
     rows = "\n".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in (
             snapshot.target.label,
@@ -88,10 +122,18 @@ async def landing_handler(request: web.Request) -> web.Response:
             _status(snapshot),
             _age(snapshot, now),
             f"{snapshot.target.interval_seconds:g}s",
-            str(len(snapshot.balances)),
+            str(len(snapshot.balances.rows)),
+            _value_text(_total_value(snapshot), snapshot.target.notional_currency),
+            _staked(snapshot),
         )) + "</tr>"
-        for snapshot in request.app[EXPOSITION_KEY].store.account_snapshots()
+        for snapshot in snapshots
     )
+    values = [value for snapshot in snapshots if (value := _total_value(snapshot)) is not None]
+    currency = next((s.target.notional_currency for s in snapshots
+                     if s.target.notional_currency), None)
+    total = (f"<p>Total value of {len(values)} accounts: "
+             f"<strong>{html.escape(_value_text(sum(values), currency))}</strong>.</p>"
+             if values else "")
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Gemini balance exporter</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em 1em;text-align:left}}</style>
@@ -99,8 +141,9 @@ async def landing_handler(request: web.Request) -> web.Response:
 <h1>Gemini balance exporter</h1>
 <p>Version {html.escape(__version__)}. Metrics: <a href="{path}">{path}</a>.
 Health: <a href="/-/healthy">/-/healthy</a>, readiness: <a href="/-/ready">/-/ready</a>.</p>
+{total}{_discovery_text(store, now)}
 <table><thead><tr><th>Account</th><th>Key</th><th>Status</th><th>Data age</th>
-<th>Poll interval</th><th>Currencies</th></tr></thead>
+<th>Poll interval</th><th>Currencies</th><th>Total value</th><th>Staked</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>

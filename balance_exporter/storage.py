@@ -1,4 +1,4 @@
-"""`--storage.path`: each account's last accepted `_timestamp`, kept across restarts.
+"""`--storage.path`: each account's last accepted `_timestamp` per endpoint, kept across restarts.
 
 Without it, the first reply after a restart is accepted whatever its stamp, so a stale server
 could win once. The file is written atomically (a temporary file, fsync, rename) whenever a
@@ -16,14 +16,18 @@ import structlog
 
 from balance_exporter.files import write_private_file
 from balance_exporter.store import BalanceStore, SavedStamp
+from balance_exporter.targets import Endpoint
 
 log = structlog.get_logger("balance_exporter.storage")
 
 STATE_FILE_NAME = "state.json"
-STATE_VERSION = 1
+# Version 1 kept the balances stamp only; it is still read.
+STATE_VERSION = 2
+_STAMP_VERSIONS = (1, 2)
 SAVE_EVERY_SECONDS = 5.0
 # A state file of a million accounts is no state file of ours.
 MAX_STATE_BYTES = 64 * 1024 * 1024
+ENDPOINTS = frozenset(endpoint.value for endpoint in Endpoint)
 
 
 def load_stamps(directory: Path, now_ns: int, max_skew_seconds: float) -> dict[str, SavedStamp]:
@@ -35,11 +39,11 @@ def load_stamps(directory: Path, now_ns: int, max_skew_seconds: float) -> dict[s
         if path.stat().st_size > MAX_STATE_BYTES:
             raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
         document = json.loads(path.read_bytes())
-        accounts = document["accounts"] if document.get("version") == STATE_VERSION else None
+        version = document.get("version")
+        accounts = document["accounts"] if version in _STAMP_VERSIONS else None
         if not isinstance(accounts, dict):
             raise ValueError(f"not a version {STATE_VERSION} state file")
-        stamps = {label: SavedStamp(str(entry["key"]), entry["account"],
-                                    int(entry["server_timestamp_ns"]))
+        stamps = {label: SavedStamp(str(entry["key"]), entry["account"], _entry_stamps(entry))
                   for label, entry in accounts.items()}
     except FileNotFoundError:
         log.info("no saved state yet, starting clean", path=str(path))
@@ -50,7 +54,7 @@ def load_stamps(directory: Path, now_ns: int, max_skew_seconds: float) -> dict[s
         return {}
     limit = now_ns + int(max_skew_seconds * 1e9) if max_skew_seconds > 0 else None
     usable = {label: stamp for label, stamp in stamps.items()
-              if (limit is None or stamp.server_timestamp_ns <= limit)
+              if (limit is None or max(stamp.stamps.values()) <= limit)
               and (stamp.gemini_account is None or isinstance(stamp.gemini_account, str))}
     if len(usable) < len(stamps):
         log.warning("saved stamps ignored (from the future, or malformed)",
@@ -58,11 +62,21 @@ def load_stamps(directory: Path, now_ns: int, max_skew_seconds: float) -> dict[s
     return usable
 
 
+def _entry_stamps(entry: dict[str, object]) -> dict[str, int]:
+    if "server_timestamp_ns" in entry:  # version 1
+        return {"balances": int(entry["server_timestamp_ns"])}  # type: ignore[call-overload]
+    stamps = entry["server_timestamps_ns"]
+    if not isinstance(stamps, dict) or not stamps or not all(
+            name in ENDPOINTS for name in stamps):
+        raise ValueError("an account's server_timestamps_ns is not a mapping of endpoints")
+    return {str(name): int(stamp) for name, stamp in stamps.items()}
+
+
 def save_stamps(directory: Path, stamps: Mapping[str, SavedStamp]) -> None:
     """Replace the state file atomically, readable by its owner only."""
     document = {"version": STATE_VERSION, "accounts": {
         label: {"key": stamp.key_name, "account": stamp.gemini_account,
-                "server_timestamp_ns": stamp.server_timestamp_ns}
+                "server_timestamps_ns": dict(stamp.stamps)}
         for label, stamp in stamps.items()}}
     directory.mkdir(parents=True, exist_ok=True)
     write_private_file(directory / STATE_FILE_NAME, json.dumps(document, separators=(",", ":")))

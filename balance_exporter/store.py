@@ -2,36 +2,121 @@
 
 Pollers write, the collector and the landing page read. Every update swaps in a new frozen
 snapshot, so a reader always sees one consistent state of an account without locks.
-The staleness rule lives here because the store owns each account's last accepted `_timestamp`.
+The staleness rule lives here because the store owns each account's last accepted `_timestamp`,
+one per endpoint: a notional reply is never compared with a balances reply's stamp.
 """
 
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Any, Generic
 
-from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
-from balance_exporter.targets import AccountTarget
+from balance_exporter.gemini.replies import (
+    CurrencyBalance,
+    NotionalBalance,
+    ParsedReply,
+    RowT,
+    StakingBalance,
+)
+from balance_exporter.targets import AccountTarget, Endpoint, ListedAccount
 
 DEFAULT_ACCOUNT_TYPE = "exchange"
 
 
-@dataclass(frozen=True, slots=True)
-class AccountSnapshot:
-    target: AccountTarget
-    balances: tuple[CurrencyBalance, ...] = ()
-    account_type: str = DEFAULT_ACCOUNT_TYPE
+def _no_errors() -> Mapping[str, int]:
+    return MappingProxyType({})
+
+
+def _counted(errors: Mapping[str, int], reason: str) -> Mapping[str, int]:
+    counts = dict(errors)
+    counts[reason] = counts.get(reason, 0) + 1
+    return MappingProxyType(counts)
+
+
+class ReplyVerdict(enum.Enum):
+    ACCEPTED = "accepted"
+    STALE = "stale"
+
+
+# No slots: a slotted generic dataclass cannot be built through a subscripted alias.
+@dataclass(frozen=True)
+class PollState(Generic[RowT]):
+    """What one endpoint's polls of an account gave: its rows and their health."""
+
+    rows: tuple[RowT, ...] = ()
     attempted: bool = False
     up: bool = False
     # Wall-clock time of the last accepted (fresh) reply: data age is measured from it.
     last_success_seconds: float | None = None
     server_timestamp_ns: int | None = None
     polls: int = 0
-    errors: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    errors: Mapping[str, int] = field(default_factory=_no_errors)
     last_error: str | None = None
     stale_replies: int = 0
     unstamped_replies: int = 0
+    # Parts of accepted rows that could not be read (staking providers).
+    skipped_entries: int = 0
     last_poll_duration_seconds: float | None = None
+
+    def with_reply(
+        self, reply: ParsedReply[RowT], duration_seconds: float, wall_seconds: float
+    ) -> "tuple[PollState[RowT], ReplyVerdict]":
+        """The reply's rows, unless the reply is older than the last accepted one."""
+        polled = replace(self, attempted=True, up=True, polls=self.polls + 1, last_error=None,
+                         last_poll_duration_seconds=duration_seconds)
+        stamp, last_stamp = reply.server_timestamp_ns, self.server_timestamp_ns
+        if stamp is not None and last_stamp is not None and stamp < last_stamp:
+            return replace(polled, stale_replies=self.stale_replies + 1), ReplyVerdict.STALE
+        return replace(
+            polled,
+            rows=reply.rows,
+            last_success_seconds=wall_seconds,
+            server_timestamp_ns=stamp if stamp is not None else last_stamp,
+            unstamped_replies=self.unstamped_replies + (stamp is None),
+            skipped_entries=self.skipped_entries + reply.skipped_entries,
+        ), ReplyVerdict.ACCEPTED
+
+    def with_failure(self, reason: str, duration_seconds: float) -> "PollState[RowT]":
+        """A poll that gave no usable reply: counted, while the last good rows stay."""
+        return replace(self, attempted=True, up=False, polls=self.polls + 1,
+                       errors=_counted(self.errors, reason), last_error=reason,
+                       last_poll_duration_seconds=duration_seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSnapshot:
+    target: AccountTarget
+    balances: PollState[CurrencyBalance] = PollState()
+    notional: PollState[NotionalBalance] = PollState()
+    staking: PollState[StakingBalance] = PollState()
+    account_type: str = DEFAULT_ACCOUNT_TYPE
+
+    def poll(self, endpoint: Endpoint) -> PollState[Any]:
+        state: PollState[Any] = getattr(self, endpoint.value)
+        return state
+
+    @property
+    def attempted(self) -> bool:
+        """Whether every endpoint polled for the account has been tried at least once."""
+        return all(self.poll(endpoint).attempted for endpoint in Endpoint
+                   if self.target.interval_for(endpoint) is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryState:
+    """A discovering key's last listing and how its listings went."""
+
+    listed: tuple[ListedAccount, ...] = ()
+    attempted: bool = False
+    up: bool = False
+    last_success_seconds: float | None = None
+    errors: Mapping[str, int] = field(default_factory=_no_errors)
+    # The last listing had as many rows as one call can list: there may be more accounts.
+    full: bool = False
+    # How many of the listed accounts the key polls (after patterns and label clashes).
+    polled: int = 0
+    refresh_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,116 +129,129 @@ class KeyCounters:
     # Whether the key's poll worker is running (False between a crash and its restart).
     worker_running: bool = False
     worker_restarts: int = 0
+    # None: the key does not discover its accounts.
+    discovery: DiscoveryState | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class SavedStamp:
-    """An account's last accepted `_timestamp`, as kept across restarts (`storage`)."""
+    """An account's last accepted `_timestamp` per endpoint, as kept across restarts
+    (`storage`)."""
 
     key_name: str
     gemini_account: str | None
-    server_timestamp_ns: int
-
-
-class ReplyVerdict(enum.Enum):
-    ACCEPTED = "accepted"
-    STALE = "stale"
+    # By endpoint value ("balances", "notional", "staking").
+    stamps: Mapping[str, int]
 
 
 class BalanceStore:
     def __init__(self, restored_stamps: Mapping[str, SavedStamp] | None = None) -> None:
         self._accounts: dict[str, AccountSnapshot] = {}
         self._keys: dict[str, KeyCounters] = {}
-        # Stamps from before a restart, for the first configure only: a reply older than its
+        # Stamps from before a restart, each used once, when its account is first planned
+        # (a discovered one only after its key's first listing): a reply older than its
         # account's is stale, as it would have been had the process not restarted.
         self._restored = dict(restored_stamps or {})
 
-    def configure(self, targets: Iterable[AccountTarget], key_names: Iterable[str]) -> None:
-        """Adopt a (new) set of accounts, keeping what is known of those that did not change."""
+    def configure(
+        self, targets: Iterable[AccountTarget], key_names: Iterable[str],
+        discovering: Mapping[str, float] | None = None,
+    ) -> None:
+        """Adopt a (new) set of accounts, keeping what is known of those that did not change;
+        `discovering` gives each discovering key's listing interval."""
         old_accounts = self._accounts
         self._accounts = {}
         for target in targets:
             previous = old_accounts.get(target.label)
-            keep = previous is not None and previous.target.identity == target.identity
-            self._accounts[target.label] = (
-                replace(previous, target=target) if keep and previous
-                else AccountSnapshot(target, server_timestamp_ns=self._restored_stamp(target))
-            )
-        self._restored = {}
-        self._keys = {name: self._keys.get(name, KeyCounters(name)) for name in key_names}
-
-    def _restored_stamp(self, target: AccountTarget) -> int | None:
-        saved = self._restored.get(target.label)
-        if saved is None or (saved.key_name, saved.gemini_account) != (
-                target.key_name, target.gemini_account):
-            return None  # another account under this label now: its stamps are not ours
-        return saved.server_timestamp_ns
+            if previous is None:
+                restored = self._restored.pop(target.label, None)
+                self._accounts[target.label] = _restored_snapshot(target, restored)
+                continue
+            kept: dict[str, Any] = {"target": target}
+            for endpoint in Endpoint:
+                if previous.target.identity(endpoint) != target.identity(endpoint):
+                    kept[endpoint.value] = PollState()  # another account, currency or off
+            self._accounts[target.label] = replace(previous, **kept)
+        discovering = discovering or {}
+        keys = {}
+        for name in key_names:
+            counters = self._keys.get(name, KeyCounters(name))
+            if name not in discovering:
+                discovery = None
+            else:
+                discovery = replace(counters.discovery or DiscoveryState(),
+                                    refresh_seconds=discovering[name])
+            keys[name] = replace(counters, discovery=discovery)
+        self._keys = keys
 
     def saved_stamps(self) -> dict[str, SavedStamp]:
-        """Every account's last accepted stamp, to keep across a restart."""
-        return {label: SavedStamp(snapshot.target.key_name, snapshot.target.gemini_account,
-                                  snapshot.server_timestamp_ns)
-                for label, snapshot in self._accounts.items()
-                if snapshot.server_timestamp_ns is not None}
+        """Every account's last accepted stamps, to keep across a restart."""
+        saved = {}
+        for label, snapshot in self._accounts.items():
+            stamps = {endpoint.value: stamp for endpoint in Endpoint
+                      if (stamp := snapshot.poll(endpoint).server_timestamp_ns) is not None}
+            if stamps:
+                saved[label] = SavedStamp(snapshot.target.key_name,
+                                          snapshot.target.gemini_account, stamps)
+        return saved
 
     def record_reply(
-        self, label: str, reply: BalanceReply, duration_seconds: float, wall_seconds: float
+        self, label: str, endpoint: Endpoint, reply: ParsedReply[Any], duration_seconds: float,
+        wall_seconds: float,
     ) -> ReplyVerdict:
-        """Store a parsed reply unless it is older than the last accepted one."""
+        """Store a parsed reply unless it is older than the endpoint's last accepted one."""
         current = self._accounts[label]
-        polled = replace(
-            current,
-            attempted=True,
-            up=True,
-            polls=current.polls + 1,
-            last_error=None,
-            last_poll_duration_seconds=duration_seconds,
-        )
-        stamp, last_stamp = reply.server_timestamp_ns, current.server_timestamp_ns
-        if stamp is not None and last_stamp is not None and stamp < last_stamp:
-            self._accounts[label] = replace(polled, stale_replies=current.stale_replies + 1)
-            return ReplyVerdict.STALE
-        self._accounts[label] = replace(
-            polled,
-            balances=reply.balances,
-            account_type=reply.account_type or current.account_type,
-            last_success_seconds=wall_seconds,
-            server_timestamp_ns=stamp if stamp is not None else last_stamp,
-            unstamped_replies=current.unstamped_replies + (stamp is None),
-        )
-        return ReplyVerdict.ACCEPTED
+        state, verdict = current.poll(endpoint).with_reply(reply, duration_seconds, wall_seconds)
+        changes: dict[str, Any] = {endpoint.value: state}
+        if verdict is ReplyVerdict.ACCEPTED and endpoint is Endpoint.BALANCES:
+            changes["account_type"] = reply.account_type or current.account_type
+        self._accounts[label] = replace(current, **changes)
+        return verdict
 
-    def record_failure(self, label: str, reason: str, duration_seconds: float) -> None:
-        """A poll that gave no usable reply: counted, while the last good balances stay."""
+    def record_failure(
+        self, label: str, endpoint: Endpoint, reason: str, duration_seconds: float
+    ) -> None:
         current = self._accounts[label]
-        errors = dict(current.errors)
-        errors[reason] = errors.get(reason, 0) + 1
-        self._accounts[label] = replace(
-            current,
-            attempted=True,
-            up=False,
-            polls=current.polls + 1,
-            errors=MappingProxyType(errors),
-            last_error=reason,
-            last_poll_duration_seconds=duration_seconds,
-        )
+        changes: dict[str, Any] = {
+            endpoint.value: current.poll(endpoint).with_failure(reason, duration_seconds)}
+        self._accounts[label] = replace(current, **changes)
+
+    def _update_key(self, key_name: str, **changes: Any) -> None:
+        if key_name in self._keys:  # a key dropped by a reload has no counters any more
+            self._keys[key_name] = replace(self._keys[key_name], **changes)
+
+    def _update_discovery(self, key_name: str, **changes: Any) -> None:
+        key = self._keys.get(key_name)
+        if key is not None and key.discovery is not None:
+            self._update_key(key_name, discovery=replace(key.discovery, **changes))
+
+    def record_listing(
+        self, key_name: str, listed: tuple[ListedAccount, ...], full: bool, wall_seconds: float
+    ) -> None:
+        self._update_discovery(key_name, listed=listed, attempted=True, up=True,
+                               last_success_seconds=wall_seconds, full=full)
+
+    def record_listing_failure(self, key_name: str, reason: str) -> None:
+        key = self._keys.get(key_name)
+        if key is not None and key.discovery is not None:
+            self._update_discovery(key_name, attempted=True, up=False,
+                                   errors=_counted(key.discovery.errors, reason))
+
+    def record_discovered_polled(self, key_name: str, polled: int) -> None:
+        self._update_discovery(key_name, polled=polled)
 
     def record_request(self, key_name: str) -> None:
-        current = self._keys[key_name]
-        self._keys[key_name] = replace(current, requests=current.requests + 1)
+        self._update_key(key_name, requests=self._keys[key_name].requests + 1)
 
     def record_rate_limited(self, key_name: str) -> None:
-        current = self._keys[key_name]
-        self._keys[key_name] = replace(current, rate_limited=current.rate_limited + 1)
+        self._update_key(key_name, rate_limited=self._keys[key_name].rate_limited + 1)
 
     def record_worker_running(self, key_name: str, running: bool) -> None:
-        if key_name in self._keys:  # a key dropped by a reload has no counters any more
-            self._keys[key_name] = replace(self._keys[key_name], worker_running=running)
+        self._update_key(key_name, worker_running=running)
 
     def record_worker_restart(self, key_name: str) -> None:
         if key_name in self._keys:
-            current = self._keys[key_name]
-            self._keys[key_name] = replace(current, worker_restarts=current.worker_restarts + 1)
+            self._update_key(key_name, worker_restarts=self._keys[key_name].worker_restarts + 1)
 
     def stopped_workers(self) -> list[str]:
         """Keys whose poll worker is not running: nothing is polled with them right now."""
@@ -166,4 +264,16 @@ class BalanceStore:
         return tuple(self._keys.values())
 
     def all_attempted(self) -> bool:
-        return all(snapshot.attempted for snapshot in self._accounts.values())
+        """Every account's endpoints, and every discovering key's listing, tried once."""
+        return all(snapshot.attempted for snapshot in self._accounts.values()) and all(
+            key.discovery.attempted for key in self._keys.values() if key.discovery is not None)
+
+
+def _restored_snapshot(target: AccountTarget, saved: SavedStamp | None) -> AccountSnapshot:
+    if saved is None or (saved.key_name, saved.gemini_account) != (
+            target.key_name, target.gemini_account):
+        return AccountSnapshot(target)  # another account under this label: not its stamps
+    stamped: dict[str, Any] = {
+        endpoint.value: PollState(server_timestamp_ns=saved.stamps[endpoint.value])
+        for endpoint in Endpoint if endpoint.value in saved.stamps}
+    return AccountSnapshot(target, **stamped)

@@ -1,19 +1,53 @@
-"""What is polled: one target per configured account, with the interval its key's budget allows.
+"""What is polled: every configured and discovered account, each endpoint at the interval its
+key's budget allows.
 
-The plan is made from the config alone, before anything is polled, so `--config.check` can show
-it and the scheduler, the store and the exposition all work from the same targets.
+The plan is made from the config and what each discovering key last listed, before anything is
+polled, so `--config.check` can show it and the scheduler, the store and the exposition all work
+from the same targets. It is made again whenever a listing changes what a key polls.
+
+The budget rule: a key's requests per second are the sum, over every request stream it has (each
+account's balances, notional and staking polls, and the key's listing), of 1 / interval. When
+that is more than the key's `requests_per_second`, every interval of the key is multiplied by
+the same factor, demand / requests_per_second; a shared `gemini.requests_per_second` stretches
+every key by total demand / shared rate when that is larger.
 """
 
-from dataclasses import dataclass
+import enum
+import fnmatch
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # a type only: the store and exposition import targets, not pydantic
-    from balance_exporter.config import Config
+if TYPE_CHECKING:  # types only: the store and exposition import targets, not pydantic
+    from balance_exporter.config import AccountOptions, Config, DiscoverSettings
+
+
+class Endpoint(enum.Enum):
+    """The per-account endpoints polled; each has its own rows, stamps and health."""
+
+    BALANCES = "balances"
+    NOTIONAL = "notional"
+    STAKING = "staking"
+
+
+@dataclass(frozen=True, slots=True)
+class ListedAccount:
+    """One row of a key's /v1/account/list."""
+
+    short_name: str  # what `account` takes, and a discovered account's label
+    display_name: str
+    account_type: str  # "exchange", "custody", or "other" for anything unknown
+    status: str  # "open", "closed", or "other"
+
+    @property
+    def pollable(self) -> bool:
+        # Custody accounts have no /v1/balances; closed ones have nothing to poll.
+        return self.account_type == "exchange" and self.status == "open"
 
 
 @dataclass(frozen=True, slots=True)
 class AccountTarget:
-    """What is polled for one configured account, and the thresholds its alerts compare with."""
+    """What is polled for one account, and the thresholds its alerts compare with."""
 
     # The `account` label value.
     label: str
@@ -21,37 +55,185 @@ class AccountTarget:
     # Gemini's short name for the account; None for an account-scoped key.
     gemini_account: str | None
     show_pending_balances: bool
-    # The interval the scheduler can keep, which may be longer than the configured one.
+    # The intervals the scheduler can keep, which may be longer than the configured ones; None:
+    # the endpoint is not polled for this account.
     interval_seconds: float
     min_available: tuple[tuple[str, float], ...] = ()
     max_available_drop_ratio: float | None = None
+    notional_currency: str | None = None
+    notional_interval_seconds: float | None = None
+    staking_interval_seconds: float | None = None
+    min_available_notional: float | None = None
+    # From the key's listing, when it has one that shows the account.
+    display_name: str = ""
+    discovered: bool = False
+
+    def interval_for(self, endpoint: Endpoint) -> float | None:
+        if endpoint is Endpoint.BALANCES:
+            return self.interval_seconds
+        if endpoint is Endpoint.NOTIONAL:
+            return self.notional_interval_seconds
+        return self.staking_interval_seconds
+
+    def identity(self, endpoint: Endpoint) -> tuple[object, ...] | None:
+        """What must stay the same for an endpoint's rows to carry over a new plan; None when
+        the endpoint is not polled."""
+        if self.interval_for(endpoint) is None:
+            return None
+        account = (self.label, self.key_name, self.gemini_account)
+        if endpoint is Endpoint.BALANCES:
+            return (*account, self.show_pending_balances)
+        if endpoint is Endpoint.NOTIONAL:
+            return (*account, self.notional_currency)
+        return account
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedAccount:
+    """A listed account that is not polled because its label is taken."""
+
+    key_name: str
+    short_name: str
+    taken_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPlan:
+    key_name: str
+    targets: tuple[AccountTarget, ...]
+    # None: the key does not discover its accounts.
+    listing_interval_seconds: float | None
+    # What every configured interval of the key was multiplied by (1: none stretched).
+    stretch: float
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    keys: Mapping[str, KeyPlan]
+    skipped: tuple[SkippedAccount, ...] = field(default=())
 
     @property
-    def identity(self) -> tuple[str, str, str | None, bool]:
-        """What must stay the same for balances to carry over a config reload."""
-        return (self.label, self.key_name, self.gemini_account, self.show_pending_balances)
+    def targets(self) -> list[AccountTarget]:
+        return [target for key in self.keys.values() for target in key.targets]
+
+
+def matches(discover: "DiscoverSettings", short_name: str) -> bool:
+    """Whether discovery polls an account of this short name (patterns are case-sensitive)."""
+    def any_of(patterns: Iterable[str]) -> bool:
+        return any(fnmatch.fnmatchcase(short_name, pattern) for pattern in patterns)
+    return any_of(discover.include) and not any_of(discover.exclude)
+
+
+def _positive(value: float | None) -> float | None:
+    return value if value else None
+
+
+def _target(
+    label: str, key_name: str, gemini_account: str | None, options: "AccountOptions",
+    config: "Config", listed: ListedAccount | None, discovered: bool,
+) -> AccountTarget:
+    notional = config.settings.notional
+    notional_interval = None
+    if notional is not None:
+        configured = options.notional_interval_seconds
+        notional_interval = notional.interval_seconds if configured is None else configured
+    return AccountTarget(
+        label=label,
+        key_name=key_name,
+        gemini_account=gemini_account,
+        show_pending_balances=options.show_pending_balances,
+        interval_seconds=options.interval_seconds,
+        min_available=tuple(sorted(options.min_available.items())),
+        max_available_drop_ratio=options.max_available_drop_ratio,
+        notional_currency=notional.currency if notional is not None else None,
+        notional_interval_seconds=_positive(notional_interval),
+        staking_interval_seconds=_positive(options.staking_interval_seconds),
+        min_available_notional=options.min_available_notional,
+        display_name=listed.display_name if listed is not None else "",
+        discovered=discovered,
+    )
+
+
+def _demand(targets: Iterable[AccountTarget], listing_interval: float | None) -> float:
+    """Requests per second the targets (and the listing) ask for at their intervals."""
+    total = 1 / listing_interval if listing_interval else 0.0
+    for target in targets:
+        for endpoint in Endpoint:
+            interval = target.interval_for(endpoint)
+            total += 1 / interval if interval else 0.0
+    return total
+
+
+def _times(interval: float, factor: float) -> float:
+    # Rounded so that 50 accounts at 10 s on 2 requests a second plan 25 s, not 25.000000000004.
+    return round(interval * factor, 6)
+
+
+def _stretched(target: AccountTarget, factor: float) -> AccountTarget:
+    if factor == 1:
+        return target
+    return replace(
+        target,
+        interval_seconds=_times(target.interval_seconds, factor),
+        notional_interval_seconds=(_times(target.notional_interval_seconds, factor)
+                                   if target.notional_interval_seconds else None),
+        staking_interval_seconds=(_times(target.staking_interval_seconds, factor)
+                                  if target.staking_interval_seconds else None),
+    )
+
+
+def plan(config: "Config", listings: Mapping[str, Sequence[ListedAccount]] | None = None) -> Plan:
+    """Every key's targets, stretched to fit the budgets; `listings` are the discovering keys'
+    last successful listings (a key without one polls its configured accounts only)."""
+    settings = config.settings
+    listings = listings or {}
+    taken = {account.label: account.key for account in settings.accounts}
+    unstretched: dict[str, tuple[list[AccountTarget], float | None]] = {}
+    skipped: list[SkippedAccount] = []
+    for key in settings.keys:
+        discover = key.discover
+        defaults = discover.defaults if discover is not None else None
+        listed = {row.short_name: row for row in listings.get(key.name, ())}
+        targets = []
+        for account in settings.accounts:
+            if account.key != key.name:
+                continue
+            options = account.over(defaults) if defaults is not None else account
+            row = listed.get(account.account) if account.account is not None else None
+            targets.append(_target(account.label, key.name, account.account, options, config,
+                                   row, discovered=False))
+        configured = {account.account for account in settings.accounts
+                      if account.key == key.name}
+        if discover is not None and defaults is not None:
+            for row in listed.values():
+                if (row.short_name in configured or not row.pollable
+                        or not matches(discover, row.short_name)):
+                    continue
+                if row.short_name in taken:
+                    skipped.append(SkippedAccount(key.name, row.short_name,
+                                                  taken[row.short_name]))
+                    continue
+                taken[row.short_name] = key.name
+                targets.append(_target(row.short_name, key.name, row.short_name, defaults,
+                                       config, row, discovered=True))
+        unstretched[key.name] = (targets, discover.refresh_seconds if discover else None)
+    rates = {key.name: key.requests_per_second for key in settings.keys}
+    demands = {name: _demand(targets, listing) for name, (targets, listing) in
+               unstretched.items()}
+    shared = settings.gemini.requests_per_second
+    shared_factor = max(1.0, sum(demands.values()) / shared) if shared is not None else 1.0
+    keys = {}
+    for name, (targets, listing) in unstretched.items():
+        factor = max(1.0, demands[name] / rates[name], shared_factor)
+        keys[name] = KeyPlan(
+            key_name=name,
+            targets=tuple(_stretched(target, factor) for target in targets),
+            listing_interval_seconds=_times(listing, factor) if listing is not None else None,
+            stretch=factor,
+        )
+    return Plan(keys=keys, skipped=tuple(skipped))
 
 
 def plan_targets(config: "Config") -> list[AccountTarget]:
-    """Each account's target, with the interval stretched to what its key's budget allows."""
-    settings = config.settings
-    rates = {key.name: key.requests_per_second for key in settings.keys}
-    per_key: dict[str, int] = {}
-    for account in settings.accounts:
-        per_key[account.key] = per_key.get(account.key, 0) + 1
-    global_rate = settings.gemini.requests_per_second
-    targets = []
-    for account in settings.accounts:
-        interval = max(account.interval_seconds, per_key[account.key] / rates[account.key])
-        if global_rate is not None:
-            interval = max(interval, len(settings.accounts) / global_rate)
-        targets.append(AccountTarget(
-            label=account.label,
-            key_name=account.key,
-            gemini_account=account.account,
-            show_pending_balances=account.show_pending_balances,
-            interval_seconds=interval,
-            min_available=tuple(sorted(account.min_available.items())),
-            max_available_drop_ratio=account.max_available_drop_ratio,
-        ))
-    return targets
+    """The configured accounts' targets, before any listing."""
+    return plan(config).targets

@@ -75,7 +75,7 @@ async def _worst_lag(url: str, seconds: float) -> tuple[float, int]:
             await asyncio.sleep(TICK_SECONDS)
             worst = max(worst, time.monotonic() - before - TICK_SECONDS)
         hostile = service.store.account_snapshots()[0]
-        failures = sum(hostile.errors.values())
+        failures = sum(hostile.balances.errors.values())
     finally:
         await service.stop()
     return worst * 1000, failures

@@ -55,8 +55,8 @@ async def run(accounts: int, rate: float, interval: float, seconds: float) -> di
         worst_age = 0.0
         while time.monotonic() - started < seconds:
             now = time.time()
-            ages = [now - s.last_success_seconds for s in service.store.account_snapshots()
-                    if s.last_success_seconds is not None]
+            ages = [now - s.balances.last_success_seconds for s in service.store.account_snapshots()
+                    if s.balances.last_success_seconds is not None]
             worst_age = max([worst_age, *ages])
             await asyncio.sleep(0.2)
         elapsed = time.monotonic() - started

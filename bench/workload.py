@@ -2,7 +2,7 @@
 
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
 from balance_exporter.store import BalanceStore
-from balance_exporter.targets import AccountTarget
+from balance_exporter.targets import AccountTarget, Endpoint
 
 KEYS = 10
 
@@ -19,7 +19,7 @@ def record(store: BalanceStore, index: int, generation: int, currencies: int) ->
                         c * 0.125, c * 0.25)
         for c in range(currencies))
     stamp = 1_700_000_000_000_000_000 + generation * 1_000_000_000 + index
-    store.record_reply(account_label(index), BalanceReply(balances, stamp, "exchange"), 0.05,
+    store.record_reply(account_label(index), Endpoint.BALANCES, BalanceReply(balances, stamp, "exchange"), 0.05,
                        1_700_000_000.0 + generation)
 
 

@@ -18,7 +18,7 @@ from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator
 from balance_exporter.store import BalanceStore
-from balance_exporter.targets import AccountTarget
+from balance_exporter.targets import AccountTarget, Endpoint
 
 MASTER_KEY = "master-testkey"
 MASTER_SECRET = "TOPSECRET-master"
@@ -90,23 +90,23 @@ def fixed_store() -> BalanceStore:
     store.record_worker_running("treasury", True)
     store.record_worker_running("savings", True)
     store.record_request("treasury")
-    store.record_reply("treasury-primary", BalanceReply((
+    store.record_reply("treasury-primary", Endpoint.BALANCES, BalanceReply((
         CurrencyBalance("BTC", 5.0, 4.5, 4.5, 0.25, 0.0),
         CurrencyBalance("USD", 15000.0, 5000.0, 5000.0, 0.0, 1250.5),
     ), 1_710_547_200_000_000_000, "exchange"), 0.125, 1_710_547_201.5)
     store.record_request("treasury")
-    store.record_reply("treasury-primary", BalanceReply((
+    store.record_reply("treasury-primary", Endpoint.BALANCES, BalanceReply((
         CurrencyBalance("BTC", 999.0, 999.0, 999.0, 0.0, 0.0),), 1_710_547_100_000_000_000, None),
         0.25, 1_710_547_230.0)
     store.record_request("savings")
-    store.record_reply("savings", BalanceReply((
+    store.record_reply("savings", Endpoint.BALANCES, BalanceReply((
         CurrencyBalance("USD", 1_000_000.0, 1_000_000.0, 1_000_000.0, 0.0, 0.0),), None, None),
         0.5, 1_710_547_202.0)
     store.record_request("savings")
-    store.record_failure("savings", "System", 1.5)
+    store.record_failure("savings", Endpoint.BALANCES, "System", 1.5)
     store.record_request("savings")
     store.record_rate_limited("savings")
-    store.record_failure("savings", "RateLimit", 0.75)
+    store.record_failure("savings", Endpoint.BALANCES, "RateLimit", 0.75)
     return store
 
 

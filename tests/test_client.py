@@ -16,7 +16,12 @@ from pydantic import SecretStr
 from yarl import URL
 
 from balance_exporter.config import Credentials
-from balance_exporter.gemini.client import GeminiClient, new_session, parse_retry_after
+from balance_exporter.gemini.client import (
+    GeminiClient,
+    balances_request,
+    new_session,
+    parse_retry_after,
+)
 from balance_exporter.gemini.errors import (
     GeminiError,
     MalformedReply,
@@ -61,7 +66,7 @@ async def test_sends_a_signed_post_with_account_and_pending_flag(
 ) -> None:
     with aioresponses() as mocked:
         mocked.post(URL_BALANCES, status=200, body=b"[]")
-        assert await client.fetch_balances(key, nonces, "primary", True) == b"[]"
+        assert await client.post(key, nonces, balances_request("primary", True)) == b"[]"
         (request,) = sent(mocked)
     headers = request.kwargs["headers"]
     payload = json.loads(base64.b64decode(headers["X-GEMINI-PAYLOAD"]))
@@ -80,7 +85,7 @@ async def test_account_scoped_key_sends_no_account(
 ) -> None:
     with aioresponses() as mocked:
         mocked.post(URL_BALANCES, status=200, body=b"[]")
-        await client.fetch_balances(key, nonces, None, False)
+        await client.post(key, nonces, balances_request(None, False))
         (request,) = sent(mocked)
     payload = json.loads(base64.b64decode(request.kwargs["headers"]["X-GEMINI-PAYLOAD"]))
     assert "account" not in payload
@@ -105,7 +110,7 @@ async def test_concurrent_requests_on_one_key_go_one_at_a_time_in_nonce_order(
 
     with aioresponses() as mocked:
         mocked.post(URL_BALANCES, status=200, body=b"[]", callback=slow_reply, repeat=True)
-        await asyncio.gather(*(client.fetch_balances(key, nonces, f"a{i}", False)
+        await asyncio.gather(*(client.post(key, nonces, balances_request(f"a{i}", False))
                                for i in range(5)))
     assert most_in_flight == 1
     assert sent_nonces == sorted(sent_nonces)
@@ -142,7 +147,7 @@ async def test_failures_become_typed_errors_keeping_the_reason(
     with aioresponses() as mocked:
         mocked.post(URL_BALANCES, status=status, body=raw)
         with pytest.raises(error_type) as caught:
-            await client.fetch_balances(key, nonces, "primary", False)
+            await client.post(key, nonces, balances_request("primary", False))
         # Never retried inside the client: exactly one request went out.
         assert len(sent(mocked)) == 1
     assert caught.value.reason == reason
@@ -157,7 +162,7 @@ async def test_rate_limit_keeps_retry_after(
         mocked.post(URL_BALANCES, status=429, body=json.dumps(error_body("RateLimit")),
                     headers={"Retry-After": "7"})
         with pytest.raises(RateLimited) as caught:
-            await client.fetch_balances(key, nonces, "primary", False)
+            await client.post(key, nonces, balances_request("primary", False))
     assert caught.value.retry_after == 7.0
 
 
@@ -168,9 +173,9 @@ async def test_timeouts_and_connection_errors_are_transient(
         mocked.post(URL_BALANCES, exception=TimeoutError())
         mocked.post(URL_BALANCES, exception=aiohttp.ClientConnectionError("refused"))
         with pytest.raises(TransientError, match="Timeout"):
-            await client.fetch_balances(key, nonces, "primary", False)
+            await client.post(key, nonces, balances_request("primary", False))
         with pytest.raises(TransientError, match="ConnectionError"):
-            await client.fetch_balances(key, nonces, "primary", False)
+            await client.post(key, nonces, balances_request("primary", False))
 
 
 async def test_errors_and_credentials_do_not_carry_the_secret(
@@ -184,7 +189,7 @@ async def test_errors_and_credentials_do_not_carry_the_secret(
         mocked.post(URL_BALANCES, status=502, body=b"<html>bad gateway</html>")
         for _ in range(4):
             with pytest.raises(GeminiError) as caught:
-                await client.fetch_balances(key, nonces, "primary", False)
+                await client.post(key, nonces, balances_request("primary", False))
             errors.append(caught.value)
     assert [type(error) for error in errors] == [
         RequestRejected, TransientError, TransientError, TransientError]
@@ -220,9 +225,9 @@ async def test_a_large_error_like_body_is_not_parsed_on_the_event_loop(
         mocked.post(URL_BALANCES, status=200, body=big)
         mocked.post(URL_BALANCES, status=400, body=big)
         # Returned as a body (the reply parser rejects it, in a thread), not read as an error.
-        assert await client.fetch_balances(key, nonces, "primary", False) == big
+        assert await client.post(key, nonces, balances_request("primary", False)) == big
         with pytest.raises(RequestRejected) as caught:
-            await client.fetch_balances(key, nonces, "primary", False)
+            await client.post(key, nonces, balances_request("primary", False))
     assert caught.value.reason == "HTTP400"
 
 
@@ -240,9 +245,9 @@ async def test_the_reply_cap_holds_at_and_just_past_its_size(
         with aioresponses() as mocked:
             mocked.post(URL_BALANCES, status=200, body=body(100_000), headers=headers)
             mocked.post(URL_BALANCES, status=200, body=body(100_001), headers=headers)
-            assert len(await capped.fetch_balances(key, nonces, None, False)) == 100_000
+            assert len(await capped.post(key, nonces, balances_request(None, False))) == 100_000
             with pytest.raises(MalformedReply) as caught:
-                await capped.fetch_balances(key, nonces, None, False)
+                await capped.post(key, nonces, balances_request(None, False))
     assert caught.value.reason == "ReplyTooLarge"
 
 
@@ -257,7 +262,7 @@ async def test_error_objects_are_read_up_to_64_kib(
     with aioresponses() as mocked:
         mocked.post(URL_BALANCES, status=400, body=raw)
         with pytest.raises(RequestRejected) as caught:
-            await client.fetch_balances(key, nonces, "primary", False)
+            await client.post(key, nonces, balances_request("primary", False))
     assert caught.value.reason == reason
 
 

@@ -21,8 +21,10 @@ from balance_exporter.exposition import (
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
 from balance_exporter.metrics import build_registry
 from balance_exporter.store import AccountSnapshot, BalanceStore
-from balance_exporter.targets import AccountTarget
+from balance_exporter.targets import AccountTarget, Endpoint
 from tests.helpers import OPENMETRICS_ACCEPT, fixed_store
+
+BAL = Endpoint.BALANCES
 
 
 def large_store(accounts: int, currencies: int) -> BalanceStore:
@@ -38,7 +40,7 @@ def large_store(accounts: int, currencies: int) -> BalanceStore:
 def update(store: BalanceStore, label: str, seed: int) -> None:
     balances = tuple(CurrencyBalance(f"C{c}", seed + c + 0.5, seed + c, 1e-9 * c, c / 3, 0.0)
                      for c in range(20))
-    store.record_reply(label, BalanceReply(balances, 1_700_000_000_000_000_000 + seed, None),
+    store.record_reply(label, BAL, BalanceReply(balances, 1_700_000_000_000_000_000 + seed, None),
                        0.01, 1_700_000_000.0 + seed)
 
 
@@ -68,7 +70,7 @@ async def test_label_values_are_escaped_as_the_library_does() -> None:
     store = BalanceStore()
     store.configure([AccountTarget("main", "k", None, True, 30.0)], ["k"])
     odd = CurrencyBalance('we"ird\\cur\nrency', 1.0, 2.0, 3.0, 4.0, 5.0)
-    store.record_reply("main", BalanceReply((odd,), None, None), 0.1, 1.0)
+    store.record_reply("main", BAL, BalanceReply((odd,), None, None), 0.1, 1.0)
     cache = ExpositionCache(store, process_metrics=False)
     assert await fast(cache) == reference(store)
     assert await fast(cache, openmetrics=True) == reference(store, openmetrics=True)

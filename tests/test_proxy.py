@@ -149,8 +149,8 @@ async def test_without_the_private_ca_the_certificate_is_refused(
             if snapshot.attempted:
                 break
             await asyncio.sleep(0.05)
-        assert not snapshot.up
-        assert snapshot.last_error == "ConnectionError"
+        assert not snapshot.balances.up
+        assert snapshot.balances.last_error == "ConnectionError"
     finally:
         await service.stop()
 

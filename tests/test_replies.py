@@ -41,7 +41,7 @@ def test_reference_page_example_parses() -> None:
     parsed = parse(body)
     assert parsed.server_timestamp_ns == STAMP_NS
     assert parsed.account_type == "exchange"
-    btc, usd = parsed.balances
+    btc, usd = parsed.rows
     assert (btc.currency, btc.amount, btc.available, btc.available_for_withdrawal) == (
         "BTC", 5.0, 4.5, 4.5)
     assert (usd.amount, usd.available) == (15000.0, 5000.0)
@@ -52,7 +52,7 @@ def test_reference_page_example_parses() -> None:
 def test_amounts_as_strings_or_numbers(amount: object) -> None:
     body = f'[{{"currency":"BTC","amount":{json.dumps(amount)},"available":0,' \
            f'"availableForWithdrawal":0}}]'.encode()
-    assert parse(body).balances[0].amount == float(Decimal(
+    assert parse(body).rows[0].amount == float(Decimal(
         str(amount).strip()))
 
 
@@ -60,7 +60,7 @@ def test_number_literals_are_read_as_decimal_not_float() -> None:
     # Through float this would round up to 1.0, more than the account holds.
     body = b'[{"currency":"BTC","amount":0.999999999999999999,"available":0,' \
            b'"availableForWithdrawal":0}]'
-    assert parse(body).balances[0].amount == 0.99999999
+    assert parse(body).rows[0].amount == 0.99999999
 
 
 @pytest.mark.parametrize(("currency", "raw", "expected"), [
@@ -75,22 +75,22 @@ def test_values_are_floored_to_the_currency_precision(
     currency: str, raw: str, expected: float
 ) -> None:
     parsed = parse(reply(row(currency, raw)))
-    assert parsed.balances[0].amount == expected
+    assert parsed.rows[0].amount == expected
 
 
 def test_negative_amounts_are_values_not_errors() -> None:
-    assert parse(reply(row("USD", "-12.50"))).balances[0].amount == -12.5
+    assert parse(reply(row("USD", "-12.50"))).rows[0].amount == -12.5
 
 
 def test_pending_fields_are_read_when_present() -> None:
     parsed = parse(reply(row("BTC", "1", pendingWithdrawal="0.25", pendingDeposit=0.5)))
-    assert (parsed.balances[0].pending_withdrawal, parsed.balances[0].pending_deposit) == (
+    assert (parsed.rows[0].pending_withdrawal, parsed.rows[0].pending_deposit) == (
         0.25, 0.5)
 
 
 def test_empty_reply_means_no_balances() -> None:
     parsed = parse(b"[]")
-    assert parsed.balances == ()
+    assert parsed.rows == ()
     assert parsed.server_timestamp_ns is None
 
 
@@ -172,7 +172,7 @@ def test_a_stamp_too_far_ahead_of_this_clock_is_malformed_and_says_why() -> None
         parse(reply(row("BTC", _timestamp=ahead)))
     assert caught.value.reason == "FutureTimestamp"
     # Within the skew it is fine, and 0 turns the check off.
-    assert parse(reply(row("BTC", _timestamp=NOW_NS + 299 * 10**9))).balances
+    assert parse(reply(row("BTC", _timestamp=NOW_NS + 299 * 10**9))).rows
     year_2100 = "2100-01-01T00:00:00Z"
     assert parse(reply(row("BTC", _timestamp=year_2100)),
                  ReplyRules(PRECISION, max_timestamp_skew_seconds=0)).server_timestamp_ns
@@ -225,7 +225,7 @@ def test_hostile_bodies_are_malformed_replies_not_crashes(body: bytes) -> None:
 
 def test_the_row_limit_is_inclusive() -> None:
     assert len(parse(json.dumps([row(f"C{index}") for index in range(2000)]).encode())
-               .balances) == 2000
+               .rows) == 2000
 
 
 def test_an_odd_account_type_is_ignored_not_made_a_label() -> None:
@@ -239,7 +239,7 @@ def amount_row(amount: str) -> bytes:
 
 def test_number_length_is_bounded_at_100_characters() -> None:
     at_bound = "1." + "1" * 98  # 100 characters
-    assert parse(amount_row(at_bound)).balances[0].amount == 1.11111111
+    assert parse(amount_row(at_bound)).rows[0].amount == 1.11111111
     with pytest.raises(MalformedReply, match="101 characters"):
         parse(amount_row(at_bound + "1"))
     with pytest.raises(MalformedReply, match="not a JSON number"):
@@ -247,7 +247,7 @@ def test_number_length_is_bounded_at_100_characters() -> None:
 
 
 def test_amounts_are_bounded_below_10_to_the_30() -> None:
-    assert parse(amount_row("9.99e29")).balances[0].amount == 9.99e29
+    assert parse(amount_row("9.99e29")).rows[0].amount == 9.99e29
     with pytest.raises(MalformedReply, match="out of range"):
         parse(amount_row("1e30"))
     with pytest.raises(MalformedReply, match="out of range"):

@@ -64,7 +64,7 @@ def test_a_value_is_never_above_what_was_sent(
             f'"availableForWithdrawal":{raw}}}]').encode()
     parsed = parse_or_malformed(body)
     assert parsed is not None, body
-    (balance,) = parsed.balances
+    (balance,) = parsed.rows
     # Float rounding is monotonic, so floor(x) <= x holds after both become floats.
     assert balance.amount <= float(amount)
     assert balance.available == balance.amount == balance.available_for_withdrawal

@@ -9,7 +9,7 @@ import structlog
 from pydantic import SecretStr
 
 from balance_exporter.config import Credentials, build_config
-from balance_exporter.gemini.client import new_session
+from balance_exporter.gemini.client import PrivateRequest, new_session
 from balance_exporter.gemini.errors import (
     GeminiError,
     RateLimited,
@@ -21,6 +21,7 @@ from balance_exporter.gemini.replies import ReplyRules
 from balance_exporter.precision import Precision
 from balance_exporter.scheduler import (
     Backoffs,
+    Job,
     KeyPacing,
     KeySchedule,
     KeyWorker,
@@ -29,7 +30,7 @@ from balance_exporter.scheduler import (
     jittered_backoff,
 )
 from balance_exporter.store import BalanceStore
-from balance_exporter.targets import AccountTarget
+from balance_exporter.targets import AccountTarget, Endpoint, KeyPlan
 
 BACKOFFS = Backoffs(max_backoff_seconds=300, rejected_retry_seconds=600)
 
@@ -38,19 +39,34 @@ def targets(count: int, interval: float = 10.0) -> list[AccountTarget]:
     return [AccountTarget(f"a{i}", "k", f"a{i}", False, interval) for i in range(count)]
 
 
+def key_plan(accounts: list[AccountTarget], listing: float | None = None) -> KeyPlan:
+    return KeyPlan("k", tuple(accounts), listing, 1.0)
+
+
 def schedule(count: int, rps: float = 2.0, interval: float = 10.0) -> KeySchedule:
-    return KeySchedule(targets(count, interval), KeyPacing(rps), BACKOFFS, now=0.0,
+    return KeySchedule(key_plan(targets(count, interval)), KeyPacing(rps), BACKOFFS, now=0.0,
                        rng=random.Random(7))
+
+
+def balances(label: str) -> Job:
+    return Job(label, Endpoint.BALANCES)
+
+
+def next_job(plan: KeySchedule, now: float = 0.0) -> tuple[Job, float]:
+    planned = plan.next_poll(now)
+    assert planned is not None
+    return planned
 
 
 def run_rounds(plan: KeySchedule, polls: int) -> list[tuple[str, float]]:
     """Follow the schedule with every poll succeeding instantly."""
     history = []
+    now = 0.0
     for _ in range(polls):
-        target, start = plan.next_poll()
-        plan.started(start)
-        plan.succeeded(target.label, start)
-        history.append((target.label, start))
+        job, now = next_job(plan, now)
+        plan.started(now)
+        plan.succeeded(job, now)
+        history.append((job.label, now))
     return history
 
 
@@ -72,14 +88,14 @@ def test_round_robin_keeps_each_account_on_its_interval() -> None:
 
 def test_rate_limit_pauses_the_whole_key_for_retry_after() -> None:
     plan = schedule(3, rps=2.0)
-    target, start = plan.next_poll()
+    target, start = next_job(plan)
     plan.started(start)
     assert plan.rate_limited(now=0.1, retry_after=30.0) == 30.0
-    again, next_start = plan.next_poll()
+    again, next_start = next_job(plan, 0.1)
     assert again.label == target.label  # the same account goes first after the pause
     assert next_start == 30.1
-    plan.succeeded(again.label, next_start)
-    other, other_start = plan.next_poll()
+    plan.succeeded(again, next_start)
+    other, other_start = next_job(plan, next_start)
     assert other.label != target.label
     assert other_start >= 30.1
 
@@ -97,20 +113,20 @@ def test_success_resets_rate_limit_strikes() -> None:
     plan = schedule(1)
     for _ in range(5):
         plan.rate_limited(now=0.0, retry_after=None)
-    plan.succeeded("a0", 100.0)
+    plan.succeeded(balances("a0"), 100.0)
     assert plan.rate_limited(now=100.0, retry_after=None) <= 1.0
 
 
 def test_transient_failure_backs_off_only_that_account() -> None:
     plan = schedule(2, rps=2.0, interval=10.0)
     plan.started(0.0)
-    delays = [plan.failed("a0", now=0.0) for _ in range(10)]
+    delays = [plan.failed(balances("a0"), now=0.0) for _ in range(10)]
     for failures, delay in enumerate(delays, start=1):
         step = min(300.0, 2.0 * 2 ** (failures - 1))
         assert step / 2 <= delay <= step
-    assert plan.next_due["a0"] == delays[-1]
-    assert plan.next_poll()[0].label == "a1"  # the other account keeps its schedule
-    assert plan.next_due["a1"] == 0.0
+    assert plan.next_due[balances("a0")] == delays[-1]
+    assert next_job(plan)[0].label == "a1"  # the other account keeps its schedule
+    assert plan.next_due[balances("a1")] == 0.0
 
 
 def test_backoff_has_jitter_and_a_cap() -> None:
@@ -122,12 +138,12 @@ def test_backoff_has_jitter_and_a_cap() -> None:
 
 def test_rejected_requests_retry_from_15_s_doubling_up_to_the_long_interval() -> None:
     plan = schedule(2)
-    delays = [plan.rejected("a0", now=5.0) for _ in range(12)]
+    delays = [plan.rejected(balances("a0"), now=5.0) for _ in range(12)]
     for rejections, delay in enumerate(delays, start=1):
         step = min(600.0, 15.0 * 2 ** (rejections - 1))
         assert step / 2 <= delay <= step
     assert max(delays) <= 600.0
-    assert plan.next_due["a0"] == 5.0 + delays[-1]
+    assert plan.next_due[balances("a0")] == 5.0 + delays[-1]
     # A short blip: three tries cover more than 90 s of rejections at most.
     assert sum(min(600.0, 15.0 * 2 ** n) for n in range(3)) > 90
 
@@ -141,7 +157,7 @@ def test_backoffs_never_overflow_at_any_number_of_failures() -> None:
 def test_retry_after_is_clamped_to_the_largest_backoff() -> None:
     plan = schedule(1)  # max_backoff_seconds 300
     assert plan.rate_limited(now=0.0, retry_after=999_999.0) == 300.0
-    assert plan.next_poll()[1] == 300.0
+    assert next_job(plan)[1] == 300.0
     assert plan.rate_limited(now=400.0, retry_after=0.0) == 0.0
 
 
@@ -176,10 +192,11 @@ class ScriptedGemini:
         self.enough = asyncio.Event()
         self.wanted = 0
 
-    async def fetch_balances(
-        self, credentials: Credentials, nonces: NonceSource, account: str | None,
-        show_pending_balances: bool,
+    async def post(
+        self, credentials: Credentials, nonces: NonceSource, request: PrivateRequest
     ) -> bytes:
+        account = request.params.get("account")
+        assert account is None or isinstance(account, str)
         self.calls.append((account, self._clock.now))
         if len(self.calls) >= self.wanted:
             self.enough.set()
@@ -198,9 +215,10 @@ async def run_worker(
     store = BalanceStore()
     accounts = targets(count)
     store.configure(accounts, {"k"})
-    plan = KeySchedule(accounts, KeyPacing(rps), BACKOFFS, clock.now, random.Random(3))
+    plan = KeySchedule(key_plan(accounts), KeyPacing(rps), BACKOFFS, clock.now,
+                       random.Random(3))
     credentials = Credentials("master-k", SecretStr("s"))
-    worker = KeyWorker(credentials, NonceSource("milliseconds"), plan, gemini, store,
+    worker = KeyWorker("k", credentials, NonceSource("milliseconds"), plan, gemini, store,
                        ReplyRules(Precision({}, 8)), clock)
     gemini.wanted = polls
     task = asyncio.create_task(worker.run())
@@ -220,7 +238,7 @@ async def test_worker_polls_in_round_robin_within_the_budget() -> None:
     assert accounts == ["a0", "a1", "a2"] * 3
     times = [at for _, at in gemini.calls]
     assert min(b - a for a, b in pairwise(times)) >= 0.5
-    assert all(snapshot.up for snapshot in store.account_snapshots())
+    assert all(snapshot.balances.up for snapshot in store.account_snapshots())
 
 
 async def test_worker_pauses_key_on_rate_limit_and_recovers() -> None:
@@ -231,20 +249,20 @@ async def test_worker_pauses_key_on_rate_limit_and_recovers() -> None:
     assert t1 - t0 == pytest.approx(20.0)
     assert store.key_counters()[0].rate_limited == 1
     snapshot = store.account_snapshots()[0]
-    assert snapshot.up
-    assert dict(snapshot.errors) == {"RateLimit": 1}
+    assert snapshot.balances.up
+    assert dict(snapshot.balances.errors) == {"RateLimit": 1}
 
 
 async def test_worker_marks_rejected_accounts_down_and_keeps_the_others() -> None:
     rejected = RequestRejected("MissingRole", "no role", 403)
     gemini, store = await run_worker({"a0": [rejected], "a1": [BTC]}, count=2, polls=12)
     a0, a1 = store.account_snapshots()
-    assert not a0.up
-    assert a1.up
+    assert not a0.balances.up
+    assert a1.balances.up
     a0_times = [at for account, at in gemini.calls if account == "a0"]
     # Retried after 7.5-15 s, then 15-30 s, ...: fewer polls than a1's every 10 s.
-    assert 1 < len(a0_times) < a1.polls
-    assert dict(a0.errors) == {"MissingRole": len(a0_times)}
+    assert 1 < len(a0_times) < a1.balances.polls
+    assert dict(a0.balances.errors) == {"MissingRole": len(a0_times)}
     assert 7.5 <= a0_times[1] - a0_times[0] <= 15.0
 
 
@@ -253,7 +271,7 @@ async def test_an_account_is_back_within_90_s_of_a_short_rejection_blip() -> Non
     gemini, store = await run_worker({"a0": [rejected, rejected, BTC]}, count=1, polls=3)
     (_, t0), _, (_, back) = gemini.calls
     assert back - t0 <= 90.0
-    assert store.account_snapshots()[0].up
+    assert store.account_snapshots()[0].balances.up
 
 
 async def test_worker_retries_transient_failures_with_backoff() -> None:
@@ -265,15 +283,15 @@ async def test_worker_retries_transient_failures_with_backoff() -> None:
     assert 2.0 <= gaps[1] <= 4.0
     assert 4.0 <= gaps[2] <= 8.0
     (snapshot,) = store.account_snapshots()
-    assert snapshot.up
-    assert dict(snapshot.errors) == {"System": 3}
+    assert snapshot.balances.up
+    assert dict(snapshot.balances.errors) == {"System": 3}
 
 
 async def test_worker_survives_a_malformed_reply_and_keeps_old_balances() -> None:
     _, store = await run_worker({"a0": [BTC, b"<html>oops</html>", BTC]}, count=1, polls=2)
     (snapshot,) = store.account_snapshots()
-    assert [balance.currency for balance in snapshot.balances] == ["BTC"]
-    assert dict(snapshot.errors) == {"MalformedReply": 1}
+    assert [balance.currency for balance in snapshot.balances.rows] == ["BTC"]
+    assert dict(snapshot.balances.errors) == {"MalformedReply": 1}
 
 
 
@@ -286,7 +304,7 @@ async def test_ten_thousand_failures_in_a_row_never_stop_the_worker() -> None:
     gaps = [b - a for a, b in pairwise(times[-100:])]
     assert all(150.0 <= gap <= 300.0 for gap in gaps)  # capped, never overflowing
     (snapshot,) = store.account_snapshots()
-    assert dict(snapshot.errors) == {"System": 10_000}
+    assert dict(snapshot.balances.errors) == {"System": 10_000}
 
 
 class CrashingStore(BalanceStore):

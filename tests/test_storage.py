@@ -20,8 +20,8 @@ from tests.conftest import LOOPBACK_ANY_PORT
 from tests.helpers import add_fault, all_polled, exporter_document, sample, scrape, wait_until
 
 NOW_NS = 1_800_000_000 * 10**9
-STAMPS = {"alpha": SavedStamp("treasury", "alpha", NOW_NS - 10**9),
-          "delta": SavedStamp("solo", None, NOW_NS - 2 * 10**9)}
+STAMPS = {"alpha": SavedStamp("treasury", "alpha", {"balances": NOW_NS - 10**9}),
+          "delta": SavedStamp("solo", None, {"balances": NOW_NS - 2 * 10**9})}
 
 
 def test_stamps_round_trip_through_an_owner_only_file(tmp_path: Path) -> None:
@@ -33,7 +33,7 @@ def test_stamps_round_trip_through_an_owner_only_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", [
-    b"{not json", b"[]", b'{"version": 2, "accounts": {}}', b'{"version": 1, "accounts": []}',
+    b"{not json", b"[]", b'{"version": 3, "accounts": {}}', b'{"version": 1, "accounts": []}',
     b'{"version": 1, "accounts": {"a": {"key": "k"}}}', b"\xff\xfe", b"[" * 100_000,
 ], ids=["not json", "a list", "another version", "accounts a list", "no stamp", "not utf-8",
         "deep"])
@@ -56,7 +56,8 @@ def test_no_file_yet_is_a_clean_start(tmp_path: Path) -> None:
 
 
 def test_saved_stamps_from_the_future_are_dropped(tmp_path: Path) -> None:
-    save_stamps(tmp_path, {**STAMPS, "beta": SavedStamp("treasury", "beta", NOW_NS + 10**12)})
+    future = SavedStamp("treasury", "beta", {"balances": NOW_NS + 10**12})
+    save_stamps(tmp_path, {**STAMPS, "beta": future})
     with structlog.testing.capture_logs() as logs:
         assert load_stamps(tmp_path, NOW_NS, 300) == STAMPS
     assert logs[0]["ignored"] == 1

@@ -1,8 +1,10 @@
 """Planning targets from the config: every account polled, its interval stretched to fit the
 key's (and the shared) request budget."""
 
+import pytest
+
 from balance_exporter.config import build_config
-from balance_exporter.targets import plan_targets
+from balance_exporter.targets import ListedAccount, matches, plan, plan_targets
 
 SECRET = "TOPSECRET-targets"
 
@@ -45,3 +47,93 @@ def test_targets_keep_the_gemini_account_label_and_thresholds() -> None:
     assert treasury.min_available == (("BTC", 1.0), ("USD", 10.0))
     assert treasury.max_available_drop_ratio == 0.5
     assert (solo.label, solo.gemini_account, solo.min_available) == ("solo", None, ())
+
+
+def listed(short_name: str, account_type: str = "exchange", status: str = "open") -> ListedAccount:
+    return ListedAccount(short_name, short_name.title(), account_type, status)
+
+
+TREASURY = {
+    "notional": {"currency": "usd", "interval_seconds": 300},
+    "keys": [{"name": "t", "api_key": "master-t", "api_secret": SECRET,
+              "requests_per_second": 5,
+              "discover": {"include": ["*"], "exclude": ["test-*"], "refresh_seconds": 900,
+                           "defaults": {"interval_seconds": 30, "show_pending_balances": True,
+                                        "staking_interval_seconds": 300}}}],
+    "accounts": [{"key": "t", "account": "primary", "notional_interval_seconds": 60,
+                  "min_available_notional": 250000}],
+}
+
+
+def test_discovery_polls_open_exchange_accounts_that_match_the_patterns() -> None:
+    config = build_config(TREASURY, {})
+    current = plan(config, {"t": [listed("primary"), listed("ops"), listed("test-1"),
+                                  listed("vault", account_type="custody"),
+                                  listed("old", status="closed"),
+                                  listed("odd", status="other")]})
+    assert [target.label for target in current.targets] == ["primary", "ops"]
+    ops = current.targets[1]
+    assert (ops.discovered, ops.gemini_account, ops.display_name) == (True, "ops", "Ops")
+    assert ops.show_pending_balances and ops.interval_seconds == 30
+    assert ops.staking_interval_seconds == 300
+    assert (ops.notional_currency, ops.notional_interval_seconds) == ("USD", 300)
+
+
+def test_a_configured_entry_overrides_the_discovered_one_field_by_field() -> None:
+    config = build_config(TREASURY, {})
+    (primary,) = plan(config, {"t": [listed("primary")]}).targets
+    assert not primary.discovered
+    assert primary.display_name == "Primary"  # the listing still names it
+    assert primary.notional_interval_seconds == 60  # its own
+    assert primary.staking_interval_seconds == 300  # the discover defaults'
+    assert primary.show_pending_balances
+    assert primary.min_available_notional == 250000
+
+
+def test_zero_turns_notional_and_staking_polls_off() -> None:
+    document = {**TREASURY, "accounts": [{"key": "t", "account": "primary",
+                                          "notional_interval_seconds": 0,
+                                          "staking_interval_seconds": 0}]}
+    (primary,) = plan_targets(build_config(document, {}))
+    assert primary.notional_interval_seconds is None
+    assert primary.staking_interval_seconds is None
+
+
+def test_a_discovered_account_whose_label_is_taken_is_skipped() -> None:
+    document = {**TREASURY,
+                "keys": [*TREASURY["keys"],
+                         {"name": "solo", "api_key": "account-s", "api_secret": SECRET}],
+                "accounts": [{"key": "solo", "name": "ops"}]}
+    current = plan(build_config(document, {}), {"t": [listed("ops"), listed("desk")]})
+    assert [(target.key_name, target.label) for target in current.targets] == [
+        ("t", "desk"), ("solo", "ops")]
+    assert [(skipped.short_name, skipped.taken_by) for skipped in current.skipped] == [
+        ("ops", "solo")]
+
+
+def test_every_request_stream_of_a_key_counts_against_its_budget() -> None:
+    # Per account 1/30 + 1/300 + 1/300 requests a second (primary's notional every 60 s), plus
+    # the listing's 1/900: 201 accounts ask for about 8 a second of a key that may send 5.
+    config = build_config(TREASURY, {})
+    current = plan(config, {"t": [listed(f"a{i:03d}") for i in range(200)]})
+    key_plan = current.keys["t"]
+    demand = 201 * (1 / 30 + 2 / 300) + (1 / 60 - 1 / 300) + 1 / 900
+    assert key_plan.stretch == pytest.approx(demand / 5)
+    target = current.targets[1]
+    assert target.interval_seconds == pytest.approx(30 * demand / 5)
+    assert target.staking_interval_seconds == pytest.approx(300 * demand / 5)
+    assert key_plan.listing_interval_seconds == pytest.approx(900 * demand / 5)
+    assert key_plan.listing_interval_seconds is not None
+    used = sum(1 / interval for t in current.targets
+               for interval in (t.interval_seconds, t.notional_interval_seconds,
+                                t.staking_interval_seconds) if interval)
+    assert used + 1 / key_plan.listing_interval_seconds == pytest.approx(5.0, rel=1e-5)
+
+
+def test_matches_uses_case_sensitive_shell_patterns() -> None:
+    config = build_config(TREASURY, {})
+    discover = config.settings.keys[0].discover
+    assert discover is not None
+    assert matches(discover, "desk-1")
+    assert not matches(discover, "test-1")
+    assert matches(discover, "Test-1")

@@ -12,6 +12,7 @@ import json
 import math
 import ssl
 import zlib
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from time import time
 
@@ -30,6 +31,10 @@ from balance_exporter.gemini.nonce import NonceSource
 from balance_exporter.gemini.signing import PayloadValue, encode_payload, signed_headers
 
 BALANCES_PATH = "/v1/balances"
+STAKING_PATH = "/v1/balances/staking"
+ACCOUNT_LIST_PATH = "/v1/account/list"
+# Gemini's maximum, and all one call can list: no paging is documented.
+LIST_ACCOUNTS_LIMIT = 500
 DEFAULT_MAX_REPLY_BYTES = 4 * 1024 * 1024
 _READ_CHUNK_BYTES = 64 * 1024
 _INFLATE_STEP_BYTES = 256 * 1024
@@ -40,6 +45,35 @@ _GZIP_OR_ZLIB = 32 + zlib.MAX_WBITS
 # Gemini's error objects are a few hundred bytes. A larger body is never read as one here, on the
 # event loop: it goes to the reply parser, which parses large bodies in a thread.
 MAX_ERROR_OBJECT_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class PrivateRequest:
+    """A signed POST: the path, which is also the payload's `request`, and the other params."""
+
+    path: str
+    params: dict[str, PayloadValue] = field(default_factory=dict)
+
+
+def _for_account(path: str, account: str | None, **params: PayloadValue) -> PrivateRequest:
+    # A master key names the account; an account-scoped key sends no `account`.
+    return PrivateRequest(path, {**params, **({"account": account} if account else {})})
+
+
+def balances_request(account: str | None, show_pending_balances: bool) -> PrivateRequest:
+    return _for_account(BALANCES_PATH, account, showPendingBalances=show_pending_balances)
+
+
+def notional_request(account: str | None, quote_currency: str) -> PrivateRequest:
+    return _for_account(f"/v1/notionalbalances/{quote_currency.lower()}", account)
+
+
+def staking_request(account: str | None) -> PrivateRequest:
+    return _for_account(STAKING_PATH, account)
+
+
+def account_list_request() -> PrivateRequest:
+    return PrivateRequest(ACCOUNT_LIST_PATH, {"limit_accounts": LIST_ACCOUNTS_LIMIT})
 
 
 def new_session(user_agent: str) -> aiohttp.ClientSession:
@@ -164,12 +198,13 @@ class GeminiClient:
         self._proxy = proxy_url
         self._tls: ssl.SSLContext | bool = tls if tls is not None else True
 
-    async def post_private(
-        self, credentials: Credentials, nonces: NonceSource, path: str,
-        params: dict[str, PayloadValue],
+    async def post(
+        self, credentials: Credentials, nonces: NonceSource, request: PrivateRequest
     ) -> bytes:
+        """The body of a successful reply; a GeminiError for anything else."""
+        path = request.path
         async with nonces.lock:
-            payload = encode_payload(path, nonces.next(), params)
+            payload = encode_payload(path, nonces.next(), request.params)
             headers = signed_headers(credentials.api_key, credentials.api_secret, payload)
             try:
                 async with self._session.post(
@@ -191,12 +226,3 @@ class GeminiClient:
         if status != 200 or (document is not None and document.get("result") == "error"):
             raise _error_from_reply(status, body, document, retry_after)
         return body
-
-    async def fetch_balances(
-        self, credentials: Credentials, nonces: NonceSource, account: str | None,
-        show_pending_balances: bool,
-    ) -> bytes:
-        params: dict[str, PayloadValue] = {"showPendingBalances": show_pending_balances}
-        if account is not None:
-            params["account"] = account
-        return await self.post_private(credentials, nonces, BALANCES_PATH, params)

@@ -1,4 +1,5 @@
-"""Parsing and validating a `/v1/balances` reply.
+"""Parsing and validating the replies of the polled endpoints: `/v1/balances`,
+`/v1/notionalbalances/{currency}`, `/v1/balances/staking` and `/v1/account/list`.
 
 Amounts go JSON text -> Decimal -> floored to the currency's precision -> float, never through
 float first, so a value like "0.1000000000000000055" cannot round up past what the account holds.
@@ -10,14 +11,15 @@ broken or hostile server must cost one poll, never the poller.
 import calendar
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from balance_exporter.gemini.errors import MalformedReply
 from balance_exporter.precision import Precision
+from balance_exporter.targets import ListedAccount
 
 _ISO_TIMESTAMP = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
@@ -41,6 +43,16 @@ MAX_TIMESTAMP_DIGITS = 25
 _SHOWN_CHARACTERS = 40
 REQUIRED_FIELDS = ("amount", "available", "availableForWithdrawal")
 PENDING_FIELDS = ("pendingWithdrawal", "pendingDeposit")
+NOTIONAL_FIELDS = ("amountNotional", "availableNotional", "availableForWithdrawalNotional")
+STAKING_FIELDS = ("balance", "available", "availableForWithdrawal")
+# Provider ids are uuid4s; a row with more providers than this is no staking row we know.
+_PROVIDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}", re.ASCII)
+MAX_PROVIDERS_PER_ROW = 32
+# What `account` of /v1/account/list must be to become an `account` label (as config names).
+_SHORT_NAME = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}", re.ASCII)
+MAX_DISPLAY_NAME_CHARACTERS = 64
+ACCOUNT_TYPES = ("exchange", "custody")
+ACCOUNT_STATUSES = ("open", "closed")
 
 
 @dataclass(frozen=True)
@@ -63,11 +75,47 @@ class CurrencyBalance:
 
 
 @dataclass(frozen=True, slots=True)
-class BalanceReply:
-    balances: tuple[CurrencyBalance, ...]
+class NotionalBalance:
+    """One currency's value in the quote currency (`*Notional`), floored to its precision."""
+
+    currency: str
+    amount: float
+    available: float
+    available_for_withdrawal: float
+
+
+@dataclass(frozen=True, slots=True)
+class StakingBalance:
+    currency: str
+    balance: float
+    available: float
+    available_for_withdrawal: float
+    # (provider id, staked amount), sorted by provider.
+    by_provider: tuple[tuple[str, float], ...] = ()
+
+
+RowT = TypeVar("RowT", CurrencyBalance, NotionalBalance, StakingBalance)
+
+
+# No slots: a slotted generic dataclass cannot be built through its alias (BalanceReply).
+@dataclass(frozen=True)
+class ParsedReply(Generic[RowT]):
+    """A reply's rows, one per currency, replacing the account's previous rows of the endpoint."""
+
+    rows: tuple[RowT, ...]
     # The largest `_timestamp` among the rows, in nanoseconds; None when no row carries one.
     server_timestamp_ns: int | None
-    account_type: str | None
+    account_type: str | None = None
+    # Parts of rows that could not be read and were left out (staking providers).
+    skipped_entries: int = 0
+
+
+BalanceReply = ParsedReply[CurrencyBalance]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountListing:
+    accounts: tuple[ListedAccount, ...]
 
 
 def _shown(value: object) -> str:
@@ -167,28 +215,80 @@ def _floored(value: Decimal, currency: str, precision: Precision) -> float:
         raise MalformedReply(f"{currency}: {_shown(str(value))} cannot be floored") from None
 
 
-def _parse_row(row: object, index: int, precision: Precision) -> tuple[CurrencyBalance, int | None]:
+def _row_currency(row: object, index: int) -> tuple[dict[str, Any], str]:
     if not isinstance(row, dict):
         raise MalformedReply(f"row {index} is {type(row).__name__}, expected an object")
     currency = row.get("currency")
     if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
         raise MalformedReply(f"row {index}: currency {_shown(currency)} is not a currency code")
-    values = {field: _floored(_decimal_field(row, field, index), currency, precision)
-              for field in REQUIRED_FIELDS}
-    for field in PENDING_FIELDS:
-        present = row.get(field) is not None
-        values[field] = (_floored(_decimal_field(row, field, index), currency, precision)
-                         if present else 0.0)
-    stamp = parse_timestamp_ns(row["_timestamp"]) if "_timestamp" in row else None
-    balance = CurrencyBalance(
-        currency=currency,
-        amount=values["amount"],
-        available=values["available"],
-        available_for_withdrawal=values["availableForWithdrawal"],
-        pending_withdrawal=values["pendingWithdrawal"],
-        pending_deposit=values["pendingDeposit"],
-    )
-    return balance, stamp
+    return row, currency
+
+
+def _floored_fields(
+    row: Mapping[str, Any], index: int, fields: tuple[str, ...], currency: str,
+    precision: Precision,
+) -> list[float]:
+    return [_floored(_decimal_field(row, field, index), currency, precision) for field in fields]
+
+
+RowParser = Callable[[object, int], tuple[RowT, int]]
+
+
+def _balance_row(precision: Precision) -> RowParser[CurrencyBalance]:
+    def parse(raw: object, index: int) -> tuple[CurrencyBalance, int]:
+        row, currency = _row_currency(raw, index)
+        amount, available, withdrawable = _floored_fields(row, index, REQUIRED_FIELDS, currency,
+                                                          precision)
+        pending = [_floored(_decimal_field(row, field, index), currency, precision)
+                   if row.get(field) is not None else 0.0 for field in PENDING_FIELDS]
+        return CurrencyBalance(currency, amount, available, withdrawable, *pending), 0
+    return parse
+
+
+def _notional_row(precision: Precision, quote: str) -> RowParser[NotionalBalance]:
+    def parse(raw: object, index: int) -> tuple[NotionalBalance, int]:
+        row, currency = _row_currency(raw, index)
+        # Values in the quote currency: floored to its precision, not the row currency's.
+        amount, available, withdrawable = _floored_fields(row, index, NOTIONAL_FIELDS, quote,
+                                                          precision)
+        return NotionalBalance(currency, amount, available, withdrawable), 0
+    return parse
+
+
+def _provider_amount(value: object) -> Decimal | None:
+    """A provider's staked amount: the value itself, or an object's `balance` (or `amount`)."""
+    if isinstance(value, dict):
+        value = value.get("balance", value.get("amount"))
+    if isinstance(value, str) and len(value) <= MAX_NUMBER_CHARACTERS and _JSON_NUMBER.fullmatch(
+            value):
+        value = Decimal(value)
+    if isinstance(value, Decimal) and value.is_finite() and (
+            value.is_zero() or value.adjusted() <= MAX_AMOUNT_ADJUSTED_EXPONENT):
+        return value
+    return None
+
+
+def _staking_row(precision: Precision) -> RowParser[StakingBalance]:
+    def parse(raw: object, index: int) -> tuple[StakingBalance, int]:
+        row, currency = _row_currency(raw, index)
+        balance, available, withdrawable = _floored_fields(row, index, STAKING_FIELDS, currency,
+                                                           precision)
+        # Its shape is not documented: what cannot be read is left out and counted, and the
+        # row's totals stand.
+        providers = row.get("balanceByProvider")
+        entries = providers.items() if isinstance(providers, dict) else ()
+        skipped = 0 if providers is None or isinstance(providers, dict) else 1
+        by_provider: dict[str, float] = {}
+        for provider, value in entries:
+            amount = _provider_amount(value)
+            if (amount is None or not _PROVIDER.fullmatch(provider)
+                    or len(by_provider) >= MAX_PROVIDERS_PER_ROW):
+                skipped += 1
+                continue
+            by_provider[provider] = _floored(amount, currency, precision)
+        return StakingBalance(currency, balance, available, withdrawable,
+                              tuple(sorted(by_provider.items()))), skipped
+    return parse
 
 
 def _check_not_from_the_future(stamp_ns: int, now_ns: int, rules: ReplyRules) -> None:
@@ -201,34 +301,103 @@ def _check_not_from_the_future(stamp_ns: int, now_ns: int, rules: ReplyRules) ->
             reason="FutureTimestamp")
 
 
-def parse_balances_reply(body: bytes, rules: ReplyRules, now_ns: int) -> BalanceReply:
-    """The reply's balances; `now_ns` is this host's wall clock, for the future-stamp check."""
+def _array(body: bytes, what: str) -> list[object]:
     document = _load_json(body)
     if not isinstance(document, list):
-        raise MalformedReply(f"expected a JSON array of balances, got {type(document).__name__}")
+        raise MalformedReply(f"expected a JSON array of {what}, got {type(document).__name__}")
     if len(document) > MAX_ROWS:
         raise MalformedReply(f"{len(document)} rows, more than the {MAX_ROWS} a reply may have")
-    balances: list[CurrencyBalance] = []
+    return document
+
+
+def _parse_rows(
+    body: bytes, rules: ReplyRules, now_ns: int, what: str, parse_row: RowParser[RowT],
+) -> ParsedReply[RowT]:
+    """The rules every per-account reply meets: an array of one row per currency, any bad row
+    makes it malformed, its stamp is the largest `_timestamp` and may not be from the future."""
+    rows: list[RowT] = []
     stamps: list[int] = []
     seen: set[str] = set()
     account_types: set[str] = set()
-    for index, row in enumerate(document):
-        balance, stamp = _parse_row(row, index, rules.precision)
+    skipped = 0
+    for index, raw in enumerate(_array(body, what)):
+        row, row_skipped = parse_row(raw, index)
         # Precision matches currencies case-insensitively; so does "the same currency twice".
-        if balance.currency.upper() in seen:
-            raise MalformedReply(f"row {index}: currency {balance.currency!r} appears twice")
-        seen.add(balance.currency.upper())
-        balances.append(balance)
-        if stamp is not None:
-            stamps.append(stamp)
-        kind = row.get("type")
+        if row.currency.upper() in seen:
+            raise MalformedReply(f"row {index}: currency {row.currency!r} appears twice")
+        seen.add(row.currency.upper())
+        rows.append(row)
+        skipped += row_skipped
+        assert isinstance(raw, dict)  # parse_row checked it
+        if "_timestamp" in raw:
+            stamps.append(parse_timestamp_ns(raw["_timestamp"]))
+        kind = raw.get("type")
         if isinstance(kind, str) and _ACCOUNT_TYPE.fullmatch(kind):
             account_types.add(kind)
     server_timestamp_ns = max(stamps) if stamps else None
     if server_timestamp_ns is not None:
         _check_not_from_the_future(server_timestamp_ns, now_ns, rules)
-    return BalanceReply(
-        balances=tuple(balances),
+    return ParsedReply(
+        rows=tuple(rows),
         server_timestamp_ns=server_timestamp_ns,
         account_type=min(account_types) if account_types else None,
+        skipped_entries=skipped,
     )
+
+
+def parse_balances_reply(body: bytes, rules: ReplyRules, now_ns: int) -> BalanceReply:
+    """The reply's balances; `now_ns` is this host's wall clock, for the future-stamp check."""
+    return _parse_rows(body, rules, now_ns, "balances", _balance_row(rules.precision))
+
+
+def parse_notional_reply(
+    body: bytes, rules: ReplyRules, now_ns: int, quote_currency: str
+) -> ParsedReply[NotionalBalance]:
+    """A /v1/notionalbalances/{quote_currency} reply: each currency's value in the quote."""
+    return _parse_rows(body, rules, now_ns, "notional balances",
+                       _notional_row(rules.precision, quote_currency))
+
+
+def parse_staking_reply(body: bytes, rules: ReplyRules, now_ns: int) -> ParsedReply[
+        StakingBalance]:
+    """A /v1/balances/staking reply. Its rows' `type` is "Staking", never an account type."""
+    reply = _parse_rows(body, rules, now_ns, "staking balances", _staking_row(rules.precision))
+    return ParsedReply(reply.rows, reply.server_timestamp_ns, None, reply.skipped_entries)
+
+
+def _known(value: object, known: tuple[str, ...]) -> str:
+    """The value if it is one of `known` (compared in lower case); the first of them when the
+    row leaves it out (older listings have no status); "other", never polled, for the rest."""
+    if value is None:
+        return known[0]
+    return value.lower() if isinstance(value, str) and value.lower() in known else "other"
+
+
+def _display_name(value: object) -> str:
+    # A label value of the info metric: printable and short, whatever was sent.
+    text = "".join(c for c in value if c.isprintable()) if isinstance(value, str) else ""
+    return text[:MAX_DISPLAY_NAME_CHARACTERS]
+
+
+def parse_account_list(body: bytes) -> AccountListing:
+    """A /v1/account/list reply. A row without a usable short name makes it malformed: a
+    listing is used whole or not at all, as a balances reply is."""
+    accounts: list[ListedAccount] = []
+    seen: set[str] = set()
+    for index, row in enumerate(_array(body, "accounts")):
+        if not isinstance(row, dict):
+            raise MalformedReply(f"row {index} is {type(row).__name__}, expected an object")
+        short_name = row.get("account")
+        if not isinstance(short_name, str) or not _SHORT_NAME.fullmatch(short_name):
+            raise MalformedReply(f"row {index}: account {_shown(short_name)} is not an account "
+                                 "short name")
+        if short_name in seen:
+            raise MalformedReply(f"row {index}: account {short_name!r} appears twice")
+        seen.add(short_name)
+        accounts.append(ListedAccount(
+            short_name=short_name,
+            display_name=_display_name(row.get("name")),
+            account_type=_known(row.get("type"), ACCOUNT_TYPES),
+            status=_known(row.get("status"), ACCOUNT_STATUSES),
+        ))
+    return AccountListing(tuple(accounts))

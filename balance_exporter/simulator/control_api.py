@@ -9,12 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from balance_exporter.simulator.private_api import STATE_KEY
-from balance_exporter.simulator.state import (
-    Fault,
-    SimAccount,
-    cast_number_format,
-    cast_timestamp_format,
-)
+from balance_exporter.simulator.state import Fault, FaultQueue, SimAccount
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -57,23 +52,63 @@ async def control_set_balances(request: web.Request) -> web.Response:
     return web.json_response(account.describe())
 
 
-async def control_patch_account(request: web.Request) -> web.Response:
+async def control_set_staking(request: web.Request) -> web.Response:
     account = _control_account(request)
     body = await _json_body(request)
     with _bad_input_is_400():
-        if "timestamp_format" in body:
-            account.timestamp_format = cast_timestamp_format(body["timestamp_format"])
-        if "number_format" in body:
-            account.number_format = cast_number_format(body["number_format"])
+        account.set_staking(body)
     return web.json_response(account.describe())
 
 
-async def control_add_fault(request: web.Request) -> web.Response:
+async def control_patch_account(request: web.Request) -> web.Response:
+    """Formats, `status` (open or closed: a closed account leaves no listing, it shows closed)
+    and `display_name`."""
     account = _control_account(request)
     body = await _json_body(request)
     with _bad_input_is_400():
-        account.faults.append(Fault.from_document(body if isinstance(body, dict) else {}))
-    return web.json_response({"faults": len(account.faults)})
+        if not isinstance(body, dict):
+            raise ValueError("expected a JSON object")
+        account.patch(body)
+    return web.json_response(account.describe())
+
+
+async def control_add_account(request: web.Request) -> web.Response:
+    """Open an account: the state document's account entry, plus `keys` (the API keys whose
+    group it joins; every master key when left out)."""
+    body = await _json_body(request)
+    with _bad_input_is_400():
+        account = request.app[STATE_KEY].add_account(body)
+    return web.json_response(account.describe(), status=201)
+
+
+async def control_set_prices(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    state = request.app[STATE_KEY]
+    with _bad_input_is_400():
+        state.set_prices(body)
+    return web.json_response({name: str(price) for name, price in state.usd_prices.items()})
+
+
+def _queue_fault(queue: FaultQueue, body: Any) -> web.Response:
+    with _bad_input_is_400():
+        queue.faults.append(Fault.from_document(body if isinstance(body, dict) else {}))
+    return web.json_response({"faults": len(queue.faults)})
+
+
+async def control_add_fault(request: web.Request) -> web.Response:
+    """A fault on one of the account's endpoints (`endpoint`, balances by default)."""
+    account = _control_account(request)
+    return _queue_fault(account.faults, await _json_body(request))
+
+
+async def control_add_key_fault(request: web.Request) -> web.Response:
+    """A fault on the key's /v1/account/list."""
+    key = request.app[STATE_KEY].keys.get(request.match_info["api_key"])
+    if key is None:
+        raise web.HTTPNotFound(text="no such API key")
+    body = await _json_body(request)
+    return _queue_fault(key.faults, {**body, "endpoint": "account_list"}
+                        if isinstance(body, dict) else body)
 
 
 async def control_clear_faults(request: web.Request) -> web.Response:
@@ -82,7 +117,10 @@ async def control_clear_faults(request: web.Request) -> web.Response:
         else list(request.app[STATE_KEY].accounts.values())
     )
     for account in accounts:
-        account.faults.clear()
+        account.faults.faults.clear()
+    if "name" not in request.match_info:
+        for key in request.app[STATE_KEY].keys.values():
+            key.faults.faults.clear()
     return web.json_response({"cleared": [account.name for account in accounts]})
 
 
@@ -95,6 +133,10 @@ CONTROL_ROUTES = (
     web.get("/_sim/state", control_state),
     web.put("/_sim/accounts/{name}/balances", control_set_balances),
     web.patch("/_sim/accounts/{name}", control_patch_account),
+    web.post("/_sim/accounts", control_add_account),
+    web.put("/_sim/accounts/{name}/staking", control_set_staking),
+    web.put("/_sim/prices", control_set_prices),
+    web.post("/_sim/keys/{api_key}/faults", control_add_key_fault),
     web.post("/_sim/accounts/{name}/faults", control_add_fault),
     web.delete("/_sim/accounts/{name}/faults", control_clear_faults),
     web.delete("/_sim/faults", control_clear_faults),

@@ -13,13 +13,12 @@ import time
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
 from aiohttp import web
 
 from balance_exporter.simulator.state import (
-    USD_PRICES,
     Fault,
     SimAccount,
     SimKey,
@@ -29,6 +28,9 @@ from balance_exporter.simulator.state import (
 STATE_KEY = web.AppKey("sim_state", SimState)
 TIME_BASED_NONCE_WINDOW_SECONDS = 30
 STALE_OFFSET_NS = 5_000_000_000
+# Notional values go out with more places than any currency has: the exporter floors them.
+NOTIONAL_QUANTUM = Decimal("1e-10")
+RowsAt = Callable[[int, bool], list[dict[str, Any]]]
 HUGE_CHUNK_BYTES = 1024 * 1024
 
 
@@ -139,6 +141,8 @@ def _account_for(key: SimKey, payload: dict[str, Any], state: SimState) -> SimAc
     account = state.accounts[name]
     if account.type != "exchange":
         raise SimError(400, "InvalidAccountName", f"{name!r} is a custody account")
+    if account.status != "open":
+        raise SimError(400, "InvalidAccountName", f"{name!r} is closed")
     return account
 
 
@@ -146,23 +150,61 @@ def _number(value: Decimal, account: SimAccount) -> str | float:
     return float(value) if account.number_format == "number" else str(value)
 
 
-def _balance_rows(
-    account: SimAccount, show_pending: bool, stamp_ns: int, distort: bool
-) -> list[dict[str, Any]]:
+def _stamped(row: dict[str, Any], account: SimAccount, stamp_ns: int) -> dict[str, Any]:
+    if account.timestamp_format == "ns":
+        row["_timestamp"] = stamp_ns
+    elif account.timestamp_format == "iso":
+        row["_timestamp"] = _stamp_text(stamp_ns)
+    return row
+
+
+def _distorted(value: Decimal, distort: bool) -> Decimal:
+    # A stale or wrong reply carries numbers no good reply has, so a test sees if it got in.
+    return value + 1_000_000 if distort else value
+
+
+def _balance_rows(account: SimAccount, show_pending: bool) -> RowsAt:
     fields = ["amount", "available", "availableForWithdrawal"]
     if show_pending:
         fields += ["pendingWithdrawal", "pendingDeposit"]
-    rows = []
-    for currency, balance in account.balances.items():
-        row: dict[str, Any] = {"type": account.type, "currency": currency}
-        for name in fields:
-            value = balance.values[name] + (1_000_000 if distort else 0)
-            row[name] = _number(value, account)
-        if account.timestamp_format == "ns":
-            row["_timestamp"] = stamp_ns
-        elif account.timestamp_format == "iso":
-            row["_timestamp"] = _stamp_text(stamp_ns)
-        rows.append(row)
+
+    def rows(stamp_ns: int, distort: bool) -> list[dict[str, Any]]:
+        return [_stamped({"type": account.type, "currency": currency, **{
+            name: _number(_distorted(balance.values[name], distort), account)
+            for name in fields}}, account, stamp_ns)
+            for currency, balance in account.balances.items()]
+    return rows
+
+
+def _notional_rows(account: SimAccount, prices: dict[str, Decimal], quote: str) -> RowsAt:
+    def rows(stamp_ns: int, distort: bool) -> list[dict[str, Any]]:
+        result = []
+        for currency, balance in account.balances.items():
+            price = prices.get(currency.upper(), Decimal(0)) / prices[quote]
+            row: dict[str, Any] = {"currency": currency}
+            for name in ("amount", "available", "availableForWithdrawal"):
+                value = _distorted(balance.values[name], distort)
+                row[name] = _number(value, account)
+                row[name + "Notional"] = _number(
+                    (value * price).quantize(NOTIONAL_QUANTUM, ROUND_DOWN), account)
+            result.append(_stamped(row, account, stamp_ns))
+        return result
+    return rows
+
+
+def _staking_rows(account: SimAccount) -> RowsAt:
+    def provider(amount: Decimal) -> Any:
+        number = _number(amount, account)
+        return {"balance": number} if account.provider_format == "object" else number
+
+    def rows(stamp_ns: int, distort: bool) -> list[dict[str, Any]]:
+        return [_stamped({
+            "type": "Staking", "currency": currency,
+            **{name: _number(_distorted(value, distort), account)
+               for name, value in staking.values.items()},
+            "balanceByProvider": {name: provider(amount)
+                                  for name, amount in staking.providers.items()},
+        }, account, stamp_ns) for currency, staking in account.staking.items()]
     return rows
 
 
@@ -198,9 +240,7 @@ async def _huge_reply(request: web.Request, fault: Fault) -> web.StreamResponse:
     return response
 
 
-async def _apply_fault(
-    request: web.Request, fault: Fault, account: SimAccount
-) -> web.StreamResponse | None:
+async def _apply_fault(request: web.Request, fault: Fault) -> web.StreamResponse | None:
     """The reply a fault replaces the real one with; None when the real one goes out (latency)."""
     if fault.kind == "latency":
         await asyncio.sleep(fault.delay_seconds)
@@ -224,58 +264,69 @@ async def _apply_fault(
     raise AssertionError(f"unhandled fault {fault.kind}")
 
 
-async def balances_handler(request: web.Request) -> web.StreamResponse:
-    state, clock = request.app[STATE_KEY], request.app[CLOCK_KEY]
-    key, payload = await _admit(request)
-    account = _account_for(key, payload, state)
-    show_pending = bool(payload.get("showPendingBalances", False))
-    fault = account.take_fault()
+async def _serve_rows(
+    request: web.Request, account: SimAccount, endpoint: str, rows: RowsAt
+) -> web.StreamResponse:
+    """An endpoint's rows for the account, or the fault queued for that endpoint."""
+    clock = request.app[CLOCK_KEY]
+    fault = account.faults.take(endpoint)
     if fault is not None and fault.kind == "stale":
         account.stale_served += 1
-        stamp = max(1, account.last_stamp_ns - STALE_OFFSET_NS)
-        return web.json_response(_balance_rows(account, show_pending, stamp, distort=True))
+        stamp = max(1, account.last_stamps_ns.get(endpoint, 0) - STALE_OFFSET_NS)
+        return web.json_response(rows(stamp, True))
     if fault is not None and fault.kind == "future":
         stamp = clock.stamp_ns() + int(fault.offset_seconds * 1e9)
-        return web.json_response(_balance_rows(account, show_pending, stamp, distort=True))
+        return web.json_response(rows(stamp, True))
     # A response is a mapping that is empty, so falsy: compare with None.
-    if fault is not None and (replaced := await _apply_fault(request, fault, account)) is not None:
+    if fault is not None and (replaced := await _apply_fault(request, fault)) is not None:
         return replaced
-    account.served += 1
-    account.last_stamp_ns = clock.stamp_ns()
-    return web.json_response(_balance_rows(account, show_pending, account.last_stamp_ns, False))
+    if endpoint == "balances":
+        account.served += 1
+    stamp = account.last_stamps_ns[endpoint] = clock.stamp_ns()
+    return web.json_response(rows(stamp, False))
 
 
-async def notional_handler(request: web.Request) -> web.Response:
+async def balances_handler(request: web.Request) -> web.StreamResponse:
     key, payload = await _admit(request)
     account = _account_for(key, payload, request.app[STATE_KEY])
-    quote = request.match_info["currency"].upper()
-    if quote not in USD_PRICES:
-        raise SimError(400, "InvalidCurrency", f"no notional prices in {quote}")
-    rows = []
-    for currency, balance in account.balances.items():
-        price = USD_PRICES.get(currency, Decimal(0)) / USD_PRICES[quote]
-        row: dict[str, Any] = {"currency": currency}
-        for name in ("amount", "available", "availableForWithdrawal"):
-            row[name] = _number(balance.values[name], account)
-            row[name + "Notional"] = _number((balance.values[name] * price).quantize(
-                Decimal("0.01")), account)
-        rows.append(row)
-    return web.json_response(rows)
+    show_pending = bool(payload.get("showPendingBalances", False))
+    return await _serve_rows(request, account, "balances", _balance_rows(account, show_pending))
 
 
-async def account_list_handler(request: web.Request) -> web.Response:
+async def notional_handler(request: web.Request) -> web.StreamResponse:
+    key, payload = await _admit(request)
+    state = request.app[STATE_KEY]
+    account = _account_for(key, payload, state)
+    quote = request.match_info["currency"]
+    if quote != quote.lower() or quote.upper() not in state.usd_prices:
+        raise SimError(400, "InvalidCurrency", f"no notional values in {quote!r} (lower case)")
+    return await _serve_rows(request, account, "notional",
+                             _notional_rows(account, state.usd_prices, quote.upper()))
+
+
+async def staking_handler(request: web.Request) -> web.StreamResponse:
+    key, payload = await _admit(request)
+    account = _account_for(key, payload, request.app[STATE_KEY])
+    return await _serve_rows(request, account, "staking", _staking_rows(account))
+
+
+async def account_list_handler(request: web.Request) -> web.StreamResponse:
     key, payload = await _admit(request)
     if not key.is_master:
         raise SimError(400, "InvalidApiKey", "/v1/account/list needs a master key")
-    limit = int(payload.get("limit_accounts", 500))
-    if not 1 <= limit <= 500:
+    limit = payload.get("limit_accounts", 500)
+    if not isinstance(limit, int) or not 1 <= limit <= 500:
         raise SimError(400, "InvalidParameter", "limit_accounts must be 1 to 500")
+    fault = key.faults.take("account_list")
+    if fault is not None and fault.kind not in ("stale", "future") and (
+            replaced := await _apply_fault(request, fault)) is not None:
+        return replaced
     state = request.app[STATE_KEY]
     rows = [
-        {"name": name.title(), "account": name, "type": state.accounts[name].type,
-         "counterparty_id": f"EMONNYXH{index:04d}", "created": 1_589_310_000_000 + index,
-         "status": "open"}
-        for index, name in enumerate(key.accounts[:limit])
+        {"name": account.display_name, "account": account.name, "type": account.type,
+         "counterparty_id": f"EMONNYXH{index:04d}", "created": account.created_ms,
+         "status": account.status}
+        for index, account in enumerate(state.accounts[name] for name in key.accounts[:limit])
     ]
     return web.json_response(rows)
 
@@ -294,5 +345,6 @@ async def sim_errors(
 PRIVATE_ROUTES = (
     web.post("/v1/balances", balances_handler),
     web.post("/v1/notionalbalances/{currency}", notional_handler),
+    web.post("/v1/balances/staking", staking_handler),
     web.post("/v1/account/list", account_list_handler),
 )

@@ -20,9 +20,15 @@ FAULT_KINDS: tuple[FaultKind, ...] = (
 MAX_HUGE_FAULT_BYTES = 1024 * 1024 * 1024
 BALANCE_FIELDS = ("amount", "available", "availableForWithdrawal", "pendingWithdrawal",
                   "pendingDeposit")
-# Notional prices in USD for /v1/notionalbalances; fixed, the simulator is no market.
-USD_PRICES = {"USD": Decimal(1), "BTC": Decimal(65000), "ETH": Decimal(3200),
-              "SOL": Decimal(150), "GUSD": Decimal(1), "EUR": Decimal("1.08")}
+# Prices in USD for /v1/notionalbalances, set through the control API (no market moves them).
+DEFAULT_USD_PRICES = {"USD": Decimal(1), "BTC": Decimal(65000), "ETH": Decimal(3200),
+                      "SOL": Decimal(150), "GUSD": Decimal(1), "EUR": Decimal("1.08")}
+# Which endpoint a fault is served on: every private endpoint of the exporter, or any of them.
+FaultEndpoint = Literal["balances", "notional", "staking", "account_list", "any"]
+FAULT_ENDPOINTS: tuple[FaultEndpoint, ...] = ("balances", "notional", "staking", "account_list",
+                                              "any")
+ProviderFormat = Literal["amount", "object"]
+STAKING_FIELDS = ("balance", "available", "availableForWithdrawal")
 
 
 @dataclass
@@ -40,6 +46,10 @@ class Fault:
     # huge: how many bytes the body has (decompressed, with gzip: a gzip bomb of zeros).
     size_bytes: int = 0
     gzip: bool = False
+    endpoint: FaultEndpoint = "balances"
+
+    def serves(self, endpoint: str) -> bool:
+        return self.endpoint in (endpoint, "any")
 
     @classmethod
     def from_document(cls, document: dict[str, Any]) -> "Fault":
@@ -56,6 +66,10 @@ class Fault:
         if not 0 <= size <= MAX_HUGE_FAULT_BYTES:
             raise ValueError(f"size_bytes: expected 0 to {MAX_HUGE_FAULT_BYTES}")
         retry_after = document.get("retry_after", 1)
+        endpoint = document.get("endpoint", "balances")
+        if endpoint not in FAULT_ENDPOINTS:
+            raise ValueError(f"endpoint: expected one of {', '.join(FAULT_ENDPOINTS)}, "
+                             f"got {endpoint!r}")
         return cls(
             kind=kind,
             remaining=count,
@@ -67,7 +81,49 @@ class Fault:
             location=str(document.get("location", "")),
             size_bytes=size,
             gzip=bool(document.get("gzip", False)),
+            endpoint=endpoint,
         )
+
+
+def _decimal(where: str, value: object) -> Decimal:
+    try:
+        return Decimal(str(value))
+    except ArithmeticError:
+        raise ValueError(f"{where}: {value!r} is not a number") from None
+
+
+class FaultQueue:
+    """Faults waiting to be served, each on its endpoint, in the order they were added."""
+
+    def __init__(self) -> None:
+        self.faults: list[Fault] = []
+
+    def take(self, endpoint: str) -> Fault | None:
+        fault = next((fault for fault in self.faults if fault.serves(endpoint)), None)
+        if fault is not None and fault.remaining is not None:
+            fault.remaining -= 1
+            if fault.remaining <= 0:
+                self.faults.remove(fault)
+        return fault
+
+
+@dataclass
+class SimStaking:
+    values: dict[str, Decimal]
+    providers: dict[str, Decimal]
+
+    @classmethod
+    def from_document(cls, currency: str, document: dict[str, Any]) -> "SimStaking":
+        if not isinstance(document, dict) or "balance" not in document:
+            raise ValueError(f"staking.{currency}: needs at least a balance")
+        balance = _decimal(f"staking.{currency}.balance", document["balance"])
+        values = {name: _decimal(f"staking.{currency}.{name}", document.get(name, balance))
+                  for name in STAKING_FIELDS}
+        providers = document.get("providers", {})
+        if not isinstance(providers, dict):
+            raise ValueError(f"staking.{currency}.providers: expected provider id -> amount")
+        return cls(values, {str(provider): _decimal(f"staking.{currency}.providers", amount)
+                            for provider, amount in providers.items()})
 
 
 @dataclass
@@ -95,20 +151,45 @@ class SimAccount:
     balances: dict[str, SimBalance] = field(default_factory=dict)
     timestamp_format: TimestampFormat = "ns"
     number_format: NumberFormat = "string"
-    faults: list[Fault] = field(default_factory=list)
-    last_stamp_ns: int = 0
+    faults: FaultQueue = field(default_factory=FaultQueue)
+    # What /v1/account/list shows: `name` is the short name, this the display name.
+    display_name: str = ""
+    status: Literal["open", "closed"] = "open"
+    created_ms: int = 1_589_310_000_000
+    staking: dict[str, SimStaking] = field(default_factory=dict)
+    # How `balanceByProvider` is sent: provider -> amount, or provider -> {"balance": amount}.
+    provider_format: ProviderFormat = "amount"
+    # The last stamp served per endpoint (a stale fault goes back from it).
+    last_stamps_ns: dict[str, int] = field(default_factory=dict)
     served: int = 0
     stale_served: int = 0
 
-    def take_fault(self) -> Fault | None:
-        if not self.faults:
-            return None
-        fault = self.faults[0]
-        if fault.remaining is not None:
-            fault.remaining -= 1
-            if fault.remaining <= 0:
-                self.faults.pop(0)
-        return fault
+    @property
+    def last_stamp_ns(self) -> int:
+        return self.last_stamps_ns.get("balances", 0)
+
+    def set_staking(self, document: dict[str, Any]) -> None:
+        if not isinstance(document, dict):
+            raise ValueError("staking: expected a mapping of currency to staked amounts")
+        self.staking = {currency: SimStaking.from_document(currency, values)
+                        for currency, values in document.items()}
+
+    def patch(self, document: dict[str, Any]) -> None:
+        """Change the account's formats, status or display name (the control API's PATCH)."""
+        if "timestamp_format" in document:
+            self.timestamp_format = cast_timestamp_format(document["timestamp_format"])
+        if "number_format" in document:
+            self.number_format = cast_number_format(document["number_format"])
+        if "status" in document:
+            if document["status"] not in ("open", "closed"):
+                raise ValueError(f"status: expected open or closed, got {document['status']!r}")
+            self.status = document["status"]
+        if "provider_format" in document:
+            if document["provider_format"] not in ("amount", "object"):
+                raise ValueError("provider_format: expected amount or object")
+            self.provider_format = document["provider_format"]
+        if "display_name" in document:
+            self.display_name = str(document["display_name"])
 
     def set_balances(self, document: dict[str, Any]) -> None:
         if not isinstance(document, dict):
@@ -123,13 +204,20 @@ class SimAccount:
             "type": self.type,
             "timestamp_format": self.timestamp_format,
             "number_format": self.number_format,
-            "faults": len(self.faults),
+            "status": self.status,
+            "display_name": self.display_name,
+            "faults": len(self.faults.faults),
             "served": self.served,
             "stale_served": self.stale_served,
             "last_timestamp_ns": self.last_stamp_ns,
             "balances": {
                 currency: {name: str(value) for name, value in balance.values.items()}
                 for currency, balance in self.balances.items()
+            },
+            "staking": {
+                currency: {**{name: str(value) for name, value in staking.values.items()},
+                           "providers": {p: str(v) for p, v in staking.providers.items()}}
+                for currency, staking in self.staking.items()
             },
         }
 
@@ -144,6 +232,8 @@ class SimKey:
     limiter: RateLimiter = field(default_factory=RateLimiter)
     last_nonce: int = 0
     counters: dict[str, int] = field(default_factory=dict)
+    # Faults for the key's /v1/account/list, which is no one account's.
+    faults: FaultQueue = field(default_factory=FaultQueue)
 
     @property
     def is_master(self) -> bool:
@@ -153,23 +243,59 @@ class SimKey:
         self.counters[what] = self.counters.get(what, 0) + 1
 
 
+def account_from_document(entry: dict[str, Any], created_ms: int) -> SimAccount:
+    """An account from its state document entry (or the control API's POST)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+        raise ValueError("name: an account needs a name (its short name)")
+    if entry.get("type", "exchange") not in ("exchange", "custody"):
+        raise ValueError(f"type: expected exchange or custody, got {entry.get('type')!r}")
+    account = SimAccount(name=entry["name"], type=entry.get("type", "exchange"),
+                         display_name=str(entry.get("display_name", entry["name"].title())),
+                         created_ms=created_ms)
+    account.patch(entry)
+    account.set_balances(entry.get("balances", {}))
+    account.set_staking(entry.get("staking", {}))
+    return account
+
+
 @dataclass
 class SimState:
     keys: dict[str, SimKey]
     accounts: dict[str, SimAccount]
+    usd_prices: dict[str, Decimal] = field(default_factory=lambda: dict(DEFAULT_USD_PRICES))
+
+    def set_prices(self, document: dict[str, Any]) -> None:
+        """Prices in USD for some currencies (others keep theirs); USD stays 1."""
+        if not isinstance(document, dict):
+            raise ValueError("prices: expected a mapping of currency to its price in USD")
+        prices = {str(currency).upper(): _decimal(f"prices.{currency}", price)
+                  for currency, price in document.items()}
+        if any(price <= 0 for price in prices.values()):
+            raise ValueError("prices: every price must be above 0")
+        self.usd_prices.update(prices)
+        self.usd_prices["USD"] = Decimal(1)
+
+    def add_account(self, entry: dict[str, Any]) -> SimAccount:
+        """Open a new account in the groups of `keys` (master keys; all of them by default)."""
+        account = account_from_document(entry, 1_589_310_000_000 + len(self.accounts))
+        if account.name in self.accounts:
+            raise ValueError(f"name: there is already an account {account.name!r}")
+        names = entry.get("keys")
+        keys = ([self.keys[name] for name in names if name in self.keys] if names is not None
+                else [key for key in self.keys.values() if key.is_master])
+        if names is not None and len(keys) != len(names):
+            raise ValueError("keys: no such API key")
+        self.accounts[account.name] = account
+        for key in keys:
+            key.accounts.append(account.name)
+        return account
 
     @classmethod
     def from_document(cls, document: dict[str, Any]) -> "SimState":
         accounts: dict[str, SimAccount] = {}
         for index, entry in enumerate(document.get("accounts", [])):
             try:
-                account = SimAccount(
-                    name=str(entry["name"]),
-                    type=entry.get("type", "exchange"),
-                    timestamp_format=cast_timestamp_format(entry.get("timestamp_format", "ns")),
-                    number_format=cast_number_format(entry.get("number_format", "string")),
-                )
-                account.set_balances(entry.get("balances", {}))
+                account = account_from_document(entry, 1_589_310_000_000 + index)
             except (KeyError, TypeError, ValueError) as error:
                 raise ValueError(f"accounts[{index}]: {error}") from None
             accounts[account.name] = account
