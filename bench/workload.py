@@ -19,7 +19,8 @@ def record(store: BalanceStore, index: int, generation: int, currencies: int) ->
                         c * 0.125, c * 0.25)
         for c in range(currencies))
     stamp = 1_700_000_000_000_000_000 + generation * 1_000_000_000 + index
-    store.record_reply(account_label(index), Endpoint.BALANCES, BalanceReply(balances, stamp, "exchange"), 0.05,
+    store.record_reply(account_label(index), Endpoint.BALANCES,
+                       BalanceReply(balances, stamp, "exchange"), 0.05,
                        1_700_000_000.0 + generation)
 
 

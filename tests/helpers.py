@@ -14,11 +14,17 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
+from balance_exporter.gemini.replies import (
+    BalanceReply,
+    CurrencyBalance,
+    NotionalBalance,
+    ParsedReply,
+    StakingBalance,
+)
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator
 from balance_exporter.store import BalanceStore
-from balance_exporter.targets import AccountTarget, Endpoint
+from balance_exporter.targets import AccountTarget, Endpoint, ListedAccount
 
 MASTER_KEY = "master-testkey"
 MASTER_SECRET = "TOPSECRET-master"
@@ -83,12 +89,38 @@ def fixed_store() -> BalanceStore:
     store.configure([
         AccountTarget("treasury-primary", "treasury", "primary", True, 30.0,
                       min_available=(("BTC", 1.0), ("USD", 10000.0)),
-                      max_available_drop_ratio=0.5),
+                      max_available_drop_ratio=0.5, notional_currency="USD",
+                      notional_interval_seconds=60.0, staking_interval_seconds=300.0,
+                      min_available_notional=250000.0, display_name="Primary"),
         AccountTarget("savings", "savings", None, False, 60.0),
-        AccountTarget("never-polled", "treasury", "other", False, 30.0),
-    ], ["treasury", "savings"])
+        AccountTarget("never-polled", "treasury", "other", False, 30.0,
+                      notional_currency="USD", notional_interval_seconds=300.0,
+                      display_name="Other desk", discovered=True),
+    ], ["treasury", "savings"], discovering={"treasury": 900.0})
     store.record_worker_running("treasury", True)
     store.record_worker_running("savings", True)
+    store.record_request("treasury")
+    store.record_listing("treasury", (
+        ListedAccount("primary", "Primary", "exchange", "open"),
+        ListedAccount("other", "Other desk", "exchange", "open"),
+        ListedAccount("vault", "Vault", "custody", "open"),
+        ListedAccount("gone", "Gone", "exchange", "closed"),
+    ), False, 1_710_547_190.0)
+    store.record_discovered_polled("treasury", 1)
+    store.record_listing_failure("treasury", "Timeout")
+    store.record_request("treasury")
+    store.record_reply("treasury-primary", Endpoint.NOTIONAL, ParsedReply((
+        NotionalBalance("BTC", 325000.0, 292500.0, 292500.0),
+        NotionalBalance("USD", 15000.0, 5000.0, 5000.0),
+    ), 1_710_547_205_000_000_000), 0.25, 1_710_547_205.0)
+    store.record_request("treasury")
+    store.record_reply("treasury-primary", Endpoint.STAKING, ParsedReply((
+        StakingBalance("ETH", 32.5, 32.0, 30.0, (
+            ("5d3c9a0e-8f0b-4c8e-9a52-0e6f1f6d2a11", 20.5),
+            ("9b1f3e2a-1c4d-4e7f-8a9b-2c3d4e5f6a7b", 12.0))),
+    ), 1_710_547_206_000_000_000, None, 1), 0.375, 1_710_547_206.0)
+    store.record_request("treasury")
+    store.record_failure("treasury-primary", Endpoint.STAKING, "System", 0.5)
     store.record_request("treasury")
     store.record_reply("treasury-primary", Endpoint.BALANCES, BalanceReply((
         CurrencyBalance("BTC", 5.0, 4.5, 4.5, 0.25, 0.0),
@@ -205,3 +237,56 @@ async def all_polled(http: aiohttp.ClientSession, exporter: Service) -> Samples:
 
     await wait_until(ready, what="every account up")
     return samples
+
+
+PROVIDER_A = "5d3c9a0e-8f0b-4c8e-9a52-0e6f1f6d2a11"
+PROVIDER_B = "9b1f3e2a-1c4d-4e7f-8a9b-2c3d4e5f6a7b"
+
+
+def treasury_simulator_document() -> dict[str, Any]:
+    """A group with every kind of account discovery meets, and staking in two shapes."""
+    return {
+        "keys": [
+            {"api_key": MASTER_KEY, "api_secret": MASTER_SECRET,
+             "accounts": ["alpha", "beta", "vault", "old", "test-1"]},
+            {"api_key": ACCOUNT_KEY, "api_secret": ACCOUNT_SECRET, "accounts": ["delta"]},
+        ],
+        "accounts": [
+            {"name": "alpha", "display_name": "Alpha desk", "balances": {
+                "BTC": {"amount": "5.123456789123", "available": "4.5"},
+                "USD": {"amount": "15000.129"}},
+             "staking": {"ETH": {"balance": "32.5", "available": "32", "availableForWithdrawal":
+                                 "30", "providers": {PROVIDER_A: "20.5", PROVIDER_B: "12"}}}},
+            {"name": "beta", "timestamp_format": "iso", "number_format": "number",
+             "provider_format": "object",
+             "balances": {"ETH": {"amount": "10.5"}, "SOL": {"amount": "3.333"}},
+             "staking": {"SOL": {"balance": "100.25", "providers": {PROVIDER_A: "100.25"}}}},
+            {"name": "vault", "type": "custody"},
+            {"name": "old", "status": "closed", "balances": {"USD": {"amount": "1"}}},
+            {"name": "test-1", "balances": {"USD": {"amount": "7"}}},
+            {"name": "delta", "balances": {"BTC": {"amount": "1"}}},
+        ],
+    }
+
+
+def treasury_exporter_document(base_url: str) -> dict[str, Any]:
+    return {
+        "gemini": {"base_url": base_url, "timeout_seconds": 2},
+        "notional": {"currency": "USD", "interval_seconds": 1},
+        "keys": [
+            {"name": "treasury", "api_key": MASTER_KEY, "api_secret": MASTER_SECRET,
+             "requests_per_second": 10,
+             "discover": {"exclude": ["test-*"], "refresh_seconds": 1,
+                          "defaults": {"interval_seconds": 1, "staking_interval_seconds": 1,
+                                       "min_available_notional": 1000}}},
+            {"name": "solo", "api_key": ACCOUNT_KEY, "api_secret": ACCOUNT_SECRET,
+             "requests_per_second": 5},
+        ],
+        "accounts": [{"key": "solo", "name": "delta", "interval_seconds": 1}],
+        "polling": {"max_backoff_seconds": 2, "rejected_retry_seconds": 2},
+    }
+
+
+def notional_value(amount: str, usd_price: str) -> float:
+    """What the exporter shows for an amount at a price: the product floored to cents."""
+    return float((Decimal(amount) * Decimal(usd_price)).quantize(Decimal("0.01"), ROUND_FLOOR))

@@ -1,14 +1,24 @@
 """Property-based tests of the reply parser: whatever bytes or JSON arrive, it returns a reply or
 raises MalformedReply, and never shows more than was sent."""
 
+import contextlib
 import json
+from collections.abc import Callable
 from decimal import Decimal
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balance_exporter.gemini.errors import MalformedReply
-from balance_exporter.gemini.replies import BalanceReply, ReplyRules, parse_balances_reply
+from balance_exporter.gemini.replies import (
+    BalanceReply,
+    ReplyRules,
+    parse_account_list,
+    parse_balances_reply,
+    parse_notional_reply,
+    parse_staking_reply,
+)
 from balance_exporter.precision import Precision
 
 RULES = ReplyRules(Precision({"USD": 2}, default_places=8), max_timestamp_skew_seconds=300)
@@ -68,3 +78,51 @@ def test_a_value_is_never_above_what_was_sent(
     # Float rounding is monotonic, so floor(x) <= x holds after both become floats.
     assert balance.amount <= float(amount)
     assert balance.available == balance.amount == balance.available_for_withdrawal
+
+
+def _reply_or_malformed(parse: Callable[[bytes], object], body: bytes) -> None:
+    with contextlib.suppress(MalformedReply):
+        parse(body)
+
+
+TREASURY_PARSERS: dict[str, Callable[[bytes], object]] = {
+    "notional": lambda body: parse_notional_reply(body, RULES, NOW_NS, "USD"),
+    "staking": lambda body: parse_staking_reply(body, RULES, NOW_NS),
+    "account_list": parse_account_list,
+}
+treasury_fields = st.sampled_from([
+    "currency", "amountNotional", "availableNotional", "availableForWithdrawalNotional",
+    "balance", "available", "availableForWithdrawal", "balanceByProvider", "_timestamp", "type",
+    "account", "name", "status"])
+treasury_rows = st.dictionaries(
+    treasury_fields, json_values | st.sampled_from(["ETH", "1.5", "open", "exchange", "desk"])
+    | st.dictionaries(st.text(max_size=40), json_values, max_size=4), max_size=10)
+
+
+@pytest.mark.parametrize("endpoint", TREASURY_PARSERS)
+@given(body=st.binary(max_size=300) | st.builds(lambda v: json.dumps(v).encode(), json_values)
+       | st.builds(lambda rows: json.dumps(rows).encode(), st.lists(treasury_rows, max_size=5)))
+def test_treasury_replies_of_any_content_give_a_reply_or_malformed(
+    endpoint: str, body: bytes
+) -> None:
+    _reply_or_malformed(TREASURY_PARSERS[endpoint], body)
+
+
+@settings(max_examples=200)
+@given(amounts, st.dictionaries(st.uuids().map(str), amounts, max_size=5), st.booleans())
+def test_staked_amounts_are_never_above_what_was_sent(
+    balance: Decimal, providers: dict[str, Decimal], as_string: bool
+) -> None:
+    def sent(value: Decimal) -> str:
+        # As JSON text: a string of the decimal, or the decimal as a bare JSON number.
+        return f'"{value:f}"' if as_string else format(value, "f")
+    by_provider = ",".join(f'"{provider}":{sent(amount)}' for provider, amount in providers.items())
+    body = (f'[{{"type":"Staking","currency":"ETH","balance":{sent(balance)},'
+            f'"available":{sent(balance)},"availableForWithdrawal":{sent(balance)},'
+            f'"balanceByProvider":{{{by_provider}}}}}]').encode()
+    (parsed,) = parse_staking_reply(body, RULES, NOW_NS).rows
+    # Float rounding is monotonic, so floor(x) <= x holds after both become floats.
+    assert parsed.balance <= float(balance)
+    assert len(parsed.by_provider) == len(providers)
+    for provider, amount in parsed.by_provider:
+        assert amount <= float(providers[provider])

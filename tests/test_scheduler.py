@@ -374,3 +374,73 @@ async def test_a_worker_that_keeps_crashing_shows_as_not_running() -> None:
                                                      (300.5, 300.0)])
 def test_retry_after_clamp_at_and_past_the_bound(retry_after: float, pause: float) -> None:
     assert schedule(1).rate_limited(now=0.0, retry_after=retry_after) == pause
+
+
+def treasury_target(label: str) -> AccountTarget:
+    return AccountTarget(label, "k", label, False, 10.0, notional_currency="USD",
+                         notional_interval_seconds=30.0, staking_interval_seconds=60.0)
+
+
+def test_every_request_stream_is_a_job_and_balances_go_first_when_several_are_due() -> None:
+    plan = KeySchedule(key_plan([treasury_target("a0"), treasury_target("a1")], listing=300.0),
+                       KeyPacing(2.0), BACKOFFS, now=0.0, rng=random.Random(1))
+    first_round = [(job.label, job.endpoint) for job, _ in run_jobs(plan, 7)]
+    assert first_round == [("a0", Endpoint.BALANCES), ("a1", Endpoint.BALANCES), ("", None),
+                           ("a0", Endpoint.NOTIONAL), ("a0", Endpoint.STAKING),
+                           ("a1", Endpoint.NOTIONAL), ("a1", Endpoint.STAKING)]
+
+
+def run_jobs(plan: KeySchedule, polls: int) -> list[tuple[Job, float]]:
+    history = []
+    now = 0.0
+    for _ in range(polls):
+        job, now = next_job(plan, now)
+        plan.started(now)
+        plan.succeeded(job, now)
+        history.append((job, now))
+    return history
+
+
+def test_each_stream_keeps_its_own_interval_and_a_failing_one_backs_off_alone() -> None:
+    plan = KeySchedule(key_plan([treasury_target("a0")]), KeyPacing(10.0), BACKOFFS, now=0.0,
+                       rng=random.Random(1))
+    history: list[tuple[Job, float]] = []
+    now = 0.0
+    while now < 120.0:
+        job, now = next_job(plan, now)
+        plan.started(now)
+        if job.endpoint is Endpoint.STAKING:
+            plan.failed(job, now)
+        else:
+            plan.succeeded(job, now)
+        history.append((job, now))
+
+    def starts(endpoint: Endpoint) -> list[float]:
+        return [at for job, at in history if job.endpoint is endpoint]
+    def gaps(endpoint: Endpoint) -> set[float]:
+        return {round(b - a, 6) for a, b in pairwise(starts(endpoint))}
+    assert len(starts(Endpoint.BALANCES)) >= 12
+    assert gaps(Endpoint.BALANCES) == {10.0}
+    assert gaps(Endpoint.NOTIONAL) == {30.0}
+    staking_gaps = [b - a for a, b in pairwise(starts(Endpoint.STAKING))]
+    assert all(b > a for a, b in pairwise(staking_gaps[:5]))  # backing off, not every 60 s
+
+
+def test_a_new_plan_adds_jobs_due_at_once_drops_gone_ones_and_keeps_the_rest() -> None:
+    plan = KeySchedule(key_plan([treasury_target("a0"), treasury_target("a1")]), KeyPacing(2.0),
+                       BACKOFFS, now=0.0, rng=random.Random(1))
+    run_jobs(plan, 6)
+    kept = plan.next_due[balances("a0")]
+    plan.update(key_plan([treasury_target("a0"), treasury_target("new")], listing=60.0), 50.0)
+    assert plan.next_due[balances("a0")] == kept
+    assert plan.next_due[balances("new")] == 50.0
+    assert plan.next_due[Job("", None)] == 50.0
+    assert not any(job.label == "a1" for job in plan.next_due)
+    assert set(plan.targets) == {"a0", "new"}
+    plan.succeeded(balances("a1"), 51.0)  # a poll that was running when a1 went: ignored
+    assert balances("a1") not in plan.next_due
+
+
+def test_a_key_with_nothing_to_poll_has_no_next_job() -> None:
+    plan = KeySchedule(key_plan([]), KeyPacing(2.0), BACKOFFS, now=0.0)
+    assert plan.next_poll(0.0) is None

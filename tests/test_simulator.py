@@ -8,6 +8,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator
+from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
 import aiohttp
@@ -221,17 +222,72 @@ async def test_stale_fault_serves_an_older_stamp_and_other_values(
 async def test_notional_balances_and_account_list(caller: Caller) -> None:
     status, rows, _ = await caller.post("/v1/notionalbalances/usd", account="gamma")
     assert status == 200
-    assert rows == [{"currency": "USD", "amount": "42.00", "amountNotional": "42.00",
-                     "available": "42.00", "availableNotional": "42.00",
-                     "availableForWithdrawal": "42.00",
-                     "availableForWithdrawalNotional": "42.00"}]
+    (row,) = rows
+    assert isinstance(row.pop("_timestamp"), int)
+    assert row == {"currency": "USD", "amount": "42.00", "amountNotional": "42.0000000000",
+                   "available": "42.00", "availableNotional": "42.0000000000",
+                   "availableForWithdrawal": "42.00",
+                   "availableForWithdrawalNotional": "42.0000000000"}
+    status, body, _ = await caller.post("/v1/notionalbalances/USD", account="gamma")
+    assert (status, body["reason"]) == (400, "InvalidCurrency")  # the path is lower case
     status, accounts, _ = await caller.post("/v1/account/list", limit_accounts=2)
     assert status == 200
     assert [row["account"] for row in accounts] == ["alpha", "beta"]
-    assert {row["type"] for row in accounts} == {"exchange"}
+    assert {(row["type"], row["status"]) for row in accounts} == {("exchange", "open")}
     status, body, _ = await caller.post("/v1/account/list", key=ACCOUNT_KEY,
                                         secret=ACCOUNT_SECRET)
     assert (status, body["reason"]) == (400, "InvalidApiKey")
+
+
+async def test_prices_staking_and_accounts_are_set_through_the_control_api(
+    caller: Caller, simulator: RunningSimulator
+) -> None:
+    http, control = caller.http, simulator.url + "/_sim"
+    async with http.put(f"{control}/prices", json={"BTC": "70000.5"}) as response:
+        assert response.status == 200
+    _, rows, _ = await caller.post("/v1/notionalbalances/usd", account="alpha")
+    assert rows[0]["amountNotional"] == str(
+        (Decimal("5.123456789123") * Decimal("70000.5")).quantize(Decimal("1e-10"), ROUND_DOWN))
+    staking = {"ETH": {"balance": "32.5", "providers": {"p-1": "20", "p-2": "12.5"}}}
+    async with http.put(f"{control}/accounts/alpha/staking", json=staking) as response:
+        assert response.status == 200
+    _, rows, _ = await caller.post("/v1/balances/staking", account="alpha")
+    assert (rows[0]["type"], rows[0]["balanceByProvider"]) == (
+        "Staking", {"p-1": "20", "p-2": "12.5"})
+    async with http.patch(f"{control}/accounts/alpha",
+                          json={"provider_format": "object"}) as response:
+        assert response.status == 200
+    _, rows, _ = await caller.post("/v1/balances/staking", account="alpha")
+    assert rows[0]["balanceByProvider"]["p-1"] == {"balance": "20"}
+    async with http.post(f"{control}/accounts", json={"name": "new-desk", "balances": {
+            "USD": {"amount": "5"}}}) as response:
+        assert response.status == 200
+    _, accounts, _ = await caller.post("/v1/account/list")
+    assert accounts[-1]["account"] == "new-desk"
+    async with http.patch(f"{control}/accounts/new-desk", json={"status": "closed"}) as response:
+        assert response.status == 200
+    _, accounts, _ = await caller.post("/v1/account/list")
+    assert accounts[-1]["status"] == "closed"
+    status, body, _ = await caller.post("/v1/balances", account="new-desk")
+    assert (status, body["reason"]) == (400, "InvalidAccountName")
+
+
+async def test_faults_are_served_on_the_endpoint_they_name(
+    caller: Caller, simulator: RunningSimulator
+) -> None:
+    http, control = caller.http, simulator.url + "/_sim"
+    for endpoint in ("notional", "staking"):
+        async with http.post(f"{control}/accounts/alpha/faults",
+                             json={"kind": "status", "endpoint": endpoint, "count": 1}) as reply:
+            assert reply.status == 200
+    async with http.post(f"{control}/keys/{MASTER_KEY}/faults",
+                         json={"kind": "html", "count": 1}) as response:
+        assert response.status == 200
+    assert (await caller.post("/v1/balances", account="alpha"))[0] == 200
+    assert (await caller.post("/v1/notionalbalances/usd", account="alpha"))[0] == 500
+    assert (await caller.post("/v1/balances/staking", account="alpha"))[0] == 500
+    assert (await caller.post("/v1/account/list"))[0] == 502
+    assert (await caller.post("/v1/account/list"))[0] == 200
 
 
 def test_demo_state_is_valid_and_its_secrets_are_fresh() -> None:

@@ -1,6 +1,13 @@
-from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
-from balance_exporter.store import BalanceStore, ReplyVerdict
-from balance_exporter.targets import AccountTarget, Endpoint
+from dataclasses import replace
+
+from balance_exporter.gemini.replies import (
+    BalanceReply,
+    CurrencyBalance,
+    NotionalBalance,
+    ParsedReply,
+)
+from balance_exporter.store import BalanceStore, ReplyVerdict, SavedStamp
+from balance_exporter.targets import AccountTarget, Endpoint, ListedAccount
 
 BAL = Endpoint.BALANCES
 
@@ -25,8 +32,8 @@ def amounts(store: BalanceStore, label: str = "main") -> dict[str, float]:
 
 def test_a_reply_older_than_the_last_accepted_one_is_ignored_and_counted() -> None:
     store = make_store()
-    assert store.record_reply("main", BAL, BalanceReply(balances(BTC=5), 200, "exchange"), 0.1, 10.0) \
-        is ReplyVerdict.ACCEPTED
+    first = BalanceReply(balances(BTC=5), 200, "exchange")
+    assert store.record_reply("main", BAL, first, 0.1, 10.0) is ReplyVerdict.ACCEPTED
     verdict = store.record_reply("main", BAL, BalanceReply(balances(BTC=999), 199, None), 0.1, 11.0)
     assert verdict is ReplyVerdict.STALE
     (snapshot,) = store.account_snapshots()
@@ -99,3 +106,83 @@ def test_ready_once_every_account_was_attempted() -> None:
     assert not store.all_attempted()
     store.record_reply("side", BAL, BalanceReply((), None, None), 0.1, 1.0)
     assert store.all_attempted()
+
+
+NOTIONAL_TARGET = AccountTarget("main", "treasury", "primary", False, 30.0,
+                                notional_currency="USD", notional_interval_seconds=60.0,
+                                staking_interval_seconds=300.0)
+
+
+def notional(value: float, stamp: int | None) -> ParsedReply[NotionalBalance]:
+    return ParsedReply((NotionalBalance("BTC", value, value, value),), stamp)
+
+
+def test_each_endpoint_keeps_its_own_stamp_and_rows() -> None:
+    store = BalanceStore()
+    store.configure([NOTIONAL_TARGET], ["treasury"])
+    store.record_reply("main", BAL, BalanceReply(balances(BTC=5), 500, None), 0.1, 10.0)
+    # Older than the balances reply, but the first notional one: accepted.
+    assert store.record_reply("main", Endpoint.NOTIONAL, notional(325000, 400), 0.1, 11.0) \
+        is ReplyVerdict.ACCEPTED
+    assert store.record_reply("main", Endpoint.NOTIONAL, notional(1, 399), 0.1, 12.0) \
+        is ReplyVerdict.STALE
+    store.record_failure("main", Endpoint.NOTIONAL, "Timeout", 0.5)
+    (snapshot,) = store.account_snapshots()
+    assert [row.amount for row in snapshot.notional.rows] == [325000]
+    assert snapshot.notional.stale_replies == 1
+    assert not snapshot.notional.up
+    assert snapshot.balances.up  # a notional failure is not the balances'
+    assert snapshot.balances.server_timestamp_ns == 500
+    assert dict(snapshot.notional.errors) == {"Timeout": 1}
+
+
+def test_a_new_quote_currency_or_a_poll_turned_off_drops_that_endpoints_rows() -> None:
+    store = BalanceStore()
+    store.configure([NOTIONAL_TARGET], ["treasury"])
+    store.record_reply("main", BAL, BalanceReply(balances(BTC=5), 500, None), 0.1, 10.0)
+    store.record_reply("main", Endpoint.NOTIONAL, notional(325000, 400), 0.1, 11.0)
+    store.configure([replace(NOTIONAL_TARGET, notional_currency="EUR")], ["treasury"])
+    (snapshot,) = store.account_snapshots()
+    assert snapshot.notional.rows == ()  # dollars are no euros
+    assert snapshot.balances.rows  # the balances did not change meaning
+    store.configure([replace(NOTIONAL_TARGET, notional_interval_seconds=None)], ["treasury"])
+    assert store.account_snapshots()[0].notional.rows == ()
+
+
+def test_readiness_waits_for_every_polled_endpoint_and_every_first_listing() -> None:
+    store = BalanceStore()
+    store.configure([NOTIONAL_TARGET], ["treasury"], discovering={"treasury": 900.0})
+    store.record_reply("main", BAL, BalanceReply((), 1, None), 0.1, 1.0)
+    store.record_reply("main", Endpoint.NOTIONAL, notional(1, 1), 0.1, 1.0)
+    assert not store.all_attempted()  # staking not tried yet
+    store.record_failure("main", Endpoint.STAKING, "Timeout", 1.0)
+    assert not store.all_attempted()  # the listing not tried yet
+    store.record_listing_failure("treasury", "Timeout")
+    assert store.all_attempted()
+
+
+def test_restored_stamps_wait_for_their_account_to_be_planned() -> None:
+    saved = {"desk": SavedStamp("treasury", "desk", {"balances": 900, "staking": 800})}
+    store = BalanceStore(saved)
+    store.configure([TARGET], ["treasury"])  # before the listing that shows "desk"
+    desk = AccountTarget("desk", "treasury", "desk", False, 30.0, staking_interval_seconds=60.0)
+    store.configure([TARGET, desk], ["treasury"], discovering={"treasury": 900.0})
+    assert store.record_reply("desk", BAL, BalanceReply((), 899, None), 0.1, 1.0) \
+        is ReplyVerdict.STALE
+    assert store.saved_stamps()["desk"].stamps == {"balances": 900, "staking": 800}
+
+
+def test_discovery_state_survives_a_new_plan_and_goes_when_the_key_stops_discovering() -> None:
+    store = BalanceStore()
+    store.configure([TARGET], ["treasury"], discovering={"treasury": 900.0})
+    listed = (ListedAccount("primary", "Primary", "exchange", "open"),)
+    store.record_listing("treasury", listed, False, 5.0)
+    store.record_listing_failure("treasury", "System")
+    store.configure([TARGET], ["treasury"], discovering={"treasury": 1800.0})
+    (key,) = store.key_counters()
+    assert key.discovery is not None
+    assert (key.discovery.listed, key.discovery.last_success_seconds) == (listed, 5.0)
+    assert dict(key.discovery.errors) == {"System": 1}
+    assert key.discovery.refresh_seconds == 1800.0
+    store.configure([TARGET], ["treasury"])
+    assert store.key_counters()[0].discovery is None

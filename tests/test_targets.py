@@ -74,7 +74,8 @@ def test_discovery_polls_open_exchange_accounts_that_match_the_patterns() -> Non
     assert [target.label for target in current.targets] == ["primary", "ops"]
     ops = current.targets[1]
     assert (ops.discovered, ops.gemini_account, ops.display_name) == (True, "ops", "Ops")
-    assert ops.show_pending_balances and ops.interval_seconds == 30
+    assert ops.show_pending_balances
+    assert ops.interval_seconds == 30
     assert ops.staking_interval_seconds == 300
     assert (ops.notional_currency, ops.notional_interval_seconds) == ("USD", 300)
 

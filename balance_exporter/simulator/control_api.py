@@ -78,7 +78,7 @@ async def control_add_account(request: web.Request) -> web.Response:
     body = await _json_body(request)
     with _bad_input_is_400():
         account = request.app[STATE_KEY].add_account(body)
-    return web.json_response(account.describe(), status=201)
+    return web.json_response(account.describe())
 
 
 async def control_set_prices(request: web.Request) -> web.Response:

@@ -117,6 +117,7 @@ async def _admit(request: web.Request) -> tuple[SimKey, dict[str, Any]]:
     state = request.app[STATE_KEY]
     key, payload = _authenticate(request, state)
     key.count("requests")
+    key.count(f"requests {request.path}")
     now = time.monotonic()
     delay = key.limiter.admit(now)
     if delay is None:
