@@ -21,7 +21,7 @@ from balance_exporter.config import Config, ConfigError, load_config
 from balance_exporter.logging import LOG_LEVELS, configure_logging
 from balance_exporter.server import DEFAULT_LISTEN_ADDRESS, ListenAddress, ListenError, WebOptions
 from balance_exporter.service import Service, run_until_signalled
-from balance_exporter.targets import plan_targets
+from balance_exporter.targets import plan
 from balance_exporter.webconfig import WebConfig, load_web_config
 
 DEFAULT_SIMULATOR_ADDRESS = "127.0.0.1:8398"
@@ -118,14 +118,32 @@ def config_summary(config: Config) -> str:
         lines.append(f"  {key.name}: api_key {_mask(resolved.api_key)}, secret {source} "
                      f"(********), nonce {key.nonce}, {key.requests_per_second:g} req/s"
                      + (" [master]" if resolved.is_master else "") + f"  (keys[{index}])")
+    for key in settings.keys:
+        if key.discover is not None:
+            discover = key.discover
+            lines.append(f"  {key.name} discovers its group's accounts: include "
+                         f"{', '.join(discover.include)}"
+                         + (f", exclude {', '.join(discover.exclude)}" if discover.exclude else "")
+                         + f", listed every {discover.refresh_seconds:g}s")
+    if settings.notional is not None:
+        lines.append(f"Notional values in {settings.notional.currency}, every "
+                     f"{settings.notional.interval_seconds:g}s unless an account says otherwise")
     lines.append("Accounts:")
-    for account, target in zip(settings.accounts, plan_targets(config), strict=True):
+    planned = {target.label: target for target in plan(config).targets}
+    for account in settings.accounts:
+        target = planned[account.label]
         stretched = (f" (stretched from {account.interval_seconds:g}s to fit the key's budget)"
                      if target.interval_seconds > account.interval_seconds else "")
         gemini_account = target.gemini_account or "(the key's own)"
+        extras = "".join(
+            f", {what} every {interval:g}s" for what, interval in (
+                ("notional", target.notional_interval_seconds),
+                ("staking", target.staking_interval_seconds)) if interval is not None)
         lines.append(f"  {target.label}: key {account.key}, account {gemini_account}, every "
                      f"{target.interval_seconds:g}s{stretched}, pending balances "
-                     f"{'on' if account.show_pending_balances else 'off'}")
+                     f"{'on' if target.show_pending_balances else 'off'}{extras}")
+    if not settings.accounts:
+        lines.append("  (none configured: discovered ones are planned after each listing)")
     lines += [f"Warning: {warning}" for warning in config.warnings]
     return "\n".join(lines)
 

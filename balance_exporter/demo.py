@@ -18,25 +18,28 @@ from balance_exporter.simulator.state import SimState, demo_document
 
 
 def demo_exporter_document(simulator_state: SimState, base_url: str) -> dict[str, Any]:
-    """An exporter config for the demo simulator: its master key over three accounts, and its
-    account-scoped key."""
+    """An exporter config for the demo simulator: its master key discovers the group's accounts
+    (one of them configured with alert thresholds), and its account-scoped key; every account's
+    value in USD and its staked coins."""
     master, account_key = simulator_state.keys.values()
     return {
         "gemini": {"base_url": base_url, "timeout_seconds": 5},
+        "notional": {"currency": "USD", "interval_seconds": 15},
         "keys": [
             {"name": "treasury", "api_key": master.api_key, "api_secret": master.api_secret,
-             "requests_per_second": 2},
+             "requests_per_second": 2,
+             "discover": {"refresh_seconds": 30, "defaults": {
+                 "interval_seconds": 5, "show_pending_balances": True,
+                 "staking_interval_seconds": 30}}},
             {"name": "savings", "api_key": account_key.api_key,
              "api_secret": account_key.api_secret, "requests_per_second": 1},
         ],
         "accounts": [
             {"key": "treasury", "account": "primary", "name": "treasury-primary",
-             "show_pending_balances": True, "interval_seconds": 5,
-             "min_available": {"USD": 1000, "BTC": 1}, "max_available_drop_ratio": 0.5},
-            {"key": "treasury", "account": "trading", "name": "treasury-trading",
-             "show_pending_balances": True, "interval_seconds": 5},
-            {"key": "treasury", "account": "ops", "name": "treasury-ops", "interval_seconds": 5},
-            {"key": "savings", "name": "savings", "interval_seconds": 10},
+             "min_available": {"USD": 1000, "BTC": 1}, "max_available_drop_ratio": 0.5,
+             "min_available_notional": 100000},
+            {"key": "savings", "name": "savings", "interval_seconds": 10,
+             "staking_interval_seconds": 30},
         ],
     }
 

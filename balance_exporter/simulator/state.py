@@ -337,25 +337,35 @@ class SimState:
 
 
 def demo_document() -> dict[str, Any]:
-    """A master key over three accounts and an account-scoped key, with fresh random secrets."""
+    """A master key over a group (three open exchange accounts, a custody and a closed one) and
+    an account-scoped key, with fresh random secrets."""
     def secret() -> str:
         return secrets.token_urlsafe(24)
 
     return {
         "keys": [
             {"api_key": "master-" + secrets.token_hex(8), "api_secret": secret(),
-             "accounts": ["primary", "trading", "ops", "vault"], "roles": ["Auditor"]},
+             "accounts": ["primary", "trading", "ops", "vault", "old-desk"],
+             "roles": ["Auditor"]},
             {"api_key": "account-" + secrets.token_hex(8), "api_secret": secret(),
              "accounts": ["savings"], "roles": ["Auditor"]},
         ],
         "accounts": [
-            {"name": "primary", "balances": {
+            {"name": "primary", "display_name": "Primary treasury", "staking": {
+                "ETH": {"balance": "64", "available": "64", "availableForWithdrawal": "60",
+                        "providers": {"62b21e17-2534-4b9f-afcf-b7edb609dd8d": "40",
+                                      "8f3c8a76-64c0-4e0e-a4c4-c8b7c7f1d7e9": "24"}}},
+             "balances": {
                 "BTC": {"amount": "5.0", "available": "4.5", "availableForWithdrawal": "4.5"},
                 "USD": {"amount": "15000.00", "available": "5000.00",
                         "availableForWithdrawal": "5000.00"},
                 "ETH": {"amount": "10.0", "available": "10.0", "availableForWithdrawal": "10.0"},
             }},
-            {"name": "trading", "timestamp_format": "iso", "balances": {
+            {"name": "trading", "display_name": "Trading desk", "timestamp_format": "iso",
+             "provider_format": "object", "staking": {
+                 "SOL": {"balance": "500", "providers": {
+                     "62b21e17-2534-4b9f-afcf-b7edb609dd8d": "500"}}},
+             "balances": {
                 "BTC": {"amount": "1.25", "available": "1.0", "availableForWithdrawal": "1.0",
                         "pendingWithdrawal": "0.25"},
                 "USD": {"amount": "250000.00", "pendingDeposit": "10000.00"},
@@ -366,8 +376,11 @@ def demo_document() -> dict[str, Any]:
             }},
             {"name": "savings", "balances": {
                 "USD": {"amount": "1000000.00"}, "BTC": {"amount": "12.5"},
-            }},
-            {"name": "vault", "type": "custody", "balances": {}},
+            }, "staking": {"ETH": {"balance": "12.25"}}},
+            {"name": "vault", "display_name": "Cold storage", "type": "custody",
+             "balances": {}},
+            {"name": "old-desk", "display_name": "Closed desk", "status": "closed",
+             "balances": {"USD": {"amount": "0"}}},
         ],
     }
 

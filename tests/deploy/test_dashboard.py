@@ -57,7 +57,16 @@ def test_the_required_panels_are_there() -> None:
     for metric in ("gemini_balance_amount", "gemini_balance_available",
                    "gemini_balance_pending_deposit", "gemini_balance_pending_withdrawal",
                    "gemini_account_last_success_timestamp_seconds",
-                   "gemini_account_poll_errors_total", "gemini_key_rate_limited_total"):
+                   "gemini_account_poll_errors_total", "gemini_key_rate_limited_total",
+                   # The treasury picture: value now and over time, per account and currency,
+                   # staking, and discovery health.
+                   "sum by (notional_currency) (gemini_balance_amount_notional",
+                   "sum by (account, notional_currency) (gemini_balance_amount_notional",
+                   "sum by (currency, notional_currency) (gemini_balance_amount_notional",
+                   "gemini_account_min_available_notional", "gemini_staking_balance{",
+                   "gemini_staking_balance_by_provider", "gemini_key_discovery_up",
+                   "gemini_key_discovery_last_success_timestamp_seconds",
+                   "gemini_key_discovered_accounts", "gemini_key_discovery_errors_total"):
         assert metric in all_exprs
     # The holds panel: amount minus available.
     assert " - gemini_balance_available{" in all_exprs
