@@ -33,6 +33,7 @@ async def control_state(request: web.Request) -> web.Response:
         "accounts": {name: account.describe() for name, account in state.accounts.items()},
         "keys": {key.api_key: {**key.counters, "last_nonce": key.last_nonce}
                  for key in state.keys.values()},
+        "usd_prices": {currency: str(price) for currency, price in state.usd_prices.items()},
     })
 
 

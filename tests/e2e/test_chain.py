@@ -29,11 +29,15 @@ from tests.e2e.chain import (
     prometheus_config,
 )
 from tests.helpers import (
+    MASTER_KEY,
+    PROVIDER_A,
+    PROVIDER_B,
     exporter_document,
     floored,
     free_port,
     http_json,
     http_status,
+    notional_value,
     simulator_document,
     wait_for,
 )
@@ -48,6 +52,9 @@ BALANCE_METRICS = {
     "pendingDeposit": "gemini_balance_pending_deposit",
 }
 GAMMA_MINIMUM = 40.0
+DISCOVERY_REFRESH_SECONDS = 2
+STAKING = {"ETH": {"balance": "32.5", "available": "32", "availableForWithdrawal": "30",
+                   "providers": {PROVIDER_A: "20.5", PROVIDER_B: "12"}}}
 
 
 @dataclass
@@ -85,10 +92,22 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     receiver = WebhookReceiver()
     ports = {name: free_port() for name in ("simulator", "exporter", "prometheus", "alertmanager")}
     simulator_url = f"http://127.0.0.1:{ports['simulator']}"
-    (work / "sim.yml").write_text(yaml.safe_dump(simulator_document()))
+    world = simulator_document()
+    alpha_state = next(a for a in world["accounts"] if a["name"] == "alpha")
+    alpha_state["staking"] = STAKING
+    (work / "sim.yml").write_text(yaml.safe_dump(world))
     exporter_config = exporter_document(simulator_url)
     gamma = next(a for a in exporter_config["accounts"] if a.get("account") == "gamma")
     gamma["min_available"] = {"USD": GAMMA_MINIMUM}
+    # The treasury picture: the master key discovers its group (the configured entries override
+    # what it lists), every account is valued in USD, alpha's staked coins are polled.
+    exporter_config["notional"] = {"currency": "USD", "interval_seconds": 1}
+    treasury = exporter_config["keys"][0]
+    treasury["requests_per_second"] = 10
+    treasury["discover"] = {"refresh_seconds": DISCOVERY_REFRESH_SECONDS,
+                            "defaults": {"interval_seconds": 1}}
+    alpha = next(a for a in exporter_config["accounts"] if a.get("account") == "alpha")
+    alpha.update(staking_interval_seconds=1, min_available_notional=1000)
     (work / "exporter.yml").write_text(yaml.safe_dump(exporter_config))
     alert_rules(work / "alerts.yml")
     prometheus_config(work / "prometheus.yml", work / "alerts.yml", ports["exporter"],
@@ -140,7 +159,8 @@ def expected_balances(chain: Chain) -> dict[tuple[str, str, str], float]:
 
 
 def stored_balances(chain: Chain) -> dict[tuple[str, str, str], float]:
-    result = chain.prometheus.query('{__name__=~"gemini_balance_(amount|available.*|pending.*)"}')
+    result = chain.prometheus.query('{__name__=~"gemini_balance_(amount|available|available_for'
+                                    '_withdrawal|pending_withdrawal|pending_deposit)"}')
     return {(series["metric"]["__name__"], series["metric"]["account"],
              series["metric"]["currency"]): float(series["value"][1]) for series in result}
 
@@ -164,6 +184,45 @@ def test_prometheus_stores_the_simulators_balances(chain: Chain) -> None:
              "Prometheus to hold every balance gauge with the simulator's values")
 
 
+def values_of(chain: Chain, query: str, *labels: str) -> dict[tuple[str, ...], float]:
+    return {tuple(series["metric"][label] for label in labels): float(series["value"][1])
+            for series in chain.prometheus.query(query)}
+
+
+def test_prometheus_stores_the_simulators_notional_and_staking_values(chain: Chain) -> None:
+    state = chain.sim_state()
+    prices = state["usd_prices"]
+    expected_notional = {
+        (account, currency): notional_value(values["amount"], prices.get(currency, "0"))
+        for account, account_state in state["accounts"].items()
+        for currency, values in account_state["balances"].items()}
+    wait_for(lambda: values_of(chain, 'gemini_balance_amount_notional{notional_currency="USD"}',
+                               "account", "currency") == expected_notional,
+             "Prometheus to hold every account's notional values")
+    expected_staking = {("alpha", "ETH", PROVIDER_A): 20.5, ("alpha", "ETH", PROVIDER_B): 12.0}
+    wait_for(lambda: values_of(chain, "gemini_staking_balance_by_provider", "account",
+                               "currency", "provider") == expected_staking,
+             "Prometheus to hold the staked balances per provider")
+    assert values_of(chain, "gemini_staking_balance", "account", "currency") == {
+        ("alpha", "ETH"): 32.5}
+
+
+def test_an_opened_account_appears_within_a_refresh_and_a_closed_one_goes(chain: Chain) -> None:
+    chain.sim("POST", "/_sim/accounts", {"name": "epsilon", "keys": [MASTER_KEY],
+                                         "balances": {"USD": {"amount": "123.45"}}})
+    opened = time.time()
+    wait_for(lambda: chain.prometheus.query('gemini_balance_amount{account="epsilon"} == 123.45'),
+             "epsilon's balance in Prometheus")
+    # One refresh, the polls and one scrape (the chain's Prometheus scrapes every second).
+    assert time.time() - opened < DISCOVERY_REFRESH_SECONDS * 3 + 5
+    assert chain.prometheus.query('gemini_account_info{account="epsilon", discovered="1"}')
+    chain.sim("PATCH", "/_sim/accounts/epsilon", {"status": "closed"})
+    wait_for(lambda: not chain.prometheus.query('gemini_account_up{account="epsilon"}'),
+             "epsilon's series to be gone from Prometheus")
+    assert chain.prometheus.query(
+        'gemini_key_discovered_accounts{key="treasury", type="exchange", status="closed"} == 1')
+
+
 # The faults, each on its own account or key so that they can run at once.
 EXPECTED_FIRING = [
     ("GeminiBalanceAuthError", {"account": "beta", "reason": "InvalidSignature"},
@@ -181,6 +240,8 @@ def test_faults_fire_their_alerts_through_alertmanager(chain: Chain) -> None:
     chain.sim("POST", "/_sim/accounts/alpha/faults", {"kind": "stale"})
     chain.sim("PUT", "/_sim/accounts/gamma/balances", {"USD": {"amount": "10.00"}})
     chain.sim("POST", "/_sim/accounts/delta/faults", {"kind": "rate_limit", "retry_after": 1})
+    # A failed listing or two: the discovery error series the dashboard shows.
+    chain.sim("POST", f"/_sim/keys/{MASTER_KEY}/faults", {"kind": "status", "count": 2})
     for alertname, labels, receiver in EXPECTED_FIRING:
         deliveries = wait_for(partial(firing, chain, alertname, **labels),
                               f"{alertname} {labels} to reach the webhook")
