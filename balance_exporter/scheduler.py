@@ -13,6 +13,7 @@ key polls makes the `Scheduler` plan every key again (a shared budget ties them 
 """
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Callable
@@ -60,6 +61,8 @@ RATE_LIMIT_BACKOFF_BASE_SECONDS = 1.0
 # A rejection is often a short blip (a key being rotated, Gemini's auth service restarting):
 # retry soon, then back off towards `rejected_retry_seconds`.
 REJECTED_BACKOFF_BASE_SECONDS = 15.0
+# The least time between two polls of one job, as a share of its interval.
+MIN_GAP_SHARE = 0.1
 # Past this many doublings every backoff has reached any cap there can be (1 day / 1 s < 2**17).
 MAX_BACKOFF_DOUBLINGS = 32
 RESTART_BACKOFF_BASE_SECONDS = 1.0
@@ -172,12 +175,18 @@ class KeySchedule:
         self.targets: dict[str, AccountTarget] = {}
         self.next_due: dict[Job, float] = {}
         self._intervals: dict[Job, float] = {}
+        # Each job runs on a grid, origin + (phase + k) * interval, with the phases of one
+        # endpoint's jobs spread evenly over the interval: the requests of a full budget then
+        # come one after another instead of in bursts that make some wait longer than others.
+        self._origin = now
+        self._phases: dict[Job, float] = {}
         self._failures: dict[Job, int] = {}
         self.update(key_plan, now)
 
     def update(self, key_plan: KeyPlan, now: float) -> None:
-        """Adopt a (new) plan: new jobs are due at once (the key's spacing spreads them), the
-        others keep their due time and their failures."""
+        """Adopt a (new) plan. A new account's balances are due at once (the key's spacing
+        spreads them), its other endpoints at their first grid point; jobs that stay keep their
+        due time, phase and failures."""
         intervals: dict[Job, float] = {}
         if key_plan.listing_interval_seconds is not None:
             intervals[LISTING] = key_plan.listing_interval_seconds
@@ -187,9 +196,19 @@ class KeySchedule:
                 if interval is not None:
                     intervals[Job(target.label, endpoint)] = interval
         self.targets = {target.label: target for target in key_plan.targets}
-        self.next_due = {job: self.next_due.get(job, now) for job in intervals}
-        self._failures = {job: self._failures.get(job, 0) for job in intervals}
         self._intervals = intervals
+        self._phases = {job: self._phases.get(job, phase)
+                        for job, phase in _even_phases(list(intervals)).items()}
+        self.next_due = {job: self.next_due[job] if job in self.next_due
+                         else now if job.endpoint in (Endpoint.BALANCES, None)
+                         else self._grid_at_or_after(job, now)
+                         for job in intervals}
+        self._failures = {job: self._failures.get(job, 0) for job in intervals}
+
+    def _grid_at_or_after(self, job: Job, moment: float) -> float:
+        interval = self._intervals[job]
+        offset = self._origin + self._phases[job] * interval
+        return offset + math.ceil((moment - offset) / interval) * interval
 
     def next_poll(self, now: float) -> tuple[Job, float] | None:
         """The job to send next and when it may start; None when the key has no jobs. Of the
@@ -211,8 +230,13 @@ class KeySchedule:
             return
         self._failures[job] = 0
         self.pacing.rate_limit_strikes = 0
-        # Measured from the start, not the end, so slow replies do not drift the schedule.
-        self.next_due[job] = started_at + self._intervals[job]
+        # The job's next grid point, at least a tenth of an interval after this start: a job
+        # that had to wait for others gets its slot back next time (waits never pile up into a
+        # drift), a slow reply does not delay the next one, a job that is very late skips the
+        # point it missed rather than polling twice in a row, and a first poll (all at once)
+        # joins its grid. Between two polls there is 0.1 to 1.1 intervals.
+        self.next_due[job] = self._grid_at_or_after(
+            job, started_at + MIN_GAP_SHARE * self._intervals[job])
 
     def _back_off(self, job: Job, now: float, base: float, cap: float) -> float:
         failures = self._failures.get(job, 0) + 1
@@ -240,6 +264,15 @@ class KeySchedule:
             self.pacing.rate_limit_strikes, RATE_LIMIT_BACKOFF_BASE_SECONDS, cap, self._rng)
         self.pacing.paused_until = now + pause
         return pause
+
+
+def _even_phases(jobs: list[Job]) -> dict[Job, float]:
+    """Each job's phase, a fraction of its interval: one endpoint's jobs spread evenly."""
+    by_endpoint: dict[Endpoint | None, list[Job]] = {}
+    for job in jobs:
+        by_endpoint.setdefault(job.endpoint, []).append(job)
+    return {job: index / len(group) for group in by_endpoint.values()
+            for index, job in enumerate(group)}
 
 
 ListingHandler = Callable[[str, tuple[ListedAccount, ...]], None]

@@ -96,11 +96,6 @@ class AccountSnapshot:
         state: PollState[Any] = getattr(self, endpoint.value)
         return state
 
-    @property
-    def attempted(self) -> bool:
-        """Whether every endpoint polled for the account has been tried at least once."""
-        return all(self.poll(endpoint).attempted for endpoint in Endpoint
-                   if self.target.interval_for(endpoint) is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,8 +259,10 @@ class BalanceStore:
         return tuple(self._keys.values())
 
     def all_attempted(self) -> bool:
-        """Every account's endpoints, and every discovering key's listing, tried once."""
-        return all(snapshot.attempted for snapshot in self._accounts.values()) and all(
+        """Every account's balances and every discovering key's listing tried once: what
+        readiness waits for. Notional and staking polls come on their own, spread over their
+        (often long) intervals, and do not hold it up."""
+        return all(snapshot.balances.attempted for snapshot in self._accounts.values()) and all(
             key.discovery.attempted for key in self._keys.values() if key.discovery is not None)
 
 

@@ -30,6 +30,12 @@ class Endpoint(enum.Enum):
     STAKING = "staking"
 
 
+# The share of a budget the plan fills. The rest absorbs what no plan foresees (retries after
+# failures, a listing that adds accounts, requests that had to wait for a slow one), so that
+# waits drain instead of piling up behind a schedule with no slack.
+PLANNED_SHARE = 0.97
+
+
 @dataclass(frozen=True, slots=True)
 class ListedAccount:
     """One row of a key's /v1/account/list."""
@@ -217,11 +223,12 @@ def plan(config: "Config", listings: Mapping[str, Sequence[ListedAccount]] | Non
                 targets.append(_target(row.short_name, key.name, row.short_name, defaults,
                                        config, row, discovered=True))
         unstretched[key.name] = (targets, discover.refresh_seconds if discover else None)
-    rates = {key.name: key.requests_per_second for key in settings.keys}
+    rates = {key.name: key.requests_per_second * PLANNED_SHARE for key in settings.keys}
     demands = {name: _demand(targets, listing) for name, (targets, listing) in
                unstretched.items()}
     shared = settings.gemini.requests_per_second
-    shared_factor = max(1.0, sum(demands.values()) / shared) if shared is not None else 1.0
+    shared_factor = (max(1.0, sum(demands.values()) / (shared * PLANNED_SHARE))
+                     if shared is not None else 1.0)
     keys = {}
     for name, (targets, listing) in unstretched.items():
         factor = max(1.0, demands[name] / rates[name], shared_factor)

@@ -21,7 +21,7 @@ import yaml
 from balance_exporter.config import build_config
 from balance_exporter.server import ListenAddress, WebOptions
 from balance_exporter.service import Service
-from bench.scheduler import documents
+from bench.scheduler import balances_document, simulator_document
 
 TICK_SECONDS = 0.001
 HOSTILE_REPLIES: dict[str, dict[str, Any]] = {
@@ -62,7 +62,7 @@ def _start_simulator(state: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 async def _worst_lag(url: str, seconds: float) -> tuple[float, int]:
-    _, exporter_document = documents(2, url, 5, 1)
+    exporter_document = balances_document(2, url, interval=1)
     exporter_document["polling"] = {"max_backoff_seconds": 1}
     service = Service(build_config(exporter_document, {}), None,
                       WebOptions(listen_address=ListenAddress("127.0.0.1", 0)))
@@ -83,11 +83,11 @@ async def _worst_lag(url: str, seconds: float) -> tuple[float, int]:
 
 def measure(quick: bool) -> dict[str, Any]:
     seconds = 2.0 if quick else 6.0
-    simulator_document, _ = documents(2, "", 5, 1)
+    world = simulator_document(2)
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         state = Path(folder) / "state.yml"
-        state.write_text(yaml.safe_dump(simulator_document))
+        state.write_text(yaml.safe_dump(world))
         for name, fault in HOSTILE_REPLIES.items():
             port = _free_port()
             simulator = _start_simulator(state, port)

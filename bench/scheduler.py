@@ -1,8 +1,13 @@
 """P4: how much of a key's budget the scheduler uses, against the simulator's real rate limit.
 
-50 accounts on one key at 5 requests a second with a 10 s interval, for a while: the share of
-the budget used, 429s and InvalidNonce seen by the simulator, and each account's data age
-(sampled every 0.2 s once every account has been polled).
+Two workloads on one key at 5 requests a second, each for a while:
+- balances: 50 configured accounts polled every 10 s;
+- mixed: the key discovers 20 accounts (listing every 30 s) and polls each one's balances every
+  4 s, notional values every 8 s and staked balances every 12 s: more than the budget, so the
+  plan stretches every interval by the same factor.
+Each gives the share of the budget used, the 429s and InvalidNonce the simulator saw, and the
+worst data age of any account and endpoint as a multiple of its planned interval (sampled every
+0.2 s once every account has been polled on every endpoint).
 """
 
 import asyncio
@@ -14,53 +19,86 @@ from balance_exporter.server import ListenAddress, WebOptions
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import start_simulator
 from balance_exporter.simulator.state import SimState
+from balance_exporter.store import AccountSnapshot
+from balance_exporter.targets import Endpoint
 
 API_KEY = "master-bench"
 SECRET = "bench-secret"  # noqa: S105  # the simulator's, not a real one
+RATE = 5.0
 
 
-def documents(accounts: int, base_url: str, rate: float, interval: float) -> tuple[
-    dict[str, Any], dict[str, Any]
-]:
+def simulator_document(accounts: int) -> dict[str, Any]:
     names = [f"sub{i:03d}" for i in range(accounts)]
-    simulator = {
+    return {
         "keys": [{"api_key": API_KEY, "api_secret": SECRET, "accounts": names}],
         "accounts": [{"name": name, "balances": {"USD": {"amount": "100.00"},
-                                                 "BTC": {"amount": "1.5"}}} for name in names],
+                                                 "BTC": {"amount": "1.5"}},
+                      "staking": {"ETH": {"balance": "32"}}} for name in names],
     }
-    exporter = {
-        "gemini": {"base_url": base_url},
-        "keys": [{"name": "bench", "api_key": API_KEY, "api_secret": SECRET,
-                  "requests_per_second": rate}],
-        "accounts": [{"key": "bench", "account": name, "interval_seconds": interval}
-                     for name in names],
-    }
-    return simulator, exporter
 
 
-async def run(accounts: int, rate: float, interval: float, seconds: float) -> dict[str, float]:
-    simulator_document, _ = documents(accounts, "", rate, interval)
-    simulator = await start_simulator(SimState.from_document(simulator_document))
-    _, exporter_document = documents(accounts, simulator.url, rate, interval)
-    service = Service(build_config(exporter_document, {}), None,
+def _key(**extra: Any) -> dict[str, Any]:
+    return {"name": "bench", "api_key": API_KEY, "api_secret": SECRET,
+            "requests_per_second": RATE, **extra}
+
+
+def balances_document(accounts: int, base_url: str, interval: float = 10.0) -> dict[str, Any]:
+    return {"gemini": {"base_url": base_url}, "keys": [_key()],
+            "accounts": [{"key": "bench", "account": f"sub{i:03d}", "interval_seconds": interval}
+                         for i in range(accounts)]}
+
+
+def mixed_document(accounts: int, base_url: str) -> dict[str, Any]:
+    del accounts  # all of them come from the listing
+    return {"gemini": {"base_url": base_url},
+            "notional": {"currency": "USD", "interval_seconds": 8},
+            "keys": [_key(discover={"refresh_seconds": 30, "defaults": {
+                "interval_seconds": 4, "staking_interval_seconds": 12}})]}
+
+
+def every_endpoint_polled(snapshots: tuple[AccountSnapshot, ...], accounts: int) -> bool:
+    return len(snapshots) == accounts and all(
+        snapshot.poll(endpoint).last_success_seconds is not None
+        for snapshot in snapshots for endpoint in Endpoint
+        if snapshot.target.interval_for(endpoint) is not None)
+
+
+def worst_age_ratio(snapshots: tuple[AccountSnapshot, ...], now: float) -> float:
+    """The largest data age of any account's endpoint, over that endpoint's planned interval."""
+    ratios = [0.0]
+    for snapshot in snapshots:
+        for endpoint in Endpoint:
+            interval = snapshot.target.interval_for(endpoint)
+            success = snapshot.poll(endpoint).last_success_seconds
+            if interval is not None and success is not None:
+                ratios.append((now - success) / interval)
+    return max(ratios)
+
+
+async def run(workload: str, accounts: int, seconds: float) -> dict[str, float]:
+    simulator = await start_simulator(SimState.from_document(simulator_document(accounts)))
+    document = (mixed_document if workload == "mixed" else balances_document)(
+        accounts, simulator.url)
+    service = Service(build_config(document, {}), None,
                       WebOptions(listen_address=ListenAddress("127.0.0.1", 0)))
     key = simulator.state.keys[API_KEY]
     try:
         await service.start()
-        while not service.store.all_attempted():  # noqa: ASYNC110  # the store has no event
+        while not every_endpoint_polled(  # noqa: ASYNC110  # the store has no event to wait on
+                service.store.account_snapshots(), accounts):
             await asyncio.sleep(0.05)
         # Measure from here: every account has data, the schedule is in its steady state.
         requests_before = key.counters.get("requests", 0)
         started = time.monotonic()
-        worst_age = 0.0
+        worst = 0.0
         while time.monotonic() - started < seconds:
-            now = time.time()
-            ages = [now - s.balances.last_success_seconds for s in service.store.account_snapshots()
-                    if s.balances.last_success_seconds is not None]
-            worst_age = max([worst_age, *ages])
+            worst = max(worst, worst_age_ratio(service.store.account_snapshots(), time.time()))
             await asyncio.sleep(0.2)
         elapsed = time.monotonic() - started
         sent = key.counters.get("requests", 0) - requests_before
+        snapshot = service.store.account_snapshots()[0]
+        intervals = {endpoint.value: snapshot.target.interval_for(endpoint)
+                     for endpoint in Endpoint}
     finally:
         await service.stop()
         await simulator.close()
@@ -68,13 +106,16 @@ async def run(accounts: int, rate: float, interval: float, seconds: float) -> di
         "accounts": accounts,
         "seconds": elapsed,
         "requests": sent,
-        "budget_used": sent / (rate * elapsed),
+        "budget_used": sent / (RATE * elapsed),
         "rate_limited": key.counters.get("rate_limited", 0),
         "invalid_nonce": key.counters.get("invalid_nonce", 0),
-        "worst_data_age_s": worst_age,
-        "interval_s": interval,
+        "worst_data_age_ratio": worst,
+        **{f"interval_{name}_s": interval or 0.0 for name, interval in intervals.items()},
     }
 
 
-def measure(quick: bool) -> dict[str, float]:
-    return asyncio.run(run(accounts=50, rate=5.0, interval=10.0, seconds=12.0 if quick else 60.0))
+def measure(quick: bool) -> dict[str, dict[str, float]]:
+    return {
+        "balances": asyncio.run(run("balances", 50, 12.0 if quick else 60.0)),
+        "mixed": asyncio.run(run("mixed", 20, 12.0 if quick else 90.0)),
+    }

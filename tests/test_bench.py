@@ -20,7 +20,9 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert results["scrape"]["series"] > 0
     assert results["scrape"]["baseline_gzip_median_ms"] > 0
     assert set(results["memory"]) == {"ours", "baseline"}
-    assert results["scheduler"]["requests"] > 0
+    assert {workload: figures["requests"] > 0 for workload, figures
+            in results["scheduler"].items()} == {"balances": True, "mixed": True}
+    assert "P4 mixed: worst data age / planned interval" in result.stdout
     assert {figure["hostile_replies"] for name, figure in results["hostile"].items()
             if "under the cap" not in name} != {0}  # the hostile replies did arrive
     assert "P7 loop lag reading a gzip bomb (1 GB)" in result.stdout

@@ -146,7 +146,7 @@ async def test_without_the_private_ca_the_certificate_is_refused(
         assert service.store.account_snapshots()
         for _ in range(100):
             snapshot = service.store.account_snapshots()[0]
-            if snapshot.attempted:
+            if snapshot.balances.attempted:
                 break
             await asyncio.sleep(0.05)
         assert not snapshot.balances.up

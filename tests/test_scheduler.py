@@ -75,15 +75,27 @@ def test_first_round_polls_every_account_right_away_spaced_by_the_budget() -> No
     assert history == [("a0", 0.0), ("a1", 0.5), ("a2", 1.0), ("a3", 1.5)]
 
 
-def test_round_robin_keeps_each_account_on_its_interval() -> None:
-    history = run_rounds(schedule(4, rps=2.0, interval=10.0), 12)
+def test_round_robin_keeps_each_account_on_its_interval_spread_evenly() -> None:
+    history = run_rounds(schedule(4, rps=2.0, interval=10.0), 16)
     starts: dict[str, list[float]] = {}
     for label, start in history:
         starts.setdefault(label, []).append(start)
-    for label, times in starts.items():
-        assert [b - a for a, b in pairwise(times)] == [10.0, 10.0], label
+    # After the first round (all at once), each account on its own grid point: a0 at 0, a1 at
+    # 2.5, a2 at 5, a3 at 7.5 s into every interval.
+    assert starts == {"a0": [0.0, 10.0, 20.0, 30.0], "a1": [0.5, 2.5, 12.5, 22.5],
+                      "a2": [1.0, 5.0, 15.0, 25.0], "a3": [1.5, 7.5, 17.5, 27.5]}
     gaps = [b[1] - a[1] for a, b in pairwise(history)]
     assert min(gaps) >= 0.5
+
+
+def test_a_late_job_gets_its_slot_back_and_one_later_than_an_interval_skips_it() -> None:
+    plan = schedule(1, rps=2.0, interval=10.0)
+    plan.started(3.0)
+    plan.succeeded(balances("a0"), 3.0)  # first poll, late for the 0 s point
+    assert plan.next_due[balances("a0")] == 10.0  # no drift: back on the grid
+    plan.started(24.0)
+    plan.succeeded(balances("a0"), 24.0)  # missed 20 s by 4 s... and 10 s entirely
+    assert plan.next_due[balances("a0")] == 30.0
 
 
 def test_rate_limit_pauses_the_whole_key_for_retry_after() -> None:
@@ -235,7 +247,8 @@ BTC = b'[{"currency":"BTC","amount":"1","available":"1","availableForWithdrawal"
 async def test_worker_polls_in_round_robin_within_the_budget() -> None:
     gemini, store = await run_worker({}, count=3, polls=9)
     accounts = [account for account, _ in gemini.calls]
-    assert accounts == ["a0", "a1", "a2"] * 3
+    assert accounts[:3] == ["a0", "a1", "a2"]
+    assert sorted(str(account) for account in accounts) == ["a0"] * 3 + ["a1"] * 3 + ["a2"] * 3
     times = [at for _, at in gemini.calls]
     assert min(b - a for a, b in pairwise(times)) >= 0.5
     assert all(snapshot.balances.up for snapshot in store.account_snapshots())
@@ -384,10 +397,12 @@ def treasury_target(label: str) -> AccountTarget:
 def test_every_request_stream_is_a_job_and_balances_go_first_when_several_are_due() -> None:
     plan = KeySchedule(key_plan([treasury_target("a0"), treasury_target("a1")], listing=300.0),
                        KeyPacing(2.0), BACKOFFS, now=0.0, rng=random.Random(1))
-    first_round = [(job.label, job.endpoint) for job, _ in run_jobs(plan, 7)]
-    assert first_round == [("a0", Endpoint.BALANCES), ("a1", Endpoint.BALANCES), ("", None),
-                           ("a0", Endpoint.NOTIONAL), ("a0", Endpoint.STAKING),
-                           ("a1", Endpoint.NOTIONAL), ("a1", Endpoint.STAKING)]
+    sent = [(job.label, job.endpoint and job.endpoint.value, at) for job, at in run_jobs(plan, 9)]
+    # Every account's balances at once and the listing, then each endpoint's jobs spread evenly
+    # over its interval (a1 half an interval after a0), balances first when several are due.
+    assert sent == [("a0", "balances", 0.0), ("a1", "balances", 0.5), ("", None, 1.0),
+                    ("a0", "notional", 1.5), ("a0", "staking", 2.0), ("a1", "balances", 5.0),
+                    ("a0", "balances", 10.0), ("a1", "balances", 15.0), ("a1", "notional", 15.5)]
 
 
 def run_jobs(plan: KeySchedule, polls: int) -> list[tuple[Job, float]]:
