@@ -9,6 +9,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from balance_exporter.config import build_config
+from balance_exporter.targets import plan
 from tests.deploy.tools import CHART, run, tool
 
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
@@ -149,7 +151,7 @@ def test_schema_rejects_bad_values(values: dict[str, Any], problem: str) -> None
 
 
 @pytest.mark.parametrize(("values", "problem"), [
-    ({}, "config.keys and config.accounts must not be empty"),
+    ({}, "config.accounts neither unless a key has discover"),
     ({"config": {"keys": [{"name": "k", "api_key": "account-k"}], "accounts": [{"key": "k"}]}},
      "set secrets"),
 ])
@@ -157,3 +159,18 @@ def test_render_fails_without_the_required_values(values: dict[str, Any], proble
     chart = helm_python.Chart.load(CHART)
     with pytest.raises(helm_python.HelmRenderError, match=problem):
         chart.render(values, name="treasury", namespace="monitoring")
+
+
+def test_a_discovering_key_needs_no_accounts_and_renders_a_config_the_exporter_takes(
+    tmp_path: Path,
+) -> None:
+    manifests = render(values_of(CHART / "ci/treasury-values.yaml"))
+    config = yaml.safe_load(by_kind(manifests, "ConfigMap")["data"]["config.yml"])
+    assert "accounts" not in config or not config["accounts"]
+    secret = tmp_path / "treasury"
+    secret.write_text("not-a-real-secret")
+    config["keys"][0]["api_secret_file"] = str(secret)
+    loaded = build_config(config, {})
+    assert loaded.settings.notional is not None
+    assert loaded.settings.keys[0].discover is not None
+    assert plan(loaded).keys["treasury"].listing_interval_seconds == 900
