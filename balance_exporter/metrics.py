@@ -348,6 +348,10 @@ def _discovery_families(keys: tuple[KeyCounters, ...]) -> Iterator[Metric]:
         "Discovered accounts the key polls: open exchange accounts that match the patterns, "
         "whose label no other account has.", discovering, lambda k: of(k).polled)
     yield _key_gauge(
+        "gemini_key_discovery_label_conflicts",
+        "Listed accounts the key would poll but does not, because another account already has "
+        "their label (logged).", discovering, lambda k: of(k).label_conflicts)
+    yield _key_gauge(
         "gemini_key_discovery_up",
         "1 if the key's last account listing succeeded, else 0 (also before the first one).",
         discovering, lambda k: float(of(k).up))

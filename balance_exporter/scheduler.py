@@ -348,6 +348,10 @@ class KeyWorker:
                                            self._clock.wall())
         if verdict is ReplyVerdict.STALE:
             log.debug("stale reply ignored", **fields, stamp_ns=reply.server_timestamp_ns)
+        elif reply.skipped_entries:
+            log.warning("staking provider entries left out: their shape is not one this "
+                        "exporter reads (the rows' totals were kept)", **fields,
+                        entries=reply.skipped_entries)
 
     async def _fetch(self, request: PrivateRequest, parse: Callable[[bytes, int], T]) -> T:
         body = await self._client.post(self._credentials, self._nonces, request)
@@ -471,7 +475,8 @@ class Scheduler:
         for name, key_plan in current.keys.items():
             if name in discovering:
                 polled = sum(target.discovered for target in key_plan.targets)
-                self._store.record_discovered_polled(name, polled)
+                conflicts = sum(skipped.key_name == name for skipped in current.skipped)
+                self._store.record_discovered_polled(name, polled, conflicts)
         for skipped in current.skipped:
             log.warning("discovered account not polled: its label is taken", key=skipped.key_name,
                         account=skipped.short_name, taken_by_key=skipped.taken_by)

@@ -109,8 +109,10 @@ class DiscoveryState:
     errors: Mapping[str, int] = field(default_factory=_no_errors)
     # The last listing had as many rows as one call can list: there may be more accounts.
     full: bool = False
-    # How many of the listed accounts the key polls (after patterns and label clashes).
+    # How many of the listed accounts the key polls (after patterns and label clashes), and
+    # how many it does not poll because another account has their label.
     polled: int = 0
+    label_conflicts: int = 0
     refresh_seconds: float | None = None
 
 
@@ -232,8 +234,8 @@ class BalanceStore:
             self._update_discovery(key_name, attempted=True, up=False,
                                    errors=_counted(key.discovery.errors, reason))
 
-    def record_discovered_polled(self, key_name: str, polled: int) -> None:
-        self._update_discovery(key_name, polled=polled)
+    def record_discovered_polled(self, key_name: str, polled: int, label_conflicts: int) -> None:
+        self._update_discovery(key_name, polled=polled, label_conflicts=label_conflicts)
 
     def record_request(self, key_name: str) -> None:
         self._update_key(key_name, requests=self._keys[key_name].requests + 1)

@@ -106,7 +106,7 @@ def fixed_store() -> BalanceStore:
         ListedAccount("vault", "Vault", "custody", "open"),
         ListedAccount("gone", "Gone", "exchange", "closed"),
     ), False, 1_710_547_190.0)
-    store.record_discovered_polled("treasury", 1)
+    store.record_discovered_polled("treasury", 1, 0)
     store.record_listing_failure("treasury", "Timeout")
     store.record_request("treasury")
     store.record_reply("treasury-primary", Endpoint.NOTIONAL, ParsedReply((

@@ -9,6 +9,7 @@ import pytest
 from balance_exporter.gemini.errors import MalformedReply
 from balance_exporter.gemini.replies import (
     MAX_PROVIDERS_PER_ROW,
+    MAX_ROWS,
     ReplyRules,
     parse_account_list,
     parse_notional_reply,
@@ -154,3 +155,29 @@ def test_account_listing_rows_become_listed_accounts() -> None:
 def test_a_listing_with_a_bad_row_is_malformed(bad: object) -> None:
     with pytest.raises(MalformedReply):
         parse_account_list(json.dumps(bad).encode())
+
+
+def test_provider_limits_hold_at_and_just_past_the_bound() -> None:
+    at_bound = {f"p{i}": "1" for i in range(MAX_PROVIDERS_PER_ROW)}
+    assert parse_staking_reply(body(staking_row("ETH", at_bound)), RULES, NOW_NS
+                               ).skipped_entries == 0
+    longest, too_long = "p" * 64, "p" * 65
+    reply = parse_staking_reply(body(staking_row("ETH", {longest: "1", too_long: "2"})), RULES,
+                                NOW_NS)
+    assert [provider for provider, _ in reply.rows[0].by_provider] == [longest]
+    assert reply.skipped_entries == 1
+
+
+def test_listing_limits_hold_at_and_just_past_the_bound() -> None:
+    longest_name = "a" * 128
+    listing = parse_account_list(json.dumps([
+        {"account": longest_name, "name": "n" * 64},
+        {"account": "b", "name": "n" * 65}]).encode())
+    assert listing.accounts[0].short_name == longest_name
+    assert [account.display_name for account in listing.accounts] == ["n" * 64, "n" * 64]
+    with pytest.raises(MalformedReply):
+        parse_account_list(json.dumps([{"account": "a" * 129}]).encode())
+    rows = [{"account": f"a{i}"} for i in range(MAX_ROWS)]
+    assert len(parse_account_list(json.dumps(rows).encode()).accounts) == MAX_ROWS
+    with pytest.raises(MalformedReply):
+        parse_account_list(json.dumps([*rows, {"account": "one-more"}]).encode())
