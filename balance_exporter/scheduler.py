@@ -63,6 +63,9 @@ RATE_LIMIT_BACKOFF_BASE_SECONDS = 1.0
 REJECTED_BACKOFF_BASE_SECONDS = 15.0
 # The least time between two polls of one job, as a share of its interval.
 MIN_GAP_SHARE = 0.1
+# The most of a key's time that one endpoint other than the balances (or the listing) may take:
+# requests of a key go one at a time, so a slow endpoint would otherwise hold up the balances.
+SLOW_ENDPOINT_SHARE = 0.25
 # Past this many doublings every backoff has reached any cap there can be (1 day / 1 s < 2**17).
 MAX_BACKOFF_DOUBLINGS = 32
 RESTART_BACKOFF_BASE_SECONDS = 1.0
@@ -181,6 +184,8 @@ class KeySchedule:
         self._origin = now
         self._phases: dict[Job, float] = {}
         self._failures: dict[Job, int] = {}
+        # When each endpoint but the balances may send again (see `finished`).
+        self._endpoint_free_at: dict[Endpoint | None, float] = {}
         self.update(key_plan, now)
 
     def update(self, key_plan: KeyPlan, now: float) -> None:
@@ -217,10 +222,22 @@ class KeySchedule:
             return None
         earliest = self.pacing.earliest_start()
         ready_at = max(now, earliest)
-        due = [job for job, at in self.next_due.items() if at <= ready_at]
-        job = (min(due, key=lambda job: (_PRIORITY[job.endpoint], self.next_due[job])) if due
-               else min(self.next_due, key=self.next_due.__getitem__))
-        return job, max(self.next_due[job], earliest)
+        free_at = self._endpoint_free_at
+        available = {job: max(at, free_at.get(job.endpoint, at))
+                     for job, at in self.next_due.items()}
+        due = [job for job, at in available.items() if at <= ready_at]
+        job = (min(due, key=lambda job: (_PRIORITY[job.endpoint], available[job])) if due
+               else min(available, key=available.__getitem__))
+        return job, max(available[job], earliest)
+
+    def finished(self, job: Job, started_at: float, ended_at: float) -> None:
+        """A request of the job is over (whatever its outcome). An endpoint other than the
+        balances then rests long enough to have taken at most SLOW_ENDPOINT_SHARE of the key's
+        time: nothing for a reply in milliseconds, three times a slow reply's duration."""
+        if job.endpoint is not Endpoint.BALANCES:
+            busy = max(0.0, ended_at - started_at)
+            self._endpoint_free_at[job.endpoint] = ended_at + busy * (
+                1 / SLOW_ENDPOINT_SHARE - 1)
 
     def started(self, at: float) -> None:
         self.pacing.last_start = at
@@ -339,6 +356,8 @@ class KeyWorker:
             internal = TransientError("InternalError", repr(error))
             self._record_error(job, internal, started, fields)
             return
+        finally:
+            self._schedule.finished(job, started, self._clock.monotonic())
         self._schedule.succeeded(job, started)
         if job.endpoint is None:
             self._adopt_listing(listing)

@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+from dataclasses import replace
 from itertools import pairwise
 
 import pytest
@@ -459,3 +460,29 @@ def test_a_new_plan_adds_jobs_due_at_once_drops_gone_ones_and_keeps_the_rest() -
 def test_a_key_with_nothing_to_poll_has_no_next_job() -> None:
     plan = KeySchedule(key_plan([]), KeyPacing(2.0), BACKOFFS, now=0.0)
     assert plan.next_poll(0.0) is None
+
+
+def test_a_slow_endpoint_takes_at_most_a_quarter_of_the_keys_time() -> None:
+    # Ten accounts, balances every 10 s; their staking replies take 8 s each (a slow provider).
+    accounts = [replace(treasury_target(f"a{i}"), notional_interval_seconds=None)
+                for i in range(10)]
+    plan = KeySchedule(key_plan(accounts), KeyPacing(5.0), BACKOFFS, now=0.0,
+                       rng=random.Random(1))
+    now, busy = 0.0, {Endpoint.BALANCES: 0.0, Endpoint.STAKING: 0.0}
+    starts: dict[str, list[float]] = {}
+    while now < 600.0:
+        job, start = next_job(plan, now)
+        plan.started(start)
+        assert job.endpoint is not None
+        duration = 8.0 if job.endpoint is Endpoint.STAKING else 0.01
+        plan.finished(job, start, start + duration)
+        plan.succeeded(job, start)
+        busy[job.endpoint] += duration
+        if job.endpoint is Endpoint.BALANCES:
+            starts.setdefault(job.label, []).append(start)
+        now = start + duration
+    assert busy[Endpoint.STAKING] <= 0.26 * now
+    # The balances keep their interval, give or take one slow reply they had to wait for.
+    late = [b - a for times in starts.values() for a, b in pairwise(times[1:])]
+    assert max(late) <= 10.0 + 8.0
+    assert sum(late) / len(late) == pytest.approx(10.0, rel=0.05)
