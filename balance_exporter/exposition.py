@@ -7,13 +7,24 @@ library's by construction. The text is kept per (account, family), together with
 of it: concatenated gzip members are a valid gzip stream, so a gzipped body is assembled without
 compressing anything that did not change. Dirty accounts are rendered in small batches that
 yield to the event loop between them. What is not per account (keys, build, process metrics) is
-small and rendered on every scrape.
+small, and rendered again for a scrape when a key's or the exporter's counters changed, or
+when it is more than a second old (process metrics: an HA pair scraping at once shares them).
+
+A member per (account, family) compresses poorly: each has its own header and no history, and
+a body of them is about four times one gzip stream of the same text. So a background task
+compacts them: per family, one member for each group of GROUP_ACCOUNTS consecutive accounts,
+compressed in a thread. A scrape serves a group's member while none of its accounts changed
+since it was compressed, and the accounts' own members otherwise, so a change costs a scrape no
+compression beyond the changed account's, and the body goes back to its compact size as soon
+as the group is compressed again.
 """
 
 import asyncio
 import gzip
+import math
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
@@ -37,6 +48,10 @@ OPENMETRICS_EOF = b"# EOF\n"
 # About a millisecond of rendering per account of 100 series: a batch stays well under 20 ms.
 ACCOUNTS_PER_BATCH = 4
 GZIP_LEVEL = 6
+# Accounts per compacted gzip member: enough text per family for deflate's 32 KiB window to find
+# its repeats, few enough that a group compresses in a few milliseconds.
+GROUP_ACCOUNTS = 32
+TAIL_MAX_AGE_SECONDS = 1.0
 
 
 class _Families(Collector):
@@ -127,7 +142,14 @@ def _gzip_member(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0) if data else b""
 
 
-@dataclass
+def _gzip_members(texts: list[list[bytes]]) -> list[bytes]:
+    """One member per family of a group's texts (run in a thread: zlib lets go of the GIL)."""
+    return [_gzip_member(b"".join(family)) for family in texts]
+
+
+# Compared by identity: a group is current while its accounts have the very fragments it was
+# compressed from.
+@dataclass(eq=False)
 class _Fragments:
     """One account's samples per family, as text and as a gzip member."""
 
@@ -137,13 +159,28 @@ class _Fragments:
 
 
 @dataclass
+class _Group:
+    """One compacted member per family for some consecutive accounts, and the fragments it was
+    compressed from (it is used only while the accounts still have exactly those)."""
+
+    fragments: tuple[_Fragments, ...]
+    gzipped: list[bytes]
+
+
+@dataclass
 class _FormatCache:
     exposition_format: ExpositionFormat
     headers: list[bytes] = field(default_factory=list)
     headers_gzipped: list[bytes] = field(default_factory=list)
     accounts: dict[str, _Fragments] = field(default_factory=dict)
-    # Which accounts, in which order, the bodies below are for (None before the first refresh).
+    # Compacted members by the index of their group (GROUP_ACCOUNTS accounts of `order`).
+    groups: dict[int, _Group] = field(default_factory=dict)
+    # Which accounts, in which order, the bodies below are for (None before the first refresh),
+    # and the store's accounts_version they were last checked against.
     order: tuple[str, ...] | None = None
+    store_version: int = -1
+    # The store_version every group was last found compacted at (no need to look again).
+    compacted_version: int = -2
     # The account part of the body, plain and gzipped; each joined only when a scrape asks for
     # it (None: to be joined again).
     body: bytes | None = None
@@ -163,6 +200,10 @@ class ExpositionCache:
         if process_metrics:
             register_process_collectors(self._tail)
         self._lock = asyncio.Lock()
+        self._compacting: dict[str, asyncio.Task[None]] = {}
+        # Per content type: what the tail was rendered from (when, monotonic; the keys' version;
+        # the exporter's counters), and it as text and as a gzip member.
+        self._tails: dict[str, tuple[tuple[float, int, tuple[int, ...]], bytes, bytes]] = {}
 
     async def render(self, accept: str, accept_encoding: str) -> Exposition:
         exposition_format = choose_format(accept)
@@ -171,12 +212,28 @@ class ExpositionCache:
         async with self._lock:  # two scrapes at once render each account once
             await self._refresh(cache)
             body = self._body(cache, gzipped)
-        tail = exposition_format.encode(self._tail)
         if gzipped:
-            return Exposition(body + _gzip_member(tail), exposition_format.content_type, "gzip")
+            self._start_compacting(exposition_format.content_type, cache)
+        tail, tail_gzipped = self._tail_of(exposition_format)
+        if gzipped:
+            return Exposition(body + tail_gzipped, exposition_format.content_type, "gzip")
         return Exposition(body + tail, exposition_format.content_type, None)
 
+    def _tail_of(self, exposition_format: ExpositionFormat) -> tuple[bytes, bytes]:
+        now = time.monotonic()
+        source = (now, self.store.keys_version, astuple(self.counters))
+        rendered = self._tails.get(exposition_format.content_type)
+        if (rendered is None or rendered[0][1:] != source[1:]
+                or now - rendered[0][0] > TAIL_MAX_AGE_SECONDS):
+            tail = exposition_format.encode(self._tail)
+            rendered = self._tails[exposition_format.content_type] = (
+                source, tail, _gzip_member(tail))
+        return rendered[1], rendered[2]
+
     async def _refresh(self, cache: _FormatCache) -> None:
+        if cache.store_version == self.store.accounts_version:
+            return  # nothing changed since: no need to look at every account
+        version = self.store.accounts_version
         snapshots = self.store.account_snapshots()
         if not cache.headers:
             self._render_headers(cache)
@@ -186,6 +243,7 @@ class ExpositionCache:
                  or known.snapshot is not snapshot]
         order = tuple(snapshot.target.label for snapshot in snapshots)
         if not dirty and order == cache.order:
+            cache.store_version = version
             return
         for start in range(0, len(dirty), ACCOUNTS_PER_BATCH):
             for snapshot in dirty[start:start + ACCOUNTS_PER_BATCH]:
@@ -194,8 +252,70 @@ class ExpositionCache:
                 await asyncio.sleep(0)  # let pollers and other requests run between batches
         for label in set(cache.accounts) - set(order):
             del cache.accounts[label]
+        if order != cache.order:
+            cache.groups.clear()  # other accounts in each group now
         cache.order = order
         cache.body = cache.body_gzipped = None
+        # The snapshots taken at `version` are rendered; a change while rendering moved the
+        # version on, so the next scrape looks again.
+        cache.store_version = version
+
+    def _start_compacting(self, content_type: str, cache: _FormatCache) -> None:
+        if cache.compacted_version == cache.store_version:
+            return
+        running = self._compacting.get(content_type)
+        if running is None or running.done():
+            self._compacting[content_type] = asyncio.create_task(
+                self._compact(cache), name=f"compact-gzip {content_type}")
+
+    @staticmethod
+    def _group_fragments(cache: _FormatCache, index: int) -> tuple[_Fragments, ...]:
+        start = index * GROUP_ACCOUNTS
+        return tuple(cache.accounts[label]
+                     for label in (cache.order or ())[start:start + GROUP_ACCOUNTS])
+
+    def _stale_groups(self, cache: _FormatCache) -> list[tuple[int, tuple[_Fragments, ...]]]:
+        stale = []
+        for index in range(math.ceil(len(cache.order or ()) / GROUP_ACCOUNTS)):
+            fragments = self._group_fragments(cache, index)
+            group = cache.groups.get(index)
+            if group is None or group.fragments != fragments:
+                stale.append((index, fragments))
+        return stale
+
+    async def compacted(self) -> None:
+        """Wait until every gzip body asked for so far is in compacted members (for tests and
+        benchmarks)."""
+        for task in list(self._compacting.values()):
+            await asyncio.shield(task)
+
+    async def close(self) -> None:
+        tasks = list(self._compacting.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _compact(self, cache: _FormatCache) -> None:
+        """Compress every group whose accounts changed since, one group at a time in a thread;
+        a group whose accounts changed meanwhile is left for the next round."""
+        try:
+            while True:
+                version = cache.store_version
+                stale = self._stale_groups(cache)
+                if not stale:
+                    cache.compacted_version = version
+                    return
+                for index, fragments in stale:
+                    texts = [[fragment.text[family] for fragment in fragments]
+                             for family in range(len(cache.headers))]
+                    gzipped = await asyncio.to_thread(_gzip_members, texts)
+                    if self._group_fragments(cache, index) == fragments:
+                        cache.groups[index] = _Group(fragments, gzipped)
+                        cache.body_gzipped = None
+        except Exception:  # the per-account members keep serving; never a crash of the loop
+            self.counters.collect_errors += 1
+            log.exception("compacting the gzip body failed")
+
 
     def _render_headers(self, cache: _FormatCache) -> None:
         rendered = cache.exposition_format.encode(_Families(account_families(())))
@@ -225,19 +345,31 @@ class ExpositionCache:
         """The account part of the body, joined again only after a change."""
         body = cache.body_gzipped if gzipped else cache.body
         if body is None:
-            accounts = [cache.accounts[label] for label in cache.order or ()]
-            headers = cache.headers_gzipped if gzipped else cache.headers
+            order = cache.order or ()
+            accounts = [cache.accounts[label] for label in order]
             pieces: list[bytes] = []
-            for index, header in enumerate(headers):
-                pieces.append(header)
-                pieces.extend(
-                    (fragments.gzipped if gzipped else fragments.text)[index]
-                    for fragments in accounts)
-            body = b"".join(pieces)
             if gzipped:
-                cache.body_gzipped = body
+                # Per group: its compacted member while it still holds these accounts' text,
+                # else each account's own member.
+                parts: list[tuple[_Group | None, list[_Fragments]]] = []
+                for index, start in enumerate(range(0, len(accounts), GROUP_ACCOUNTS)):
+                    members = accounts[start:start + GROUP_ACCOUNTS]
+                    group = cache.groups.get(index)
+                    usable = group is not None and group.fragments == tuple(members)
+                    parts.append((group if usable else None, members))
+                for family, header in enumerate(cache.headers_gzipped):
+                    pieces.append(header)
+                    for group, members in parts:
+                        if group is not None:
+                            pieces.append(group.gzipped[family])
+                        else:
+                            pieces.extend(fragments.gzipped[family] for fragments in members)
+                body = cache.body_gzipped = b"".join(pieces)
             else:
-                cache.body = body
+                for family, header in enumerate(cache.headers):
+                    pieces.append(header)
+                    pieces.extend(fragments.text[family] for fragments in accounts)
+                body = cache.body = b"".join(pieces)
         return body
 
 

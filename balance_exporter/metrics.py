@@ -299,7 +299,8 @@ class ExporterCounters:
 _EXPORTER_COUNTERS = (
     ("gemini_exporter_collect_errors", "collect_errors",
      "Times an account's samples could not be rendered for /metrics (its previously rendered "
-     "samples, or none, were served instead)."),
+     "samples, or none, were served instead), or the gzip body could not be compacted (its "
+     "uncompacted members were served)."),
     ("gemini_exporter_http_bad_requests", "http_bad_requests",
      "Malformed HTTP requests answered 400 (bad headers, oversized lines; a garbled request "
      "line, as from port scanners, is answered without being counted)."),

@@ -329,6 +329,7 @@ class WebServer:
 
     def __init__(self, exposition: ExpositionCache, options: WebOptions) -> None:
         self._options = options
+        self._exposition = exposition
         self._counters = exposition.counters
         web_config = options.web_config
         middlewares: tuple[Middleware, ...] = ()
@@ -382,6 +383,7 @@ class WebServer:
         if self._listener is not None:
             self._listener.close()
         await self._runner.cleanup()
+        await self._exposition.close()
         logging.getLogger("aiohttp.server").removeFilter(self._bad_requests)
         if self._accept_errors is not None:
             asyncio.get_running_loop().set_exception_handler(self._accept_errors.previous)

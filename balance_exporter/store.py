@@ -145,6 +145,11 @@ class BalanceStore:
     def __init__(self, restored_stamps: Mapping[str, SavedStamp] | None = None) -> None:
         self._accounts: dict[str, AccountSnapshot] = {}
         self._keys: dict[str, KeyCounters] = {}
+        # Moves on every change of an account snapshot (or of which accounts there are): a
+        # reader that saw this version has seen every snapshot as it is.
+        self.accounts_version = 0
+        # Likewise for the keys' counters.
+        self.keys_version = 0
         # Stamps from before a restart, each used once, when its account is first planned
         # (a discovered one only after its key's first listing): a reply older than its
         # account's is stale, as it would have been had the process not restarted.
@@ -158,6 +163,7 @@ class BalanceStore:
         `discovering` gives each discovering key's listing interval."""
         old_accounts = self._accounts
         self._accounts = {}
+        self.accounts_version += 1
         for target in targets:
             previous = old_accounts.get(target.label)
             if previous is None:
@@ -180,6 +186,7 @@ class BalanceStore:
                                     refresh_seconds=discovering[name])
             keys[name] = replace(counters, discovery=discovery)
         self._keys = keys
+        self.keys_version += 1
 
     def saved_stamps(self) -> dict[str, SavedStamp]:
         """Every account's last accepted stamps, to keep across a restart."""
@@ -203,6 +210,7 @@ class BalanceStore:
         if verdict is ReplyVerdict.ACCEPTED and endpoint is Endpoint.BALANCES:
             changes["account_type"] = reply.account_type or current.account_type
         self._accounts[label] = replace(current, **changes)
+        self.accounts_version += 1
         return verdict
 
     def record_failure(
@@ -212,10 +220,12 @@ class BalanceStore:
         changes: dict[str, Any] = {
             endpoint.value: current.poll(endpoint).with_failure(reason, duration_seconds)}
         self._accounts[label] = replace(current, **changes)
+        self.accounts_version += 1
 
     def _update_key(self, key_name: str, **changes: Any) -> None:
         if key_name in self._keys:  # a key dropped by a reload has no counters any more
             self._keys[key_name] = replace(self._keys[key_name], **changes)
+            self.keys_version += 1
 
     def _update_discovery(self, key_name: str, **changes: Any) -> None:
         key = self._keys.get(key_name)

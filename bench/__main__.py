@@ -47,6 +47,24 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool]]:
         ("P2 loop lag during the first full render", f"{s['cold_render_loop_lag_ms']:.1f} ms",
          f"{s['baseline_gzip_median_ms']:.0f} ms", "", "<= 20 ms",
          s["cold_render_loop_lag_ms"] <= 20),
+        *(row for name, figures in (("balances", s), ("treasury", results["scrape_treasury"]))
+          for row in (
+            (f"P1 limit ({name}, {figures['series'] / 1000:.0f}k series): ours / bare, gzip, "
+             "median", f"{figures['unchanged_gzip_median_ms']:.2f} ms",
+             f"{figures['bare_gzip_median_ms']:.2f} ms", f"{figures['limit_ratio_gzip']:.2f}x",
+             "<= 1.5x", figures["limit_ratio_gzip"] <= 1.5),
+            (f"P6 identity ({name}): ours / bare, no gzip, median",
+             f"{figures['unchanged_text_median_ms']:.2f} ms",
+             f"{figures['bare_text_median_ms']:.2f} ms", f"{figures['limit_ratio_text']:.2f}x",
+             "<= 2x", figures["limit_ratio_text"] <= 2),
+            (f"P5 size ({name}): gzip body / one stream",
+             f"{figures['gzip_bytes'] / 2**20:.2f} MiB",
+             f"{figures['one_stream_gzip_bytes'] / 2**20:.2f} MiB",
+             f"{figures['gzip_size_ratio']:.2f}x", "<= 1.3x", figures["gzip_size_ratio"] <= 1.3),
+            (f"P2 ({name}) scrape after 1 of N accounts changed, p99",
+             f"{figures['incremental_p99_ms']:.2f} ms", "", "", "<= 10 ms",
+             figures["incremental_p99_ms"] <= 10),
+          )),
         ("P3 RSS after serving every format", f"{ours_rss:.0f} MiB", f"{base_rss:.0f} MiB",
          f"{ours_rss / base_rss:.2f}x", "<= 100 MiB", ours_rss <= 100),
         *(row for name, workload in p.items() for row in (
@@ -90,6 +108,7 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine(), "quick": args.quick,
                                "accounts": accounts, "currencies": currencies}
     results["scrape"] = scrape.measure(accounts, currencies, args.quick)
+    results["scrape_treasury"] = scrape.measure(accounts, currencies, args.quick, treasury=True)
     results["memory"] = {way: memory.measure(way, accounts, currencies)
                          for way in ("ours", "baseline")}
     results["scheduler"] = scheduler.measure(args.quick)

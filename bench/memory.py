@@ -33,6 +33,7 @@ async def _ours(accounts: int, currencies: int) -> None:
     for accept in ("application/openmetrics-text;version=1.0.0", ""):
         for encoding in ("gzip", ""):
             await cache.render(accept, encoding)
+    await cache.compacted()  # the steady state holds the compacted gzip members too
 
 
 def _baseline(accounts: int, currencies: int) -> None:

@@ -1,8 +1,10 @@
-"""P1 and P2: /metrics latency, ours against prometheus_client's aiohttp handler over the same
-store, both served on loopback in this process and scraped with an aiohttp client; and the
-event loop's lag while we render."""
+"""P1, P2, P5 and P6: /metrics latency, ours against prometheus_client's aiohttp handler over the
+same store and against the limit (a bare aiohttp handler that only returns the same bytes), all
+served on loopback in this process and scraped with one aiohttp connection; the gzipped body's
+size against one gzip stream of the same text; and the event loop's lag while we render."""
 
 import asyncio
+import gzip
 import random
 import statistics
 import time
@@ -13,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from balance_exporter.exposition import ExpositionCache
+from balance_exporter.exposition import GZIP_LEVEL, ExpositionCache
 from balance_exporter.metrics import build_registry
 from balance_exporter.server import build_app
 from bench.workload import make_store, record
@@ -95,12 +97,30 @@ class ScrapeResults:
     unchanged_loop_lag: float
     gzip_bytes: int
     text_bytes: int
+    # The limit: a bare handler returning the bytes /metrics returned, gzipped and plain.
+    bare_gzip: list[float]
+    bare_text: list[float]
+    # The same text as one gzip stream, at the level the exposition uses.
+    one_stream_gzip_bytes: int
+
+
+def bare_app(gzipped: bytes, text: bytes) -> web.Application:
+    """A handler that does nothing but return bytes: what serving /metrics costs at least."""
+    async def handler(request: web.Request) -> web.Response:
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            return web.Response(body=gzipped, headers={"Content-Encoding": "gzip",
+                                                       "Content-Type": "text/plain"})
+        return web.Response(body=text, headers={"Content-Type": "text/plain"})
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    return app
 
 
 async def run(accounts: int, currencies: int, rounds: int, per_round: int,
-              baseline_count: int, incremental_count: int) -> ScrapeResults:
-    store = make_store(accounts, currencies)
-    ours, ours_url = await serve(build_app(ExpositionCache(store)))
+              baseline_count: int, incremental_count: int, treasury: bool) -> ScrapeResults:
+    store = make_store(accounts, currencies, treasury)
+    cache = ExpositionCache(store)
+    ours, ours_url = await serve(build_app(cache))
     baseline_app = web.Application()
     baseline_app.router.add_get("/metrics", make_aiohttp_handler(build_registry(store)))
     theirs, theirs_url = await serve(baseline_app)
@@ -112,11 +132,19 @@ async def run(accounts: int, currencies: int, rounds: int, per_round: int,
             cold_lag = await lag.stop()
             await timed_get(http, ours_url, GZIP)  # the text format's first render
             await timed_get(http, ours_url, PLAIN)
+            await cache.compacted()  # the steady state: every group in its compacted members
             async with http.get(ours_url, headers=GZIP) as response:
-                gzip_bytes = len(await response.read())
+                gzipped = await response.read()
             async with http.get(ours_url, headers=PLAIN) as response:
                 assert "Content-Encoding" not in response.headers
                 text = await response.read()
+            bare, bare_url = await serve(bare_app(gzipped, text))
+            try:
+                bare_gzip = [value for _ in range(rounds)
+                             for value in await series(http, bare_url, GZIP, per_round)]
+                bare_text = await series(http, bare_url, PLAIN, per_round)
+            finally:
+                await bare.cleanup()
             lag.start()
             unchanged = [await series(http, ours_url, GZIP, per_round) for _ in range(rounds)]
             unchanged_lag = await lag.stop()
@@ -139,7 +167,9 @@ async def run(accounts: int, currencies: int, rounds: int, per_round: int,
         series_count=sum(1 for line in text.splitlines() if not line.startswith(b"#")),
         rounds=unchanged, rounds_text=unchanged_text, baseline=baseline, cold_render=cold,
         cold_loop_lag=cold_lag, incremental=incremental, incremental_loop_lag=incremental_lag,
-        unchanged_loop_lag=unchanged_lag, gzip_bytes=gzip_bytes, text_bytes=len(text))
+        unchanged_loop_lag=unchanged_lag, gzip_bytes=len(gzipped), text_bytes=len(text),
+        bare_gzip=bare_gzip, bare_text=bare_text,
+        one_stream_gzip_bytes=len(gzip.compress(text, compresslevel=GZIP_LEVEL, mtime=0)))
 
 
 def summary(results: ScrapeResults) -> dict[str, float]:
@@ -163,12 +193,22 @@ def summary(results: ScrapeResults) -> dict[str, float]:
         "unchanged_loop_lag_ms": results.unchanged_loop_lag * 1e3,
         "gzip_bytes": results.gzip_bytes,
         "text_bytes": results.text_bytes,
+        "bare_gzip_median_ms": statistics.median(results.bare_gzip) * 1e3,
+        "bare_gzip_p99_ms": percentile(results.bare_gzip, 0.99) * 1e3,
+        "bare_text_median_ms": statistics.median(results.bare_text) * 1e3,
+        "limit_ratio_gzip": statistics.median(all_unchanged) / statistics.median(
+            results.bare_gzip),
+        "limit_ratio_text": statistics.median(results.rounds_text) / statistics.median(
+            results.bare_text),
+        "one_stream_gzip_bytes": results.one_stream_gzip_bytes,
+        "gzip_size_ratio": results.gzip_bytes / results.one_stream_gzip_bytes,
     }
 
 
-def measure(accounts: int, currencies: int, quick: bool) -> dict[str, float]:
+def measure(accounts: int, currencies: int, quick: bool, treasury: bool = False
+            ) -> dict[str, float]:
     counts = (2, 20, 2, 10) if quick else (5, 200, 5, 50)
     rounds, per_round, baseline_count, incremental_count = counts
     return summary(asyncio.run(run(accounts, currencies, rounds, per_round, baseline_count,
-                                   incremental_count)))
+                                   incremental_count, treasury)))
 

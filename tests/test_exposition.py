@@ -4,9 +4,11 @@ changed, and never failing a scrape."""
 import asyncio
 import gzip
 import shutil
+import zlib
 from collections.abc import Iterator
 
 import pytest
+import structlog
 from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -14,6 +16,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from balance_exporter import exposition, metrics
 from balance_exporter.exposition import (
     ACCOUNTS_PER_BATCH,
+    GROUP_ACCOUNTS,
     ExpositionCache,
     accepts_gzip,
     choose_format,
@@ -202,3 +205,84 @@ def test_content_negotiation_follows_q_values(accept: str, openmetrics: bool) ->
 ])
 def test_gzip_only_when_acceptable(accept_encoding: str, gzipped: bool) -> None:
     assert accepts_gzip(accept_encoding) is gzipped
+
+
+def members(body: bytes) -> int:
+    """How many gzip members a body is, read as Go's gzip reader does: one after another."""
+    count = 0
+    while body:
+        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        decoder.decompress(body)
+        assert decoder.eof, "a member is cut short"
+        body = decoder.unused_data
+        count += 1
+    return count
+
+
+async def test_gzip_members_are_compacted_per_group_and_a_change_stays_exact() -> None:
+    accounts = 2 * GROUP_ACCOUNTS + 5
+    store = large_store(accounts, 20)
+    cache = ExpositionCache(store, process_metrics=False)
+    first = (await cache.render("", "gzip")).body
+    await cache.compacted()
+    compact = (await cache.render("", "gzip")).body
+    assert gzip.decompress(compact) == gzip.decompress(first) == reference(store)
+    # Far fewer members (one per family and group of accounts), and smaller.
+    assert members(compact) < members(first) / 10
+    assert len(compact) < len(first) / 2
+    # One account changes: its group is served from per-account members at once, exact...
+    update(store, "acct-40", 99_999)
+    changed = (await cache.render("", "gzip")).body
+    assert gzip.decompress(changed) == reference(store)
+    assert members(compact) < members(changed)
+    # ...and compacted again in the background.
+    await cache.compacted()
+    again = (await cache.render("", "gzip")).body
+    assert gzip.decompress(again) == reference(store)
+    assert members(again) == members(compact)
+
+
+async def test_compacted_members_follow_removed_and_reordered_accounts() -> None:
+    store = large_store(GROUP_ACCOUNTS + 3, 3)
+    cache = ExpositionCache(store, process_metrics=False)
+    await cache.render(OPENMETRICS_ACCEPT, "gzip")
+    await cache.compacted()
+    kept = [snapshot.target for snapshot in store.account_snapshots()][::-3]
+    store.configure(kept, [f"key-{k}" for k in range(3)])
+    body = (await cache.render(OPENMETRICS_ACCEPT, "gzip")).body
+    assert gzip.decompress(body) == reference(store, openmetrics=True)
+    await cache.compacted()
+    body = (await cache.render(OPENMETRICS_ACCEPT, "gzip")).body
+    assert gzip.decompress(body) == reference(store, openmetrics=True)
+    await cache.close()
+
+
+async def test_the_tail_is_shared_for_a_second_but_follows_every_counter_at_once() -> None:
+    store = fixed_store()
+    cache = ExpositionCache(store)  # with process metrics, which change all the time
+    first = (await cache.render("", "")).body
+    assert (await cache.render("", "")).body == first  # within a second: the same tail
+    store.record_request("savings")
+    cache.counters.http_bad_requests += 1
+    after = (await cache.render("", "")).body.decode()
+    assert 'gemini_key_requests_total{key="savings"} 4.0' in after
+    assert "gemini_exporter_http_bad_requests_total 1.0" in after
+
+
+async def test_a_compaction_that_fails_is_logged_counted_and_costs_only_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = large_store(GROUP_ACCOUNTS + 1, 3)
+    cache = ExpositionCache(store, process_metrics=False)
+
+    def broken(texts: list[list[bytes]]) -> list[bytes]:
+        raise MemoryError("injected")
+
+    monkeypatch.setattr("balance_exporter.exposition._gzip_members", broken)
+    with structlog.testing.capture_logs() as logs:
+        await cache.render("", "gzip")
+        await cache.compacted()
+    assert cache.counters.collect_errors == 1
+    assert [entry["event"] for entry in logs] == ["compacting the gzip body failed"]
+    body = (await cache.render("", "gzip")).body
+    assert gzip.decompress(body) == reference(store)
