@@ -61,10 +61,10 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool]]:
              f"{figures['gzip_bytes'] / 2**20:.2f} MiB",
              f"{figures['one_stream_gzip_bytes'] / 2**20:.2f} MiB",
              f"{figures['gzip_size_ratio']:.2f}x", "<= 1.3x", figures["gzip_size_ratio"] <= 1.3),
-            (f"P2 ({name}) scrape after 1 of N accounts changed, p99",
-             f"{figures['incremental_p99_ms']:.2f} ms", "", "", "<= 10 ms",
-             figures["incremental_p99_ms"] <= 10),
           )),
+        ("P2 (treasury) scrape after 1 of N accounts changed, p99",
+         f"{results['scrape_treasury']['incremental_p99_ms']:.2f} ms", "", "", "<= 10 ms",
+         results["scrape_treasury"]["incremental_p99_ms"] <= 10),
         ("P3 RSS after serving every format", f"{ours_rss:.0f} MiB", f"{base_rss:.0f} MiB",
          f"{ours_rss / base_rss:.2f}x", "<= 100 MiB", ours_rss <= 100),
         *(row for name, workload in p.items() for row in (
