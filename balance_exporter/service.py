@@ -69,7 +69,10 @@ class Service:
         await self._scheduler.apply(self.config)
         if self._persister is not None:
             self._persisting = asyncio.create_task(self._persister.run(), name="save-state")
-        log.info("exporter started", url=self.url, accounts=len(self.config.settings.accounts),
+        log.info("exporter started", url=self.url,
+                 configured_accounts=len(self.config.settings.accounts),
+                 discovering_keys=sum(key.discover is not None
+                                      for key in self.config.settings.keys),
                  keys=len(self.config.credentials), version=__version__)
 
     async def reload(self) -> bool:
@@ -86,7 +89,7 @@ class Service:
         await self._scheduler.apply(config)
         for warning in config.warnings:
             log.warning("config warning", problem=warning)
-        log.info("config reloaded", accounts=len(config.settings.accounts))
+        log.info("config reloaded", configured_accounts=len(config.settings.accounts))
         return True
 
     async def stop(self) -> None:
