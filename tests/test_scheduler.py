@@ -59,7 +59,7 @@ def next_job(plan: KeySchedule, now: float = 0.0) -> tuple[Job, float]:
     return planned
 
 
-def run_rounds(plan: KeySchedule, polls: int) -> list[tuple[str, float]]:
+def run_jobs(plan: KeySchedule, polls: int) -> list[tuple[Job, float]]:
     """Follow the schedule with every poll succeeding instantly."""
     history = []
     now = 0.0
@@ -67,8 +67,12 @@ def run_rounds(plan: KeySchedule, polls: int) -> list[tuple[str, float]]:
         job, now = next_job(plan, now)
         plan.started(now)
         plan.succeeded(job, now)
-        history.append((job.label, now))
+        history.append((job, now))
     return history
+
+
+def run_rounds(plan: KeySchedule, polls: int) -> list[tuple[str, float]]:
+    return [(job.label, at) for job, at in run_jobs(plan, polls)]
 
 
 def test_first_round_polls_every_account_right_away_spaced_by_the_budget() -> None:
@@ -405,16 +409,6 @@ def test_every_request_stream_is_a_job_and_balances_go_first_when_several_are_du
                     ("a0", "notional", 1.5), ("a0", "staking", 2.0), ("a1", "balances", 5.0),
                     ("a0", "balances", 10.0), ("a1", "balances", 15.0), ("a1", "notional", 15.5)]
 
-
-def run_jobs(plan: KeySchedule, polls: int) -> list[tuple[Job, float]]:
-    history = []
-    now = 0.0
-    for _ in range(polls):
-        job, now = next_job(plan, now)
-        plan.started(now)
-        plan.succeeded(job, now)
-        history.append((job, now))
-    return history
 
 
 def test_each_stream_keeps_its_own_interval_and_a_failing_one_backs_off_alone() -> None:

@@ -3,7 +3,7 @@ and inject or clear faults per account."""
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -45,20 +45,23 @@ def _bad_input_is_400() -> Iterator[None]:
         raise web.HTTPBadRequest(text=str(error)) from None
 
 
-async def control_set_balances(request: web.Request) -> web.Response:
+async def _replace_rows(
+    request: web.Request, replace: Callable[[SimAccount, Any], None]
+) -> web.Response:
+    """Replace an account's balances or staking rows with the body's."""
     account = _control_account(request)
     body = await _json_body(request)
     with _bad_input_is_400():
-        account.set_balances(body)
+        replace(account, body)
     return web.json_response(account.describe())
+
+
+async def control_set_balances(request: web.Request) -> web.Response:
+    return await _replace_rows(request, SimAccount.set_balances)
 
 
 async def control_set_staking(request: web.Request) -> web.Response:
-    account = _control_account(request)
-    body = await _json_body(request)
-    with _bad_input_is_400():
-        account.set_staking(body)
-    return web.json_response(account.describe())
+    return await _replace_rows(request, SimAccount.set_staking)
 
 
 async def control_patch_account(request: web.Request) -> web.Response:
