@@ -231,12 +231,14 @@ class KeySchedule:
         return job, max(available[job], earliest)
 
     def finished(self, job: Job, started_at: float, ended_at: float) -> None:
-        """A request of the job is over (whatever its outcome). An endpoint other than the
-        balances then rests long enough to have taken at most SLOW_ENDPOINT_SHARE of the key's
-        time: nothing for a reply in milliseconds, three times a slow reply's duration."""
+        """A request of the job is over (whatever its outcome). What it took beyond the key's
+        spacing is time the other requests had to wait for; an endpoint other than the balances
+        then rests three times that, so that slow replies take at most SLOW_ENDPOINT_SHARE of
+        the key's time. A reply within the spacing costs no rest: the key could not have sent
+        anything else meanwhile."""
         if job.endpoint is not Endpoint.BALANCES:
-            busy = max(0.0, ended_at - started_at)
-            self._endpoint_free_at[job.endpoint] = ended_at + busy * (
+            excess = max(0.0, ended_at - started_at - self.pacing.min_spacing)
+            self._endpoint_free_at[job.endpoint] = ended_at + excess * (
                 1 / SLOW_ENDPOINT_SHARE - 1)
 
     def started(self, at: float) -> None:

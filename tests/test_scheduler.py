@@ -475,7 +475,8 @@ def test_a_slow_endpoint_takes_at_most_a_quarter_of_the_keys_time() -> None:
         if job.endpoint is Endpoint.BALANCES:
             starts.setdefault(job.label, []).append(start)
         now = start + duration
-    assert busy[Endpoint.STAKING] <= 0.26 * now
+    # A quarter of the time beyond the spacing: 8 / (8 + 3 * 7.8) of it, plus the last rest.
+    assert busy[Endpoint.STAKING] <= 0.27 * now
     # The balances keep their interval, give or take one slow reply they had to wait for.
     late = [b - a for times in starts.values() for a, b in pairwise(times[1:])]
     assert max(late) <= 10.0 + 8.0

@@ -54,7 +54,7 @@ def polled_accounts(samples: Samples) -> set[str]:
 
 
 async def until(http: aiohttp.ClientSession, exporter: Service, what: str,
-                holds: Callable[[Samples], bool]) -> Samples:
+                holds: Callable[[Samples], bool], limit_seconds: float = 15.0) -> Samples:
     samples: Samples = {}
 
     async def check() -> bool:
@@ -62,7 +62,7 @@ async def until(http: aiohttp.ClientSession, exporter: Service, what: str,
         samples = await scrape(http, exporter.url)
         return holds(samples)
 
-    await wait_until(check, what)
+    await wait_until(check, what, limit_seconds)
     return samples
 
 
@@ -188,9 +188,12 @@ async def test_every_request_shares_the_keys_budget_and_nonces(
         pytest.approx(stretch)
     assert sample(samples, "gemini_key_discovery_refresh_interval_seconds", key="treasury") == \
         pytest.approx(stretch)
+    # At 97 % of the budget, the burst of ten new accounts drains in the 3 % left over, and the
+    # notional and staking polls (behind the balances) wait longest: give them a minute.
     await until(http, treasury, "every new account's endpoints up", lambda s: all(
         sample(s, f"gemini_{endpoint}_up", account=f"desk-{index}") == 1
-        for index in range(10) for endpoint in ("account", "notional", "staking")))
+        for index in range(10) for endpoint in ("account", "notional", "staking")),
+        limit_seconds=60.0)
     counters = (await sim_state(http, group))["keys"][MASTER_KEY]
     assert counters.get("rate_limited", 0) == 0
     assert counters.get("invalid_nonce", 0) == 0
