@@ -5,7 +5,7 @@ import asyncio
 import gzip
 import shutil
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pytest
 import structlog
@@ -287,3 +287,23 @@ async def test_a_compaction_that_fails_is_logged_counted_and_costs_only_size(
     cache.counters.collect_errors = 0  # the reference counts no errors of its own
     body = (await cache.render("", "gzip")).body
     assert gzip.decompress(body) == reference(store)
+
+
+async def test_a_tail_older_than_its_age_limit_is_rendered_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = ExpositionCache(fixed_store(), process_metrics=False)
+    renders: list[int] = []
+    original = exposition._TailCollector.collect
+
+    def counting(collector: exposition._TailCollector) -> Iterable[Metric]:
+        renders.append(1)
+        return original(collector)
+
+    monkeypatch.setattr(exposition._TailCollector, "collect", counting)
+    await cache.render("", "")
+    await cache.render("", "")
+    shared = len(renders)
+    monkeypatch.setattr("balance_exporter.exposition.TAIL_MAX_AGE_SECONDS", -1.0)
+    await cache.render("", "")
+    assert len(renders) == shared + 1  # just past the limit: the tail alone is rendered again
