@@ -20,7 +20,7 @@ from balance_exporter import __version__
 from balance_exporter.config import Config, ConfigError, load_config
 from balance_exporter.logging import LOG_LEVELS, configure_logging
 from balance_exporter.server import DEFAULT_LISTEN_ADDRESS, ListenAddress, ListenError, WebOptions
-from balance_exporter.service import Service, run_until_signalled
+from balance_exporter.service import Service, freeze_startup_heap, run_until_signalled
 from balance_exporter.targets import plan
 from balance_exporter.webconfig import WebConfig, load_web_config
 
@@ -186,6 +186,7 @@ def run_exporter(argv: Sequence[str]) -> int:
 
 def _serve(running: Coroutine[Any, Any, None]) -> int:
     """Run the exporter until it is signalled to stop; the exit code says how it ended."""
+    freeze_startup_heap()
     try:
         asyncio.run(running)
     except ListenError as error:

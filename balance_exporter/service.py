@@ -7,6 +7,7 @@ the config file and the secrets; a bad new config is logged and the running one 
 
 import asyncio
 import contextlib
+import gc
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +107,17 @@ class Service:
         if self._session is not None:
             await self._session.close()
             log.info("exporter stopped")
+
+
+def freeze_startup_heap() -> None:
+    """Move what start-up made (modules, classes, the config) out of the cyclic garbage
+    collector's sight, after collecting what start-up left as garbage.
+
+    Those objects live as long as the process, yet every full collection would walk all of them
+    while the event loop waits: tens of milliseconds of a stalled loop, more than the scrape
+    path's budget. After this a full collection walks the polled data only."""
+    gc.collect()
+    gc.freeze()
 
 
 async def wait_for_stop_signal(on_hangup: Callable[[], None] | None = None) -> None:

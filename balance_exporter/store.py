@@ -44,7 +44,12 @@ class ReplyVerdict(enum.Enum):
 class PollState(Generic[RowT]):
     """What one endpoint's polls of an account gave: its rows and their health."""
 
-    rows: tuple[RowT, ...] = ()
+    # The rows as plain tuples of their fields, and the row type they are of. The cyclic
+    # garbage collector leaves a plain tuple of strings and numbers out of its walks (a named
+    # tuple it does not): the store holds hundreds of thousands of rows, which every full
+    # collection would otherwise walk while the event loop waits.
+    row_fields: tuple[tuple[Any, ...], ...] = ()
+    row_type: type[RowT] | None = None
     attempted: bool = False
     up: bool = False
     # Wall-clock time of the last accepted (fresh) reply: data age is measured from it.
@@ -59,6 +64,12 @@ class PollState(Generic[RowT]):
     skipped_entries: int = 0
     last_poll_duration_seconds: float | None = None
 
+    @property
+    def rows(self) -> tuple[RowT, ...]:
+        """The rows, one per currency (built again from their fields on every call)."""
+        row_type = self.row_type
+        return () if row_type is None else tuple(map(row_type._make, self.row_fields))
+
     def with_reply(
         self, reply: ParsedReply[RowT], duration_seconds: float, wall_seconds: float
     ) -> "tuple[PollState[RowT], ReplyVerdict]":
@@ -70,7 +81,8 @@ class PollState(Generic[RowT]):
             return replace(polled, stale_replies=self.stale_replies + 1), ReplyVerdict.STALE
         return replace(
             polled,
-            rows=reply.rows,
+            row_fields=tuple(map(tuple, reply.rows)),
+            row_type=type(reply.rows[0]) if reply.rows else self.row_type,
             last_success_seconds=wall_seconds,
             server_timestamp_ns=stamp if stamp is not None else last_stamp,
             unstamped_replies=self.unstamped_replies + (stamp is None),
@@ -150,6 +162,10 @@ class BalanceStore:
         self.accounts_version = 0
         # Likewise for the keys' counters.
         self.keys_version = 0
+        # The accounts_version of each account's last change, oldest first, since the last
+        # configure (at _layout_version), which may have changed which accounts there are.
+        self._changes: dict[str, int] = {}
+        self._layout_version = 0
         # Stamps from before a restart, each used once, when its account is first planned
         # (a discovered one only after its key's first listing): a reply older than its
         # account's is stale, as it would have been had the process not restarted.
@@ -164,6 +180,8 @@ class BalanceStore:
         old_accounts = self._accounts
         self._accounts = {}
         self.accounts_version += 1
+        self._layout_version = self.accounts_version
+        self._changes = {}
         for target in targets:
             previous = old_accounts.get(target.label)
             if previous is None:
@@ -209,8 +227,7 @@ class BalanceStore:
         changes: dict[str, Any] = {endpoint.value: state}
         if verdict is ReplyVerdict.ACCEPTED and endpoint is Endpoint.BALANCES:
             changes["account_type"] = reply.account_type or current.account_type
-        self._accounts[label] = replace(current, **changes)
-        self.accounts_version += 1
+        self._replace_account(label, replace(current, **changes))
         return verdict
 
     def record_failure(
@@ -219,8 +236,26 @@ class BalanceStore:
         current = self._accounts[label]
         changes: dict[str, Any] = {
             endpoint.value: current.poll(endpoint).with_failure(reason, duration_seconds)}
-        self._accounts[label] = replace(current, **changes)
+        self._replace_account(label, replace(current, **changes))
+
+    def _replace_account(self, label: str, snapshot: AccountSnapshot) -> None:
+        self._accounts[label] = snapshot
         self.accounts_version += 1
+        self._changes.pop(label, None)  # to the end: the log stays in the order of changes
+        self._changes[label] = self.accounts_version
+
+    def changed_since(self, version: int) -> tuple[AccountSnapshot, ...] | None:
+        """The snapshots that changed after accounts_version `version`, in the order of their
+        last changes; None if which accounts there are (or their order) may have changed
+        since, so that every snapshot is to be looked at."""
+        if version < self._layout_version:
+            return None
+        changed = []
+        for label, changed_at in reversed(self._changes.items()):
+            if changed_at <= version:
+                break
+            changed.append(self._accounts[label])
+        return tuple(reversed(changed))
 
     def _update_key(self, key_name: str, **changes: Any) -> None:
         if key_name in self._keys:  # a key dropped by a reload has no counters any more

@@ -6,7 +6,7 @@ from balance_exporter.gemini.replies import (
     NotionalBalance,
     ParsedReply,
 )
-from balance_exporter.store import BalanceStore, ReplyVerdict, SavedStamp
+from balance_exporter.store import AccountSnapshot, BalanceStore, ReplyVerdict, SavedStamp
 from balance_exporter.targets import AccountTarget, Endpoint, ListedAccount
 
 BAL = Endpoint.BALANCES
@@ -183,3 +183,25 @@ def test_discovery_state_survives_a_new_plan_and_goes_when_the_key_stops_discove
     assert key.discovery.refresh_seconds == 1800.0
     store.configure([TARGET], ["treasury"])
     assert store.key_counters()[0].discovery is None
+
+
+def labels(snapshots: tuple[AccountSnapshot, ...] | None) -> list[str] | None:
+    return None if snapshots is None else [snapshot.target.label for snapshot in snapshots]
+
+
+def test_changes_since_a_version_are_listed_once_each_in_the_order_of_their_last_change() -> None:
+    other = replace(TARGET, label="other", gemini_account="second")
+    store = make_store(TARGET, other)
+    seen = store.accounts_version
+    assert labels(store.changed_since(seen)) == []
+    store.record_reply("main", BAL, BalanceReply(balances(BTC=1), 1, None), 0.1, 1.0)
+    store.record_failure("other", BAL, "Timeout", 0.1)
+    store.record_reply("main", BAL, BalanceReply(balances(BTC=2), 2, None), 0.1, 2.0)
+    assert labels(store.changed_since(seen)) == ["other", "main"]
+    assert labels(store.changed_since(store.accounts_version - 1)) == ["main"]
+    assert labels(store.changed_since(store.accounts_version)) == []
+    # A reader that saw the accounts before they were configured again looks at every one.
+    last = store.accounts_version
+    store.configure([other], ["treasury"])
+    assert store.changed_since(last) is None
+    assert labels(store.changed_since(store.accounts_version)) == []

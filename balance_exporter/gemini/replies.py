@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from balance_exporter.gemini.errors import MalformedReply
 from balance_exporter.precision import Precision
@@ -64,8 +64,9 @@ class ReplyRules:
     max_timestamp_skew_seconds: float = 300.0
 
 
-@dataclass(frozen=True, slots=True)
-class CurrencyBalance:
+# Rows are named tuples, so that the store can keep them as plain tuples of their fields (see
+# PollState.row_fields) and build them again from those.
+class CurrencyBalance(NamedTuple):
     currency: str
     amount: float
     available: float
@@ -74,8 +75,7 @@ class CurrencyBalance:
     pending_deposit: float
 
 
-@dataclass(frozen=True, slots=True)
-class NotionalBalance:
+class NotionalBalance(NamedTuple):
     """One currency's value in the quote currency (`*Notional`), floored to its precision."""
 
     currency: str
@@ -84,8 +84,7 @@ class NotionalBalance:
     available_for_withdrawal: float
 
 
-@dataclass(frozen=True, slots=True)
-class StakingBalance:
+class StakingBalance(NamedTuple):
     currency: str
     balance: float
     available: float
