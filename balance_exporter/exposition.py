@@ -1,22 +1,26 @@
 """The /metrics body, kept rendered between scrapes so that a scrape costs a copy, not a render.
 
 prometheus_client renders about 100k series a second and blocks the event loop (and so every
-poller) while it does. Here each account's samples are rendered once per change of that account,
-by prometheus_client's own encoders on a collector of that one account, so the bytes are the
-library's by construction. The text is kept per (account, family), together with a gzip member
-of it: concatenated gzip members are a valid gzip stream, so a gzipped body is assembled without
-compressing anything that did not change. Dirty accounts are rendered in small batches that
-yield to the event loop between them. What is not per account (keys, build, process metrics) is
-small, and rendered again for a scrape when a key's or the exporter's counters changed, or
-when it is more than a second old (process metrics: an HA pair scraping at once shares them).
+poller) while it does. Here each account's sample lines are written once per change of that
+account, by `encoding` (held byte for byte to prometheus_client), and serve both formats: only
+the families' HELP and TYPE lines differ between them, and those are rendered once per format
+by prometheus_client itself. The lines are kept per (account, family), with a gzip member of
+each: concatenated gzip members are a valid gzip stream, so a gzipped body is assembled without
+compressing anything that did not change. Changed accounts are rendered in the background as
+the pollers change them (`start`), in slices of a few milliseconds that give the event loop a
+turn between them, so a scrape finds at most an account or two to render. What is not per
+account (keys, build, process metrics) is small, and rendered again for a scrape when a key's or
+the exporter's counters changed, or when it is more than a second old (process metrics: an HA
+pair scraping at once shares them).
 
 A member per (account, family) compresses poorly: each has its own header and no history, and
-a body of them is about four times one gzip stream of the same text. So a background task
-compacts them: per family, one member for each group of GROUP_ACCOUNTS consecutive accounts,
-compressed in a thread. A scrape serves a group's member while none of its accounts changed
-since it was compressed, and the accounts' own members otherwise, so a change costs a scrape no
-compression beyond the changed account's, and the body goes back to its compact size as soon
-as the group is compressed again.
+a body of them is about four times one gzip stream of the same text. So the members are
+compacted: per family, one member for each group of GROUP_ACCOUNTS consecutive accounts (a
+part). A part whose accounts' lines of its family change is made again from the accounts' own
+members at once, so a change costs no compression beyond the changed account's, and compacted
+again soon after: on the event loop when it is small, in a thread when it is large. A poll that
+moved no balance changes a few families of a line per account; the families of the balances
+keep their compacted parts.
 """
 
 import asyncio
@@ -33,6 +37,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
+from balance_exporter.encoding import sample_lines
 from balance_exporter.metrics import (
     ExporterCounters,
     account_families,
@@ -45,8 +50,16 @@ log = structlog.get_logger("balance_exporter.exposition")
 
 TEXT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_EOF = b"# EOF\n"
-# About a millisecond of rendering per account of 100 series: a batch stays well under 20 ms.
-ACCOUNTS_PER_BATCH = 4
+# Dirty accounts are rendered for this long before the event loop gets a turn: a slice blocks
+# it for this plus one account's rendering (a millisecond or two for 200 series).
+RENDER_SLICE_SECONDS = 0.005
+# How often changed accounts are rendered (and their gzip members compacted) between scrapes:
+# at a production rate (1,000 accounts polled every 30 s) a scrape then finds an account or two
+# left to render.
+BACKGROUND_RENDER_SECONDS = 0.05
+# Parts of at most this much text are compressed on the event loop (a tenth of a millisecond or
+# so: families of a line an account, which every poll changes); larger ones in a thread.
+INLINE_COMPACTION_BYTES = 16 * 1024
 GZIP_LEVEL = 6
 # Accounts per compacted gzip member: enough text per family for deflate's 32 KiB window to find
 # its repeats, few enough that a group compresses in a few milliseconds.
@@ -142,49 +155,67 @@ def _gzip_member(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0) if data else b""
 
 
-def _gzip_members(texts: list[list[bytes]]) -> list[bytes]:
+def _gzip_members(texts: list[list[bytes]]) -> tuple[bytes, ...]:
     """One member per family of a group's texts (run in a thread: zlib lets go of the GIL)."""
-    return [_gzip_member(b"".join(family)) for family in texts]
+    return tuple(_gzip_member(b"".join(family)) for family in texts)
 
 
-# Compared by identity: a group is current while its accounts have the very fragments it was
-# compressed from.
-@dataclass(eq=False)
+@dataclass(frozen=True, slots=True)
 class _Fragments:
-    """One account's samples per family, as text and as a gzip member."""
+    """One account's sample lines per family, as text and as a gzip member (both formats')."""
 
     snapshot: AccountSnapshot
-    text: list[bytes]
-    gzipped: list[bytes]
+    # Tuples, not lists: a tuple of bytes is left out of the cyclic garbage collector's walks.
+    text: tuple[bytes, ...]
+    gzipped: tuple[bytes, ...]
 
 
-@dataclass
-class _Group:
-    """One compacted member per family for some consecutive accounts, and the fragments it was
-    compressed from (it is used only while the accounts still have exactly those)."""
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One family's gzip members for a group of consecutive accounts: one compacted member, or
+    the accounts' own members one after another. It is dropped when one of its accounts' lines
+    of the family change."""
 
-    fragments: tuple[_Fragments, ...]
-    gzipped: list[bytes]
+    gzipped: bytes
+    compacted: bool
 
 
 @dataclass
 class _FormatCache:
+    """What differs between the formats: the families' HELP and TYPE lines, the tail, and the
+    bodies they make with the accounts' lines."""
+
     exposition_format: ExpositionFormat
-    headers: list[bytes] = field(default_factory=list)
-    headers_gzipped: list[bytes] = field(default_factory=list)
-    accounts: dict[str, _Fragments] = field(default_factory=dict)
-    # Compacted members by the index of their group (GROUP_ACCOUNTS accounts of `order`).
-    groups: dict[int, _Group] = field(default_factory=dict)
-    # Which accounts, in which order, the bodies below are for (None before the first refresh),
-    # and the store's accounts_version they were last checked against.
-    order: tuple[str, ...] | None = None
-    store_version: int = -1
-    # The store_version every group was last found compacted at (no need to look again).
-    compacted_version: int = -2
-    # The account part of the body, plain and gzipped; each joined only when a scrape asks for
-    # it (None: to be joined again).
-    body: bytes | None = None
-    body_gzipped: bytes | None = None
+    headers: list[bytes]
+    headers_gzipped: list[bytes]
+    # What the tail was rendered from (when, monotonic; the keys' version; the exporter's
+    # counters), and it as text and as a gzip member.
+    tail: tuple[tuple[float, int, tuple[int, ...]], bytes, bytes] | None = None
+    # The whole body, gzipped (True) or not, and the tail it ends with: joined again when the
+    # accounts' part changed (the entry is dropped) or the tail did (another tail).
+    bodies: dict[bool, tuple[bytes, bytes]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, exposition_format: ExpositionFormat) -> "_FormatCache":
+        rendered = exposition_format.encode(_Families(account_families(())))
+        headers = [header for header, _ in exposition_format.split(rendered)]
+        return cls(exposition_format, headers, [_gzip_member(header) for header in headers])
+
+
+class _Slices:
+    """Gives the event loop a turn whenever RENDER_SLICE_SECONDS have passed since its last."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.time()
+
+    async def pause_if_due(self) -> None:
+        if self._loop.time() - self._started >= RENDER_SLICE_SECONDS:
+            # Twice: the first turn puts this task at the head of the loop's next round, ahead
+            # of the I/O and timers that came due meanwhile; those run while the second waits.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            self._started = self._loop.time()
 
 
 class ExpositionCache:
@@ -193,184 +224,252 @@ class ExpositionCache:
     def __init__(self, store: BalanceStore, process_metrics: bool = True) -> None:
         self.store = store
         self.counters = ExporterCounters()
-        self._caches = {TEXT.content_type: _FormatCache(TEXT),
-                        OPENMETRICS.content_type: _FormatCache(OPENMETRICS)}
+        self._formats = {exposition_format.content_type: _FormatCache.of(exposition_format)
+                         for exposition_format in (TEXT, OPENMETRICS)}
+        self._family_count = len(self._formats[TEXT.content_type].headers)
+        self._accounts: dict[str, _Fragments] = {}
+        # By (group, family); a group is GROUP_ACCOUNTS consecutive accounts of `_order`.
+        self._parts: dict[tuple[int, int], _Part] = {}
+        # Moves on whenever a part is compacted: a body joined across that is not kept.
+        self._compactions = 0
+        # Which accounts, in which order, the bodies are for (None before the first refresh),
+        # and the store's accounts_version they were last checked against.
+        self._order: tuple[str, ...] | None = None
+        self._positions: dict[str, int] = {}
+        self._store_version = -1
+        # (group, family) of the parts not compacted since their lines changed.
+        self._stale: set[tuple[int, int]] = set()
+        self._compacting: asyncio.Task[None] | None = None
+        # Compacting is only worth it once a scraper asked for gzip.
+        self._gzip_asked = False
+        self._rendering: asyncio.Task[None] | None = None
         self._tail = CollectorRegistry(auto_describe=False)
         self._tail.register(_TailCollector(self))
         if process_metrics:
             register_process_collectors(self._tail)
         self._lock = asyncio.Lock()
-        self._compacting: dict[str, asyncio.Task[None]] = {}
-        # Per content type: what the tail was rendered from (when, monotonic; the keys' version;
-        # the exporter's counters), and it as text and as a gzip member.
-        self._tails: dict[str, tuple[tuple[float, int, tuple[int, ...]], bytes, bytes]] = {}
+
+    def start(self) -> None:
+        """Render changed accounts in the background from now on, every
+        BACKGROUND_RENDER_SECONDS, so that a scrape finds them rendered: the pollers change
+        hundreds of accounts between two scrapes."""
+        if self._rendering is None:
+            self._rendering = asyncio.create_task(self._keep_rendered(), name="render-accounts")
+
+    async def _keep_rendered(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(BACKGROUND_RENDER_SECONDS)
+            try:
+                async with self._lock:
+                    await self._refresh(_Slices())
+            except Exception:  # a bug: scrapes render on their own; counted, logged once a run
+                self.counters.collect_errors += 1
+                if not failing:
+                    log.exception("rendering accounts in the background failed")
+                failing = True
+                continue
+            failing = False
+            if self._gzip_asked:
+                self._start_compacting()
 
     async def render(self, accept: str, accept_encoding: str) -> Exposition:
         exposition_format = choose_format(accept)
-        cache = self._caches[exposition_format.content_type]
+        cache = self._formats[exposition_format.content_type]
         gzipped = accepts_gzip(accept_encoding)
         async with self._lock:  # two scrapes at once render each account once
-            await self._refresh(cache)
-            body = self._body(cache, gzipped)
+            slices = _Slices()
+            await self._refresh(slices)
+            text_tail, gzipped_tail = self._tail_of(cache)
+            tail = gzipped_tail if gzipped else text_tail
+            known = cache.bodies.get(gzipped)
+            if known is not None and known[0] is tail:
+                body = known[1]
+            else:
+                compactions = self._compactions
+                body = await (self._gzipped_body(cache, tail, slices) if gzipped
+                              else self._text_body(cache, tail, slices))
+                if compactions == self._compactions:  # else compacted meanwhile: join again
+                    cache.bodies[gzipped] = (tail, body)
         if gzipped:
-            self._start_compacting(exposition_format.content_type, cache)
-        tail, tail_gzipped = self._tail_of(exposition_format)
-        if gzipped:
-            return Exposition(body + tail_gzipped, exposition_format.content_type, "gzip")
-        return Exposition(body + tail, exposition_format.content_type, None)
+            self._gzip_asked = True
+            self._start_compacting()
+            return Exposition(body, exposition_format.content_type, "gzip")
+        return Exposition(body, exposition_format.content_type, None)
 
-    def _tail_of(self, exposition_format: ExpositionFormat) -> tuple[bytes, bytes]:
+    def _tail_of(self, cache: _FormatCache) -> tuple[bytes, bytes]:
         now = time.monotonic()
         source = (now, self.store.keys_version, astuple(self.counters))
-        rendered = self._tails.get(exposition_format.content_type)
-        if (rendered is None or rendered[0][1:] != source[1:]
-                or now - rendered[0][0] > TAIL_MAX_AGE_SECONDS):
-            tail = exposition_format.encode(self._tail)
-            rendered = self._tails[exposition_format.content_type] = (
-                source, tail, _gzip_member(tail))
-        return rendered[1], rendered[2]
+        if (cache.tail is None or cache.tail[0][1:] != source[1:]
+                or now - cache.tail[0][0] > TAIL_MAX_AGE_SECONDS):
+            tail = cache.exposition_format.encode(self._tail)
+            cache.tail = (source, tail, _gzip_member(tail))
+        return cache.tail[1], cache.tail[2]
 
-    async def _refresh(self, cache: _FormatCache) -> None:
-        if cache.store_version == self.store.accounts_version:
-            return  # nothing changed since: no need to look at every account
+    async def _refresh(self, slices: _Slices) -> None:
+        if self._store_version == self.store.accounts_version:
+            return  # nothing changed since: no need to look at any account
         version = self.store.accounts_version
-        snapshots = self.store.account_snapshots()
-        if not cache.headers:
-            self._render_headers(cache)
+        changed = self.store.changed_since(self._store_version)
+        if changed is not None:
+            order = self._order
+            candidates = changed
+        else:  # which accounts there are may have changed: look at every one
+            candidates = self.store.account_snapshots()
+            order = tuple(snapshot.target.label for snapshot in candidates)
         # Snapshots are immutable and replaced on every update: identity says "unchanged".
-        dirty = [snapshot for snapshot in snapshots
-                 if (known := cache.accounts.get(snapshot.target.label)) is None
+        dirty = [snapshot for snapshot in candidates
+                 if (known := self._accounts.get(snapshot.target.label)) is None
                  or known.snapshot is not snapshot]
-        order = tuple(snapshot.target.label for snapshot in snapshots)
-        if not dirty and order == cache.order:
-            cache.store_version = version
+        if not dirty and order == self._order:
+            self._store_version = version
             return
-        for start in range(0, len(dirty), ACCOUNTS_PER_BATCH):
-            for snapshot in dirty[start:start + ACCOUNTS_PER_BATCH]:
-                self._render_account(cache, snapshot)
-            if start + ACCOUNTS_PER_BATCH < len(dirty):
-                await asyncio.sleep(0)  # let pollers and other requests run between batches
-        for label in set(cache.accounts) - set(order):
-            del cache.accounts[label]
-        if order != cache.order:
-            cache.groups.clear()  # other accounts in each group now
-        cache.order = order
-        cache.body = cache.body_gzipped = None
+        if order != self._order:
+            self._parts.clear()  # other accounts in each group now
+            self._positions = {label: position for position, label in enumerate(order or ())}
+            self._stale = {(index, family)
+                           for index in range(math.ceil(len(order or ()) / GROUP_ACCOUNTS))
+                           for family in range(self._family_count)}
+            for label in set(self._accounts) - set(self._positions):
+                del self._accounts[label]
+        for snapshot in dirty:
+            self._render_account(snapshot)
+            await slices.pause_if_due()
+        self._order = order
+        for cache in self._formats.values():
+            cache.bodies.clear()
         # The snapshots taken at `version` are rendered; a change while rendering moved the
         # version on, so the next scrape looks again.
-        cache.store_version = version
+        self._store_version = version
 
-    def _start_compacting(self, content_type: str, cache: _FormatCache) -> None:
-        if cache.compacted_version == cache.store_version:
-            return
-        running = self._compacting.get(content_type)
-        if running is None or running.done():
-            self._compacting[content_type] = asyncio.create_task(
-                self._compact(cache), name=f"compact-gzip {content_type}")
+    def _group_count(self) -> int:
+        return math.ceil(len(self._order or ()) / GROUP_ACCOUNTS)
 
-    @staticmethod
-    def _group_fragments(cache: _FormatCache, index: int) -> tuple[_Fragments, ...]:
+    def _group_accounts(self, index: int) -> list[_Fragments]:
         start = index * GROUP_ACCOUNTS
-        return tuple(cache.accounts[label]
-                     for label in (cache.order or ())[start:start + GROUP_ACCOUNTS])
+        return [self._accounts[label]
+                for label in (self._order or ())[start:start + GROUP_ACCOUNTS]]
 
-    def _stale_groups(self, cache: _FormatCache) -> list[tuple[int, tuple[_Fragments, ...]]]:
-        stale = []
-        for index in range(math.ceil(len(cache.order or ()) / GROUP_ACCOUNTS)):
-            fragments = self._group_fragments(cache, index)
-            group = cache.groups.get(index)
-            if group is None or group.fragments != fragments:
-                stale.append((index, fragments))
-        return stale
+    def _part(self, index: int, family: int, accounts: list[_Fragments]) -> _Part:
+        """The part of the group (whose `accounts` these are) for the family, made again from
+        the accounts' own members after a change."""
+        part = self._parts.get((index, family))
+        if part is None:
+            part = self._parts[index, family] = _Part(
+                b"".join([fragments.gzipped[family] for fragments in accounts]), compacted=False)
+        return part
+
+    def _start_compacting(self) -> None:
+        if self._stale and (self._compacting is None or self._compacting.done()):
+            self._compacting = asyncio.create_task(self._compact(), name="compact-gzip")
 
     async def compacted(self) -> None:
         """Wait until every gzip body asked for so far is in compacted members (for tests and
         benchmarks)."""
-        for task in list(self._compacting.values()):
-            await asyncio.shield(task)
+        if self._compacting is not None:
+            await asyncio.shield(self._compacting)
 
     async def close(self) -> None:
-        tasks = list(self._compacting.values())
+        tasks = [task for task in (self._compacting, self._rendering) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _compact(self, cache: _FormatCache) -> None:
-        """Compress every group whose accounts changed since, one group at a time in a thread;
-        a group whose accounts changed meanwhile is left for the next round."""
+    async def _compact(self) -> None:
+        """Compress every part whose accounts' lines changed since: small ones on the event
+        loop, large ones a group at a time in a thread. A part whose lines changed meanwhile
+        stays stale, for the next round."""
         try:
-            while True:
-                version = cache.store_version
-                stale = self._stale_groups(cache)
-                if not stale:
-                    cache.compacted_version = version
-                    return
-                for index, fragments in stale:
-                    texts = [[fragment.text[family] for fragment in fragments]
-                             for family in range(len(cache.headers))]
-                    gzipped = await asyncio.to_thread(_gzip_members, texts)
-                    if self._group_fragments(cache, index) == fragments:
-                        cache.groups[index] = _Group(fragments, gzipped)
-                        cache.body_gzipped = None
+            slices = _Slices()
+            while self._stale:
+                groups: dict[int, list[int]] = {}
+                for index, family in sorted(self._stale):
+                    groups.setdefault(index, []).append(family)
+                for index, families in groups.items():
+                    members: dict[int, bytes] = {}
+                    async with self._lock:  # the accounts as a scrape sees them
+                        if index >= self._group_count():
+                            continue  # fewer accounts now: the stale set was made anew
+                        accounts = self._group_accounts(index)
+                        parts = [(family, self._part(index, family, accounts))
+                                 for family in families]
+                        large: list[tuple[int, list[bytes]]] = []
+                        for family in families:
+                            text = [fragments.text[family] for fragments in accounts]
+                            if sum(map(len, text)) <= INLINE_COMPACTION_BYTES:
+                                members[family] = _gzip_member(b"".join(text))
+                            else:
+                                large.append((family, text))
+                    if large:
+                        compressed = await asyncio.to_thread(
+                            _gzip_members, [text for _, text in large])
+                        members.update(zip([family for family, _ in large], compressed,
+                                           strict=True))
+                    for family, part in parts:
+                        if self._parts.get((index, family)) is part:  # else changed meanwhile
+                            self._parts[index, family] = _Part(members[family], compacted=True)
+                            self._stale.discard((index, family))
+                            self._compactions += 1
+                    for cache in self._formats.values():
+                        cache.bodies.pop(True, None)
+                    await slices.pause_if_due()
         except Exception:  # the per-account members keep serving; never a crash of the loop
             self.counters.collect_errors += 1
             log.exception("compacting the gzip body failed")
 
-
-    def _render_headers(self, cache: _FormatCache) -> None:
-        rendered = cache.exposition_format.encode(_Families(account_families(())))
-        cache.headers = [header for header, _ in cache.exposition_format.split(rendered)]
-        cache.headers_gzipped = [_gzip_member(header) for header in cache.headers]
-
-    def _render_account(self, cache: _FormatCache, snapshot: AccountSnapshot) -> None:
+    def _render_account(self, snapshot: AccountSnapshot) -> None:
         label = snapshot.target.label
+        nothing = (b"",) * self._family_count
+        previous = self._accounts.get(label) or _Fragments(snapshot, nothing, nothing)
         try:
-            rendered = cache.exposition_format.encode(_Families(account_families((snapshot,))))
-            samples = [sample_lines for _, sample_lines in cache.exposition_format.split(rendered)]
-            if len(samples) != len(cache.headers):
-                raise ValueError(f"{len(samples)} families rendered, {len(cache.headers)} known")
+            texts = tuple(sample_lines(family) for family in account_families((snapshot,)))
+            if len(texts) != self._family_count:
+                raise ValueError(f"{len(texts)} families rendered, {self._family_count} known")
         except Exception:
             # Never into the scrape: keep what was rendered before (or nothing), and count it.
             self.counters.collect_errors += 1
             log.exception("rendering an account failed", account=label)
-            if label not in cache.accounts:
-                cache.accounts[label] = _Fragments(snapshot, [b""] * len(cache.headers),
-                                                   [b""] * len(cache.headers))
+            self._accounts.setdefault(label, previous)
             return
-        cache.accounts[label] = _Fragments(snapshot, samples,
-                                           [_gzip_member(text) for text in samples])
+        # A family whose lines are what they were keeps its member, and its group's part: a
+        # poll that moved no balance changes a few one-line families only.
+        unchanged = [text == old for text, old in zip(texts, previous.text, strict=True)]
+        self._accounts[label] = _Fragments(
+            snapshot,
+            tuple(old if same else text
+                  for text, old, same in zip(texts, previous.text, unchanged, strict=True)),
+            tuple(old if same else _gzip_member(text)
+                  for text, old, same in zip(texts, previous.gzipped, unchanged, strict=True)))
+        position = self._positions.get(label)
+        if position is not None:
+            for family, same in enumerate(unchanged):
+                if not same:
+                    self._parts.pop((position // GROUP_ACCOUNTS, family), None)
+                    self._stale.add((position // GROUP_ACCOUNTS, family))
 
-    @staticmethod
-    def _body(cache: _FormatCache, gzipped: bool) -> bytes:
-        """The account part of the body, joined again only after a change."""
-        body = cache.body_gzipped if gzipped else cache.body
-        if body is None:
-            order = cache.order or ()
-            accounts = [cache.accounts[label] for label in order]
-            pieces: list[bytes] = []
-            if gzipped:
-                # Per group: its compacted member while it still holds these accounts' text,
-                # else each account's own member.
-                parts: list[tuple[_Group | None, list[_Fragments]]] = []
-                for index, start in enumerate(range(0, len(accounts), GROUP_ACCOUNTS)):
-                    members = accounts[start:start + GROUP_ACCOUNTS]
-                    group = cache.groups.get(index)
-                    usable = group is not None and group.fragments == tuple(members)
-                    parts.append((group if usable else None, members))
-                for family, header in enumerate(cache.headers_gzipped):
-                    pieces.append(header)
-                    for group, members in parts:
-                        if group is not None:
-                            pieces.append(group.gzipped[family])
-                        else:
-                            pieces.extend(fragments.gzipped[family] for fragments in members)
-                body = cache.body_gzipped = b"".join(pieces)
-            else:
-                for family, header in enumerate(cache.headers):
-                    pieces.append(header)
-                    pieces.extend(fragments.text[family] for fragments in accounts)
-                body = cache.body = b"".join(pieces)
-        return body
+    async def _gzipped_body(self, cache: _FormatCache, tail: bytes, slices: _Slices) -> bytes:
+        groups = [self._group_accounts(index) for index in range(self._group_count())]
+        pieces: list[bytes] = []
+        for family, header in enumerate(cache.headers_gzipped):
+            pieces.append(header)
+            pieces.extend([self._part(index, family, accounts).gzipped
+                           for index, accounts in enumerate(groups)])
+            await slices.pause_if_due()
+        pieces.append(tail)
+        return b"".join(pieces)
+
+    async def _text_body(self, cache: _FormatCache, tail: bytes, slices: _Slices) -> bytes:
+        accounts = [self._accounts[label] for label in self._order or ()]
+        # The families' lines per account, from the accounts' lines per family.
+        columns = tuple(zip(*(fragments.text for fragments in accounts), strict=True))
+        pieces: list[bytes] = []
+        for family, header in enumerate(cache.headers):
+            pieces.append(header)
+            if columns:
+                pieces.append(b"".join(columns[family]))
+            await slices.pause_if_due()
+        pieces.append(tail)
+        return b"".join(pieces)
 
 
 class _TailCollector(Collector):

@@ -92,13 +92,14 @@ def _row_families(
 ) -> Iterator[Metric]:
     """One gauge per field of an endpoint's rows, one sample per account and currency."""
     quoted = "notional_currency" in labels
+    rows = [(snapshot, snapshot.poll(endpoint).rows) for snapshot in accounts]
     for gauge in gauges:
         family = GaugeMetricFamily(gauge.name, f"{gauge.help} {suffix}", labels=labels)
-        for snapshot in accounts:
+        for snapshot, account_rows in rows:
             if gauge.pending and not snapshot.target.show_pending_balances:
                 continue
             extra = [snapshot.target.notional_currency or ""] if quoted else []
-            for row in snapshot.poll(endpoint).rows:
+            for row in account_rows:
                 family.add_metric([snapshot.target.label, row.currency, *extra],
                                   getattr(row, gauge.field))
         yield family
@@ -286,7 +287,7 @@ class ExporterCounters:
     """The exporter's own troubles that are not an account's or a key's: each is logged (once
     per interval where it can flood) and counted here."""
 
-    collect_errors: int = 0  # an account's samples failed to render
+    collect_errors: int = 0  # rendering or compacting the /metrics body failed
     http_bad_requests: int = 0  # malformed requests, answered 400
     http_accept_errors: int = 0  # accept() failed (out of descriptors)
     http_connections_closed: int = 0  # closed to make room under the connection cap
@@ -299,8 +300,9 @@ class ExporterCounters:
 _EXPORTER_COUNTERS = (
     ("gemini_exporter_collect_errors", "collect_errors",
      "Times an account's samples could not be rendered for /metrics (its previously rendered "
-     "samples, or none, were served instead), or the gzip body could not be compacted (its "
-     "uncompacted members were served)."),
+     "samples, or none, were served instead), the gzip body could not be compacted (its "
+     "uncompacted members were served), or rendering changed accounts in the background failed "
+     "(scrapes rendered them)."),
     ("gemini_exporter_http_bad_requests", "http_bad_requests",
      "Malformed HTTP requests answered 400 (bad headers, oversized lines; a garbled request "
      "line, as from port scanners, is answered without being counted)."),

@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +169,13 @@ async def ready_handler(request: web.Request) -> web.Response:
     return web.Response(status=503, text="Not ready: some accounts have not been polled yet\n")
 
 
+async def _rendering_in_the_background(app: web.Application) -> AsyncIterator[None]:
+    """While the app runs, its exposition renders changed accounts between scrapes."""
+    app[EXPOSITION_KEY].start()
+    yield
+    await app[EXPOSITION_KEY].close()
+
+
 def build_app(
     exposition: ExpositionCache,
     telemetry_path: str = "/metrics",
@@ -175,6 +183,7 @@ def build_app(
 ) -> web.Application:
     app = web.Application(middlewares=middlewares)
     app[EXPOSITION_KEY] = exposition
+    app.cleanup_ctx.append(_rendering_in_the_background)
     app[TELEMETRY_PATH_KEY] = telemetry_path
     app.router.add_get(telemetry_path, metrics_handler)
     if telemetry_path != "/":
@@ -329,7 +338,6 @@ class WebServer:
 
     def __init__(self, exposition: ExpositionCache, options: WebOptions) -> None:
         self._options = options
-        self._exposition = exposition
         self._counters = exposition.counters
         web_config = options.web_config
         middlewares: tuple[Middleware, ...] = ()
@@ -383,7 +391,6 @@ class WebServer:
         if self._listener is not None:
             self._listener.close()
         await self._runner.cleanup()
-        await self._exposition.close()
         logging.getLogger("aiohttp.server").removeFilter(self._bad_requests)
         if self._accept_errors is not None:
             asyncio.get_running_loop().set_exception_handler(self._accept_errors.previous)

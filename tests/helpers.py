@@ -12,6 +12,8 @@ from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
 import aiohttp
+from prometheus_client import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from balance_exporter.gemini.replies import (
@@ -21,6 +23,7 @@ from balance_exporter.gemini.replies import (
     ParsedReply,
     StakingBalance,
 )
+from balance_exporter.metrics import build_registry
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator
 from balance_exporter.store import BalanceStore
@@ -140,6 +143,16 @@ def fixed_store() -> BalanceStore:
     store.record_rate_limited("savings")
     store.record_failure("savings", Endpoint.BALANCES, "RateLimit", 0.75)
     return store
+
+
+def reference_body(store: BalanceStore, openmetrics: bool = False) -> bytes:
+    """The store's /metrics body as prometheus_client's generic path renders it (no process
+    metrics): the oracle of the fast path."""
+    registry = build_registry(store, process_metrics=False)
+    if openmetrics:
+        body: bytes = generate_openmetrics(registry)  # type: ignore[no-untyped-call]
+        return body
+    return generate_latest(registry)
 
 
 def free_port() -> int:

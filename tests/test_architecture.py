@@ -26,7 +26,8 @@ STAGES: tuple[tuple[str, ...], ...] = (
     # Drives the client and writes what it learns into the store.
     ("scheduler",),
     ("metrics",),
-    ("exposition",),
+    # The sample-line encoder is the exposition's own.
+    ("encoding", "exposition"),
     ("webconfig", "server"),
     ("service",),
     ("demo",),
@@ -36,7 +37,8 @@ RANK = {module: rank for rank, modules in enumerate(STAGES) for module in module
 # Beyond the order: the stages that hold or render state do no network I/O, and the client knows
 # HTTP and signing, not metrics.
 FORBIDDEN_LIBRARIES = {
-    **{stage: {"aiohttp"} for stage in ("config", "targets", "store", "metrics", "exposition")},
+    **{stage: {"aiohttp"} for stage in ("config", "targets", "store", "metrics", "encoding",
+                                         "exposition")},
     **{stage: {"prometheus_client"} for stage in STAGES[3]},
 }
 SIMULATOR = "balance_exporter.simulator"

@@ -5,27 +5,23 @@ import asyncio
 import gzip
 import shutil
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 import structlog
-from prometheus_client import generate_latest
 from prometheus_client.metrics_core import Metric
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from balance_exporter import exposition, metrics
 from balance_exporter.exposition import (
-    ACCOUNTS_PER_BATCH,
     GROUP_ACCOUNTS,
     ExpositionCache,
     accepts_gzip,
     choose_format,
 )
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
-from balance_exporter.metrics import build_registry
 from balance_exporter.store import AccountSnapshot, BalanceStore
 from balance_exporter.targets import AccountTarget, Endpoint
-from tests.helpers import OPENMETRICS_ACCEPT, fixed_store
+from tests.helpers import OPENMETRICS_ACCEPT, fixed_store, reference_body
 
 BAL = Endpoint.BALANCES
 
@@ -47,14 +43,6 @@ def update(store: BalanceStore, label: str, seed: int) -> None:
                        0.01, 1_700_000_000.0 + seed)
 
 
-def reference(store: BalanceStore, openmetrics: bool = False) -> bytes:
-    registry = build_registry(store, process_metrics=False)
-    if openmetrics:
-        body: bytes = generate_openmetrics(registry)  # type: ignore[no-untyped-call]
-        return body
-    return generate_latest(registry)
-
-
 async def fast(cache: ExpositionCache, openmetrics: bool = False, gzipped: bool = False) -> bytes:
     exposition = await cache.render(OPENMETRICS_ACCEPT if openmetrics else "",
                                     "gzip" if gzipped else "")
@@ -65,8 +53,8 @@ async def fast(cache: ExpositionCache, openmetrics: bool = False, gzipped: bool 
 async def test_bytes_equal_prometheus_client_for_the_same_samples(openmetrics: bool) -> None:
     for store in (fixed_store(), large_store(30, 20), BalanceStore()):
         cache = ExpositionCache(store, process_metrics=False)
-        assert await fast(cache, openmetrics) == reference(store, openmetrics)
-        assert await fast(cache, openmetrics, gzipped=True) == reference(store, openmetrics)
+        assert await fast(cache, openmetrics) == reference_body(store, openmetrics)
+        assert await fast(cache, openmetrics, gzipped=True) == reference_body(store, openmetrics)
 
 
 async def test_label_values_are_escaped_as_the_library_does() -> None:
@@ -75,8 +63,8 @@ async def test_label_values_are_escaped_as_the_library_does() -> None:
     odd = CurrencyBalance('we"ird\\cur\nrency', 1.0, 2.0, 3.0, 4.0, 5.0)
     store.record_reply("main", BAL, BalanceReply((odd,), None, None), 0.1, 1.0)
     cache = ExpositionCache(store, process_metrics=False)
-    assert await fast(cache) == reference(store)
-    assert await fast(cache, openmetrics=True) == reference(store, openmetrics=True)
+    assert await fast(cache) == reference_body(store)
+    assert await fast(cache, openmetrics=True) == reference_body(store, openmetrics=True)
 
 
 async def test_gzip_body_is_concatenated_members() -> None:
@@ -91,9 +79,9 @@ async def test_only_changed_accounts_are_rendered_again(monkeypatch: pytest.Monk
     rendered: list[str] = []
     original = cache._render_account
 
-    def counting(format_cache: object, snapshot: object) -> None:
-        rendered.append(snapshot.target.label)  # type: ignore[attr-defined]
-        original(format_cache, snapshot)  # type: ignore[arg-type]
+    def counting(snapshot: AccountSnapshot) -> None:
+        rendered.append(snapshot.target.label)
+        original(snapshot)
 
     monkeypatch.setattr(cache, "_render_account", counting)
     await fast(cache)
@@ -102,7 +90,7 @@ async def test_only_changed_accounts_are_rendered_again(monkeypatch: pytest.Monk
     await fast(cache)
     assert rendered == []  # nothing changed: the cached body is served
     update(store, "acct-7", 1000)
-    assert await fast(cache) == reference(store)
+    assert await fast(cache) == reference_body(store)
     assert rendered == ["acct-7"]
 
 
@@ -112,13 +100,13 @@ async def test_removed_and_reordered_accounts_follow_the_store() -> None:
     await fast(cache)
     kept = [snapshot.target for snapshot in store.account_snapshots()][::-2]
     store.configure(kept, ["key-0", "key-1", "key-2"])
-    assert await fast(cache) == reference(store)
+    assert await fast(cache) == reference_body(store)
     assert b"acct-5" in await fast(cache)
     assert b"acct-4" not in await fast(cache)
 
 
-async def test_rendering_many_accounts_yields_to_the_event_loop() -> None:
-    cache = ExpositionCache(large_store(200, 20), process_metrics=False)
+async def ticks_while_rendering(cache: ExpositionCache) -> int:
+    """How often a poller-like task ran while `cache` rendered its first body."""
     ticks = 0
     done = asyncio.Event()
 
@@ -134,8 +122,20 @@ async def test_rendering_many_accounts_yields_to_the_event_loop() -> None:
     await fast(cache)
     done.set()
     await task
-    # The poller-like task ran between the render's batches, not only after it.
-    assert ticks - ticks_before >= 200 // ACCOUNTS_PER_BATCH - 1
+    return ticks - ticks_before
+
+
+async def test_rendering_many_accounts_yields_to_the_event_loop_between_slices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A slice of no time: the loop gets a turn after every account but the last.
+    monkeypatch.setattr("balance_exporter.exposition.RENDER_SLICE_SECONDS", 0.0)
+    assert await ticks_while_rendering(ExpositionCache(large_store(200, 20),
+                                                       process_metrics=False)) >= 199
+    # A slice longer than the whole render: the render never yields.
+    monkeypatch.setattr("balance_exporter.exposition.RENDER_SLICE_SECONDS", 3600.0)
+    assert await ticks_while_rendering(ExpositionCache(large_store(200, 20),
+                                                       process_metrics=False)) <= 1
 
 
 async def test_an_account_that_fails_to_render_costs_only_itself(
@@ -226,19 +226,19 @@ async def test_gzip_members_are_compacted_per_group_and_a_change_stays_exact() -
     first = (await cache.render("", "gzip")).body
     await cache.compacted()
     compact = (await cache.render("", "gzip")).body
-    assert gzip.decompress(compact) == gzip.decompress(first) == reference(store)
+    assert gzip.decompress(compact) == gzip.decompress(first) == reference_body(store)
     # Far fewer members (one per family and group of accounts), and smaller.
     assert members(compact) < members(first) / 10
     assert len(compact) < len(first) / 2
     # One account changes: its group is served from per-account members at once, exact...
     update(store, "acct-40", 99_999)
     changed = (await cache.render("", "gzip")).body
-    assert gzip.decompress(changed) == reference(store)
+    assert gzip.decompress(changed) == reference_body(store)
     assert members(compact) < members(changed)
     # ...and compacted again in the background.
     await cache.compacted()
     again = (await cache.render("", "gzip")).body
-    assert gzip.decompress(again) == reference(store)
+    assert gzip.decompress(again) == reference_body(store)
     assert members(again) == members(compact)
 
 
@@ -250,10 +250,10 @@ async def test_compacted_members_follow_removed_and_reordered_accounts() -> None
     kept = [snapshot.target for snapshot in store.account_snapshots()][::-3]
     store.configure(kept, [f"key-{k}" for k in range(3)])
     body = (await cache.render(OPENMETRICS_ACCEPT, "gzip")).body
-    assert gzip.decompress(body) == reference(store, openmetrics=True)
+    assert gzip.decompress(body) == reference_body(store, openmetrics=True)
     await cache.compacted()
     body = (await cache.render(OPENMETRICS_ACCEPT, "gzip")).body
-    assert gzip.decompress(body) == reference(store, openmetrics=True)
+    assert gzip.decompress(body) == reference_body(store, openmetrics=True)
     await cache.close()
 
 
@@ -275,18 +275,20 @@ async def test_a_compaction_that_fails_is_logged_counted_and_costs_only_size(
     store = large_store(GROUP_ACCOUNTS + 1, 3)
     cache = ExpositionCache(store, process_metrics=False)
 
-    def broken(texts: list[list[bytes]]) -> list[bytes]:
+    def broken(data: bytes) -> bytes:
         raise MemoryError("injected")
 
-    monkeypatch.setattr("balance_exporter.exposition._gzip_members", broken)
     with structlog.testing.capture_logs() as logs:
-        await cache.render("", "gzip")
+        await cache.render("", "gzip")  # rendered, and its compaction started
+        # Every compression fails from here on, on the event loop and in the thread alike.
+        monkeypatch.setattr("balance_exporter.exposition._gzip_member", broken)
         await cache.compacted()
+    monkeypatch.undo()
     assert cache.counters.collect_errors == 1
     assert [entry["event"] for entry in logs] == ["compacting the gzip body failed"]
     cache.counters.collect_errors = 0  # the reference counts no errors of its own
     body = (await cache.render("", "gzip")).body
-    assert gzip.decompress(body) == reference(store)
+    assert gzip.decompress(body) == reference_body(store)
 
 
 async def test_a_tail_older_than_its_age_limit_is_rendered_again(
@@ -307,3 +309,88 @@ async def test_a_tail_older_than_its_age_limit_is_rendered_again(
     monkeypatch.setattr("balance_exporter.exposition.TAIL_MAX_AGE_SECONDS", -1.0)
     await cache.render("", "")
     assert len(renders) == shared + 1  # just past the limit: the tail alone is rendered again
+
+
+async def test_a_poll_that_moved_no_balance_keeps_the_big_families_compacted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = large_store(2 * GROUP_ACCOUNTS, 20)
+    cache = ExpositionCache(store, process_metrics=False)
+    await cache.render("", "gzip")
+    await cache.compacted()
+    original = exposition._gzip_member
+
+    async def bytes_compacted_after(change: Callable[[], None]) -> int:
+        change()
+        body = (await cache.render("", "gzip")).body
+        assert gzip.decompress(body) == reference_body(store)
+        compressed: list[int] = []
+
+        def counting(data: bytes) -> bytes:
+            compressed.append(len(data))
+            return original(data)
+
+        monkeypatch.setattr("balance_exporter.exposition._gzip_member", counting)
+        await cache.compacted()
+        monkeypatch.setattr("balance_exporter.exposition._gzip_member", original)
+        assert gzip.decompress((await cache.render("", "gzip")).body) == reference_body(store)
+        return sum(compressed)
+
+    # A failed poll: its counters and health change, its balances do not. Only its group's few
+    # one-line families (polls, errors, up, duration) are compressed again, not the balance
+    # families of twenty lines an account.
+    failed_poll = await bytes_compacted_after(
+        lambda: store.record_failure("acct-3", BAL, "Timeout", 0.2))
+    moved = await bytes_compacted_after(lambda: update(store, "acct-40", 12_345))
+    assert 0 < failed_poll * 10 < moved
+
+
+async def test_changed_accounts_are_rendered_in_the_background_between_scrapes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", 0.01)
+    store = large_store(10, 3)
+    cache = ExpositionCache(store, process_metrics=False)
+    await fast(cache)
+    rendered: list[str] = []
+    original = cache._render_account
+
+    def counting(snapshot: AccountSnapshot) -> None:
+        rendered.append(snapshot.target.label)
+        original(snapshot)
+
+    monkeypatch.setattr(cache, "_render_account", counting)
+    cache.start()
+    try:
+        update(store, "acct-4", 77)
+        for _ in range(500):  # a hang guard, not a timing: it is rendered in a few turns
+            if rendered:
+                break
+            await asyncio.sleep(0.01)
+        assert rendered == ["acct-4"]
+        assert await fast(cache) == reference_body(store)
+        assert rendered == ["acct-4"]  # the scrape found it rendered
+    finally:
+        await cache.close()
+
+
+async def test_a_background_render_that_fails_is_counted_and_logged_once_in_a_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", 0.001)
+    store = large_store(3, 2)
+    cache = ExpositionCache(store, process_metrics=False)
+
+    async def broken(slices: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(cache, "_refresh", broken)
+    with structlog.testing.capture_logs() as logs:
+        cache.start()
+        for _ in range(1000):  # a hang guard, not a timing
+            if cache.counters.collect_errors >= 3:
+                break
+            await asyncio.sleep(0.005)
+        await cache.close()
+    assert cache.counters.collect_errors >= 3
+    assert [entry["event"] for entry in logs] == ["rendering accounts in the background failed"]
