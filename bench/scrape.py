@@ -1,7 +1,8 @@
 """P1, P2, P5 and P6: /metrics latency, ours against prometheus_client's aiohttp handler over the
 same store and against the limit (a bare aiohttp handler that only returns the same bytes), all
 served on loopback in this process and scraped with one aiohttp connection; the gzipped body's
-size against one gzip stream of the same text; and the event loop's lag while we render."""
+size against one gzip stream of the same text; and the event loop's lag while we render. Also
+the same figures while the store changes as the pollers change it (`measure_polling`)."""
 
 import asyncio
 import gzip
@@ -18,6 +19,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from balance_exporter.exposition import GZIP_LEVEL, ExpositionCache
 from balance_exporter.metrics import build_registry
 from balance_exporter.server import build_app
+from balance_exporter.service import freeze_startup_heap
 from bench.workload import make_store, record
 
 GZIP = {"Accept-Encoding": "gzip"}
@@ -118,6 +120,7 @@ def bare_app(gzipped: bytes, text: bytes) -> web.Application:
 
 async def run(accounts: int, currencies: int, rounds: int, per_round: int,
               baseline_count: int, incremental_count: int, treasury: bool) -> ScrapeResults:
+    freeze_startup_heap()  # as the exporter does before its first poll
     store = make_store(accounts, currencies, treasury)
     cache = ExpositionCache(store)
     ours, ours_url = await serve(build_app(cache))
@@ -212,3 +215,71 @@ def measure(accounts: int, currencies: int, quick: bool, treasury: bool = False
     return summary(asyncio.run(run(accounts, currencies, rounds, per_round, baseline_count,
                                    incremental_count, treasury)))
 
+
+
+# A production-like rhythm: every account polled every 30 s (1,000 accounts: 33 polls a second),
+# most polls finding the balances as they were.
+POLL_INTERVAL_SECONDS = 30.0
+MOVED_SHARE = 0.1
+
+
+async def run_polling(accounts: int, currencies: int, treasury: bool, duration_seconds: float,
+                      scrape_interval_seconds: float) -> dict[str, float]:
+    """Scrapes every `scrape_interval_seconds` (gzip, as Prometheus asks) while a poller-like
+    task replaces accounts' snapshots at the production rate."""
+    freeze_startup_heap()
+    store = make_store(accounts, currencies, treasury)
+    cache = ExpositionCache(store)
+    ours, url = await serve(build_app(cache))
+    rng = random.Random(2)
+    generation = iter(range(1, 10_000_000))
+    polled = 0
+
+    async def poll_forever() -> None:
+        nonlocal polled
+        while True:
+            await asyncio.sleep(POLL_INTERVAL_SECONDS / accounts)
+            record(store, rng.randrange(accounts), next(generation), currencies,
+                   moved=rng.random() < MOVED_SHARE)
+            polled += 1
+
+    lag = LoopLag()
+    try:
+        async with aiohttp.ClientSession(auto_decompress=False) as http:
+            await timed_get(http, url, PROMETHEUS_ACCEPT)  # the first full render
+            await cache.compacted()
+            poller = asyncio.create_task(poll_forever())
+            lag.start()
+            cpu_started, wall_started = time.process_time(), time.perf_counter()
+            latencies: list[float] = []
+            sizes: list[int] = []
+            while time.perf_counter() - wall_started < duration_seconds:
+                await asyncio.sleep(scrape_interval_seconds)
+                started = time.perf_counter()
+                async with http.get(url, headers=PROMETHEUS_ACCEPT) as response:
+                    sizes.append(len(await response.read()))
+                latencies.append(time.perf_counter() - started)
+            cpu = (time.process_time() - cpu_started) / (time.perf_counter() - wall_started)
+            worst_lag = await lag.stop()
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+            async with http.get(url, headers={**PROMETHEUS_ACCEPT, **PLAIN}) as response:
+                text = await response.read()
+    finally:
+        await ours.cleanup()
+    one_stream = len(gzip.compress(text, compresslevel=GZIP_LEVEL, mtime=0))
+    return {
+        "scrapes": len(latencies), "polls_per_second": polled / duration_seconds,
+        "scrape_median_ms": statistics.median(latencies) * 1e3,
+        "scrape_p99_ms": percentile(latencies, 0.99) * 1e3,
+        "loop_lag_ms": worst_lag * 1e3,
+        "gzip_size_ratio_median": statistics.median(sizes) / one_stream,
+        "gzip_size_ratio_worst": max(sizes) / one_stream,
+        "cpu_share": cpu,
+    }
+
+
+def measure_polling(accounts: int, currencies: int, quick: bool, treasury: bool = False
+                    ) -> dict[str, float]:
+    duration, interval = (3.0, 0.5) if quick else (40.0, 1.0)
+    return asyncio.run(run_polling(accounts, currencies, treasury, duration, interval))

@@ -22,13 +22,16 @@ def account_label(index: int) -> str:
     return f"sub-account-{index:04d}"
 
 
-def record(store: BalanceStore, index: int, generation: int, currencies: int) -> None:
+def record(store: BalanceStore, index: int, generation: int, currencies: int,
+           moved: bool = True) -> None:
     """One accepted reply for an account on every endpoint it polls; `generation` moves every
-    value."""
+    value, or with `moved` False only the reply's stamp and time (a poll that found the balances
+    as they were)."""
     target = next(s.target for s in store.account_snapshots()
                   if s.target.label == account_label(index))
     label, wall = target.label, 1_700_000_000.0 + generation
     stamp = 1_700_000_000_000_000_000 + generation * 1_000_000_000 + index
+    generation = generation if moved else 0
     balances = tuple(
         CurrencyBalance(f"CUR{c:02d}", 1000.0 + index + c / 7 + generation,
                         900.0 + index + c / 11 + generation, 900.0 + index + generation,
