@@ -26,3 +26,10 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert {figure["hostile_replies"] for name, figure in results["hostile"].items()
             if "under the cap" not in name} != {0}  # the hostile replies did arrive
     assert "P7 loop lag reading a gzip bomb (1 GB)" in result.stdout
+    assert results["scrape_polling"]["scrapes"] > 0
+    assert results["scrape_polling"]["polls_per_second"] > 0  # the store did change meanwhile
+    assert "P2 (treasury) under polling" in result.stdout
+    summary = subprocess.run([sys.executable, "-m", "bench.summary", str(output), str(output)],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "| P2 under polling, p99 (204k) (ms) |" in summary
+    assert "1.00x |" in summary  # one run twice: no spread
