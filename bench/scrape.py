@@ -210,7 +210,8 @@ def summary(results: ScrapeResults) -> dict[str, float]:
 
 def measure(accounts: int, currencies: int, quick: bool, treasury: bool = False
             ) -> dict[str, float]:
-    counts = (2, 20, 2, 10) if quick else (5, 200, 5, 50)
+    # 200 scrapes after a change: a p99 of fewer is only the worst one.
+    counts = (2, 20, 2, 10) if quick else (5, 200, 5, 200)
     rounds, per_round, baseline_count, incremental_count = counts
     return summary(asyncio.run(run(accounts, currencies, rounds, per_round, baseline_count,
                                    incremental_count, treasury)))
@@ -281,5 +282,5 @@ async def run_polling(accounts: int, currencies: int, treasury: bool, duration_s
 
 def measure_polling(accounts: int, currencies: int, quick: bool, treasury: bool = False
                     ) -> dict[str, float]:
-    duration, interval = (3.0, 0.5) if quick else (40.0, 1.0)
+    duration, interval = (3.0, 0.5) if quick else (45.0, 0.5)
     return asyncio.run(run_polling(accounts, currencies, treasury, duration, interval))
