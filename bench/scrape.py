@@ -19,7 +19,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from balance_exporter.exposition import GZIP_LEVEL, ExpositionCache
 from balance_exporter.metrics import build_registry
 from balance_exporter.server import build_app
-from balance_exporter.service import freeze_startup_heap
+from balance_exporter.service import collect_garbage_regularly, freeze_startup_heap
 from bench.workload import make_store, record
 
 GZIP = {"Accept-Encoding": "gzip"}
@@ -121,6 +121,7 @@ def bare_app(gzipped: bytes, text: bytes) -> web.Application:
 async def run(accounts: int, currencies: int, rounds: int, per_round: int,
               baseline_count: int, incremental_count: int, treasury: bool) -> ScrapeResults:
     freeze_startup_heap()  # as the exporter does before its first poll
+    collecting = asyncio.create_task(collect_garbage_regularly())  # and while it runs
     store = make_store(accounts, currencies, treasury)
     cache = ExpositionCache(store)
     ours, ours_url = await serve(build_app(cache))
@@ -166,6 +167,7 @@ async def run(accounts: int, currencies: int, rounds: int, per_round: int,
     finally:
         await ours.cleanup()
         await theirs.cleanup()
+        collecting.cancel()
     return ScrapeResults(
         series_count=sum(1 for line in text.splitlines() if not line.startswith(b"#")),
         rounds=unchanged, rounds_text=unchanged_text, baseline=baseline, cold_render=cold,
@@ -229,6 +231,7 @@ async def run_polling(accounts: int, currencies: int, treasury: bool, duration_s
     """Scrapes every `scrape_interval_seconds` (gzip, as Prometheus asks) while a poller-like
     task replaces accounts' snapshots at the production rate."""
     freeze_startup_heap()
+    collecting = asyncio.create_task(collect_garbage_regularly())
     store = make_store(accounts, currencies, treasury)
     cache = ExpositionCache(store)
     ours, url = await serve(build_app(cache))
@@ -268,6 +271,7 @@ async def run_polling(accounts: int, currencies: int, treasury: bool, duration_s
                 text = await response.read()
     finally:
         await ours.cleanup()
+        collecting.cancel()
     one_stream = len(gzip.compress(text, compresslevel=GZIP_LEVEL, mtime=0))
     return {
         "scrapes": len(latencies), "polls_per_second": polled / duration_seconds,
