@@ -73,9 +73,8 @@ async def test_gzip_body_is_concatenated_members() -> None:
     assert body.count(b"\x1f\x8b\x08") > 5  # one member per family and account, at least
 
 
-async def test_only_changed_accounts_are_rendered_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    store = large_store(50, 20)
-    cache = ExpositionCache(store, process_metrics=False)
+def rendered_labels(cache: ExpositionCache, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The labels of the accounts `cache` renders from now on, as it renders them."""
     rendered: list[str] = []
     original = cache._render_account
 
@@ -84,6 +83,13 @@ async def test_only_changed_accounts_are_rendered_again(monkeypatch: pytest.Monk
         original(snapshot)
 
     monkeypatch.setattr(cache, "_render_account", counting)
+    return rendered
+
+
+async def test_only_changed_accounts_are_rendered_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = large_store(50, 20)
+    cache = ExpositionCache(store, process_metrics=False)
+    rendered = rendered_labels(cache, monkeypatch)
     await fast(cache)
     assert len(rendered) == 50
     rendered.clear()
@@ -352,14 +358,7 @@ async def test_changed_accounts_are_rendered_in_the_background_between_scrapes(
     store = large_store(10, 3)
     cache = ExpositionCache(store, process_metrics=False)
     await fast(cache)
-    rendered: list[str] = []
-    original = cache._render_account
-
-    def counting(snapshot: AccountSnapshot) -> None:
-        rendered.append(snapshot.target.label)
-        original(snapshot)
-
-    monkeypatch.setattr(cache, "_render_account", counting)
+    rendered = rendered_labels(cache, monkeypatch)
     cache.start()
     try:
         update(store, "acct-4", 77)
