@@ -393,3 +393,37 @@ async def test_a_background_render_that_fails_is_counted_and_logged_once_in_a_ro
         await cache.close()
     assert cache.counters.collect_errors >= 3
     assert [entry["event"] for entry in logs] == ["rendering accounts in the background failed"]
+
+
+@pytest.mark.parametrize("over_the_bound", [False, True], ids=["at", "just-past"])
+async def test_parts_up_to_the_inline_bound_are_compacted_on_the_loop_larger_ones_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch, over_the_bound: bool,
+) -> None:
+    store = large_store(3, 20)
+    cache = ExpositionCache(store, process_metrics=False)
+    await cache.render("", "gzip")
+    await cache.compacted()
+
+    def parts() -> list[bytes]:
+        return [b"".join(fragments.text[family] for fragments in cache._accounts.values())
+                for family in range(cache._family_count)]
+
+    before = parts()
+    update(store, "acct-1", 4_242)  # the balance families of the only group change
+    await cache.render("", "gzip")  # rendered; its compaction starts at the next await
+    largest = max(len(after) for after, old in zip(parts(), before, strict=True)
+                  if after != old)
+    monkeypatch.setattr("balance_exporter.exposition.INLINE_COMPACTION_BYTES",
+                        largest - 1 if over_the_bound else largest)
+    threaded: list[int] = []
+    original = exposition._gzip_members
+
+    def in_a_thread(texts: list[list[bytes]]) -> tuple[bytes, ...]:
+        threaded.extend(len(b"".join(family)) for family in texts)
+        return original(texts)
+
+    monkeypatch.setattr("balance_exporter.exposition._gzip_members", in_a_thread)
+    await cache.compacted()
+    # Only parts over the bound went to the thread: the largest ones, one past it.
+    assert set(threaded) == ({largest} if over_the_bound else set())
+    assert gzip.decompress((await cache.render("", "gzip")).body) == reference_body(store)
