@@ -155,6 +155,11 @@ def _gzip_member(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0) if data else b""
 
 
+def _groups_of(accounts: int) -> int:
+    """How many groups of GROUP_ACCOUNTS consecutive accounts `accounts` accounts make."""
+    return math.ceil(accounts / GROUP_ACCOUNTS)
+
+
 def _gzip_members(texts: list[list[bytes]]) -> tuple[bytes, ...]:
     """One member per family of a group's texts (run in a thread: zlib lets go of the GIL)."""
     return tuple(_gzip_member(b"".join(family)) for family in texts)
@@ -328,7 +333,7 @@ class ExpositionCache:
             self._parts.clear()  # other accounts in each group now
             self._positions = {label: position for position, label in enumerate(order or ())}
             self._stale = {(index, family)
-                           for index in range(math.ceil(len(order or ()) / GROUP_ACCOUNTS))
+                           for index in range(_groups_of(len(order or ())))
                            for family in range(self._family_count)}
             for label in set(self._accounts) - set(self._positions):
                 del self._accounts[label]
@@ -343,7 +348,7 @@ class ExpositionCache:
         self._store_version = version
 
     def _group_count(self) -> int:
-        return math.ceil(len(self._order or ()) / GROUP_ACCOUNTS)
+        return _groups_of(len(self._order or ()))
 
     def _group_accounts(self, index: int) -> list[_Fragments]:
         start = index * GROUP_ACCOUNTS

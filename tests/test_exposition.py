@@ -21,7 +21,7 @@ from balance_exporter.exposition import (
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
 from balance_exporter.store import AccountSnapshot, BalanceStore
 from balance_exporter.targets import AccountTarget, Endpoint
-from tests.helpers import OPENMETRICS_ACCEPT, fixed_store, reference_body
+from tests.helpers import OPENMETRICS_ACCEPT, fixed_store, reference_body, wait_until
 
 BAL = Endpoint.BALANCES
 
@@ -362,10 +362,10 @@ async def test_changed_accounts_are_rendered_in_the_background_between_scrapes(
     cache.start()
     try:
         update(store, "acct-4", 77)
-        for _ in range(500):  # a hang guard, not a timing: it is rendered in a few turns
-            if rendered:
-                break
-            await asyncio.sleep(0.01)
+        async def rendered_some() -> bool:
+            return bool(rendered)
+
+        await wait_until(rendered_some, "the background render")
         assert rendered == ["acct-4"]
         assert await fast(cache) == reference_body(store)
         assert rendered == ["acct-4"]  # the scrape found it rendered
@@ -386,10 +386,10 @@ async def test_a_background_render_that_fails_is_counted_and_logged_once_in_a_ro
     monkeypatch.setattr(cache, "_refresh", broken)
     with structlog.testing.capture_logs() as logs:
         cache.start()
-        for _ in range(1000):  # a hang guard, not a timing
-            if cache.counters.collect_errors >= 3:
-                break
-            await asyncio.sleep(0.005)
+        async def failed_thrice() -> bool:
+            return cache.counters.collect_errors >= 3
+
+        await wait_until(failed_thrice, "three failed background passes")
         await cache.close()
     assert cache.counters.collect_errors >= 3
     assert [entry["event"] for entry in logs] == ["rendering accounts in the background failed"]

@@ -204,10 +204,10 @@ async def test_the_young_generations_are_collected_every_interval_and_the_heap_n
 
     monkeypatch.setattr("balance_exporter.service.gc.collect", collect)
     task = asyncio.create_task(collect_garbage_regularly())
-    for _ in range(1000):  # a hang guard, not a timing
-        if generations.count(2) >= 2:
-            break
-        await asyncio.sleep(0.005)
+    async def two_full_collections() -> bool:
+        return generations.count(2) >= 2
+
+    await wait_until(two_full_collections, "two full collections")
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     # Mostly the young ones; the whole heap once its interval has passed, not every time.
