@@ -18,9 +18,11 @@ a body of them is about four times one gzip stream of the same text. So the memb
 compacted: per family, one member for each group of GROUP_ACCOUNTS consecutive accounts (a
 part). A part whose accounts' lines of its family change is made again from the accounts' own
 members at once, so a change costs no compression beyond the changed account's, and compacted
-again soon after: on the event loop when it is small, in a thread when it is large. A poll that
-moved no balance changes a few families of a line per account; the families of the balances
-keep their compacted parts.
+again by the next background pass (not by the scrape, whose reply is still being written): on
+the event loop when it is small, in a thread when it is large. A poll that moved no balance
+changes a few families of a line per account; the families of the balances keep their
+compacted parts. The parts are kept in the body's order, so a gzipped body is one join of
+slices of them and a scrape after a change costs the changed account's rendering and a copy.
 """
 
 import asyncio
@@ -175,16 +177,6 @@ class _Fragments:
     gzipped: tuple[bytes, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class _Part:
-    """One family's gzip members for a group of consecutive accounts: one compacted member, or
-    the accounts' own members one after another. It is dropped when one of its accounts' lines
-    of the family change."""
-
-    gzipped: bytes
-    compacted: bool
-
-
 @dataclass
 class _FormatCache:
     """What differs between the formats: the families' HELP and TYPE lines, the tail, and the
@@ -234,7 +226,13 @@ class ExpositionCache:
         self._family_count = len(self._formats[TEXT.content_type].headers)
         self._accounts: dict[str, _Fragments] = {}
         # By (group, family); a group is GROUP_ACCOUNTS consecutive accounts of `_order`.
-        self._parts: dict[tuple[int, int], _Part] = {}
+        # Per family, its part of each group, in the body's order (`_slot`): a list, so that a
+        # body is joined from slices of it. A part is one family's gzip members for a group: one
+        # compacted member, or the accounts' own members one after another. When one of its
+        # accounts' lines of the family change, the part is made again (its slot is `_unmade`
+        # until then) from the accounts' members.
+        self._parts: list[bytes] = []
+        self._unmade: set[int] = set()
         # Moves on whenever a part is compacted: a body joined across that is not kept.
         self._compactions = 0
         # Which accounts, in which order, the bodies are for (None before the first refresh),
@@ -292,13 +290,14 @@ class ExpositionCache:
                 body = known[1]
             else:
                 compactions = self._compactions
-                body = await (self._gzipped_body(cache, tail, slices) if gzipped
-                              else self._text_body(cache, tail, slices))
+                body = (self._gzipped_body(cache, tail) if gzipped
+                        else await self._text_body(cache, tail, slices))
                 if compactions == self._compactions:  # else compacted meanwhile: join again
                     cache.bodies[gzipped] = (tail, body)
         if gzipped:
             self._gzip_asked = True
-            self._start_compacting()
+            if self._rendering is None:  # else the background pass compacts, after this reply
+                self._start_compacting()
             return Exposition(body, exposition_format.content_type, "gzip")
         return Exposition(body, exposition_format.content_type, None)
 
@@ -330,7 +329,9 @@ class ExpositionCache:
             self._store_version = version
             return
         if order != self._order:
-            self._parts.clear()  # other accounts in each group now
+            slots = _groups_of(len(order or ())) * self._family_count
+            self._parts = [b""] * slots  # other accounts in each group now
+            self._unmade = set(range(slots))
             self._positions = {label: position for position, label in enumerate(order or ())}
             self._stale = {(index, family)
                            for index in range(_groups_of(len(order or ())))
@@ -355,22 +356,40 @@ class ExpositionCache:
         return [self._accounts[label]
                 for label in (self._order or ())[start:start + GROUP_ACCOUNTS]]
 
-    def _part(self, index: int, family: int, accounts: list[_Fragments]) -> _Part:
-        """The part of the group (whose `accounts` these are) for the family, made again from
-        the accounts' own members after a change."""
-        part = self._parts.get((index, family))
-        if part is None:
-            part = self._parts[index, family] = _Part(
-                b"".join([fragments.gzipped[family] for fragments in accounts]), compacted=False)
-        return part
+    def _slot(self, index: int, family: int) -> int:
+        return family * self._group_count() + index
+
+    def _part(self, index: int, family: int) -> bytes:
+        slot = self._slot(index, family)
+        if slot in self._unmade:
+            self._parts[slot] = b"".join(
+                [fragments.gzipped[family] for fragments in self._group_accounts(index)])
+            self._unmade.discard(slot)
+        return self._parts[slot]
+
+    def _make_parts(self) -> None:
+        groups = self._group_count()
+        for slot in sorted(self._unmade):
+            self._part(slot % groups, slot // groups)
+
+    def _replace_part(self, index: int, family: int, compacted: bytes | None = None) -> None:
+        """The group's part of the family changed: its accounts' lines did (`compacted` None),
+        or it was compacted."""
+        if compacted is None:
+            self._unmade.add(self._slot(index, family))
+            self._stale.add((index, family))
+        else:
+            self._parts[self._slot(index, family)] = compacted
+            self._stale.discard((index, family))
+            self._compactions += 1
 
     def _start_compacting(self) -> None:
         if self._stale and (self._compacting is None or self._compacting.done()):
             self._compacting = asyncio.create_task(self._compact(), name="compact-gzip")
 
     async def compacted(self) -> None:
-        """Wait until every gzip body asked for so far is in compacted members (for tests and
-        benchmarks)."""
+        """Compact every part now, and wait until it is done (for tests and benchmarks)."""
+        self._start_compacting()
         if self._compacting is not None:
             await asyncio.shield(self._compacting)
 
@@ -396,8 +415,7 @@ class ExpositionCache:
                         if index >= self._group_count():
                             continue  # fewer accounts now: the stale set was made anew
                         accounts = self._group_accounts(index)
-                        parts = [(family, self._part(index, family, accounts))
-                                 for family in families]
+                        parts = [(family, self._part(index, family)) for family in families]
                         large: list[tuple[int, list[bytes]]] = []
                         for family in families:
                             text = [fragments.text[family] for fragments in accounts]
@@ -411,10 +429,10 @@ class ExpositionCache:
                         members.update(zip([family for family, _ in large], compressed,
                                            strict=True))
                     for family, part in parts:
-                        if self._parts.get((index, family)) is part:  # else changed meanwhile
-                            self._parts[index, family] = _Part(members[family], compacted=True)
-                            self._stale.discard((index, family))
-                            self._compactions += 1
+                        # Else its lines changed meanwhile. Equal members hold equal lines, so
+                        # the compacted member is right for a part made again alike.
+                        if index < self._group_count() and self._part(index, family) == part:
+                            self._replace_part(index, family, compacted=members[family])
                     for cache in self._formats.values():
                         cache.bodies.pop(True, None)
                     await slices.pause_if_due()
@@ -449,17 +467,15 @@ class ExpositionCache:
         if position is not None:
             for family, same in enumerate(unchanged):
                 if not same:
-                    self._parts.pop((position // GROUP_ACCOUNTS, family), None)
-                    self._stale.add((position // GROUP_ACCOUNTS, family))
+                    self._replace_part(position // GROUP_ACCOUNTS, family)
 
-    async def _gzipped_body(self, cache: _FormatCache, tail: bytes, slices: _Slices) -> bytes:
-        groups = [self._group_accounts(index) for index in range(self._group_count())]
+    def _gzipped_body(self, cache: _FormatCache, tail: bytes) -> bytes:
+        self._make_parts()
+        groups = self._group_count()
         pieces: list[bytes] = []
         for family, header in enumerate(cache.headers_gzipped):
             pieces.append(header)
-            pieces.extend([self._part(index, family, accounts).gzipped
-                           for index, accounts in enumerate(groups)])
-            await slices.pause_if_due()
+            pieces.extend(self._parts[family * groups:(family + 1) * groups])
         pieces.append(tail)
         return b"".join(pieces)
 

@@ -4,6 +4,7 @@ changed, and never failing a scrape."""
 import asyncio
 import gzip
 import shutil
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 
@@ -427,3 +428,86 @@ async def test_parts_up_to_the_inline_bound_are_compacted_on_the_loop_larger_one
     # Only parts over the bound went to the thread: the largest ones, one past it.
     assert set(threaded) == ({largest} if over_the_bound else set())
     assert gzip.decompress((await cache.render("", "gzip")).body) == reference_body(store)
+
+
+async def test_a_gzip_scrape_compacts_after_itself_without_the_background_pass() -> None:
+    store = large_store(GROUP_ACCOUNTS + 1, 20)
+    cache = ExpositionCache(store, process_metrics=False)
+    first = (await cache.render("", "gzip")).body
+
+    async def compacted() -> bool:
+        return members((await cache.render("", "gzip")).body) < members(first) / 5
+
+    await wait_until(compacted, "the compaction the scrape started")
+    await cache.close()
+
+
+async def test_with_the_background_pass_a_scrape_leaves_compaction_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The pass does not come round during the test: what is compacted, the scrape compacted.
+    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", 3600.0)
+    store = large_store(GROUP_ACCOUNTS + 1, 20)
+    cache = ExpositionCache(store, process_metrics=False)
+    cache.start()
+    try:
+        first = (await cache.render("", "gzip")).body
+        await asyncio.sleep(0.05)  # time enough for a compaction on the loop to start
+        assert (await cache.render("", "gzip")).body == first  # nothing was compacted
+    finally:
+        await cache.close()
+
+
+async def test_the_background_pass_compacts_what_a_gzip_scrape_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", 0.01)
+    store = large_store(GROUP_ACCOUNTS + 1, 20)
+    cache = ExpositionCache(store, process_metrics=False)
+    cache.start()
+    try:
+        first = (await cache.render("", "gzip")).body
+
+        async def compacted() -> bool:
+            return members((await cache.render("", "gzip")).body) < members(first) / 5
+
+        await wait_until(compacted, "the background pass's compaction")
+        assert gzip.decompress((await cache.render("", "gzip")).body) == reference_body(store)
+    finally:
+        await cache.close()
+
+
+@pytest.mark.parametrize("meanwhile", ["changed-again", "group-removed"])
+async def test_a_part_that_changes_while_its_group_is_compressed_is_never_served_old(
+    monkeypatch: pytest.MonkeyPatch, meanwhile: str,
+) -> None:
+    store = large_store(GROUP_ACCOUNTS + 2, 20)
+    cache = ExpositionCache(store, process_metrics=False)
+    await cache.render("", "gzip")
+    await cache.compacted()
+    monkeypatch.setattr("balance_exporter.exposition.INLINE_COMPACTION_BYTES", 0)  # all threaded
+    in_thread, release = threading.Event(), threading.Event()
+    original = exposition._gzip_members
+
+    def held(texts: list[list[bytes]]) -> tuple[bytes, ...]:
+        in_thread.set()
+        release.wait(15)
+        return original(texts)
+
+    monkeypatch.setattr("balance_exporter.exposition._gzip_members", held)
+    update(store, f"acct-{GROUP_ACCOUNTS + 1}", 1)  # in the second group
+    await cache.render("", "gzip")
+    compacting = asyncio.ensure_future(cache.compacted())
+    assert await asyncio.to_thread(in_thread.wait, 15)
+    # While the thread compresses the group's lines of the first change:
+    if meanwhile == "changed-again":
+        update(store, f"acct-{GROUP_ACCOUNTS + 1}", 2)
+    else:
+        store.configure([snapshot.target for snapshot in store.account_snapshots()][:3],
+                        [f"key-{k}" for k in range(3)])
+    exact = reference_body(store)
+    assert gzip.decompress((await cache.render("", "gzip")).body) == exact
+    release.set()
+    await compacting
+    assert cache.counters.collect_errors == 0
+    assert gzip.decompress((await cache.render("", "gzip")).body) == exact
