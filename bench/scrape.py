@@ -6,11 +6,13 @@ the same figures while the store changes as the pollers change it (`measure_poll
 
 import asyncio
 import gzip
+import os
 import random
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -36,22 +38,53 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+def steal_seconds(stat: Path = Path("/proc/stat")) -> float | None:
+    """CPU time the hypervisor gave to others since boot, over all CPUs (Linux's `steal`), or
+    None where the kernel does not tell."""
+    try:
+        fields = stat.read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@dataclass
+class StealShare:
+    """The share of the machine's CPU time the hypervisor took while running: a virtual
+    machine stops for that long, and every wall-clock figure of the run grows with it."""
+
+    _started: tuple[float, float | None] = (0.0, None)
+
+    def start(self) -> None:
+        self._started = (time.perf_counter(), steal_seconds())
+
+    def stop(self) -> float | None:
+        wall, stolen = time.perf_counter() - self._started[0], steal_seconds()
+        if stolen is None or self._started[1] is None or wall <= 0:
+            return None
+        return (stolen - self._started[1]) / (wall * (os.cpu_count() or 1))
+
+
 @dataclass
 class LoopLag:
-    """The largest delay of a 1 ms timer while running: how long the loop was blocked."""
+    """The largest delay of a 1 ms timer while running: how long the loop was blocked. And the
+    most CPU time the loop's thread used between two turns of the timer: how long our code
+    held the loop, without the stops of a virtual machine (its thread does not run then)."""
 
     worst: float = 0.0
+    worst_cpu: float = 0.0
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            expected = loop.time() + 0.001
+            expected, cpu = loop.time() + 0.001, time.thread_time()
             await asyncio.sleep(0.001)
             self.worst = max(self.worst, loop.time() - expected)
+            self.worst_cpu = max(self.worst_cpu, time.thread_time() - cpu)
 
     def start(self) -> None:
-        self.worst = 0.0
+        self.worst = self.worst_cpu = 0.0
         self._task = asyncio.create_task(self._watch())
 
     async def stop(self) -> float:
@@ -68,21 +101,27 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
 
 
-async def timed_get(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> float:
-    started = time.perf_counter()
+async def timed_get(http: aiohttp.ClientSession, url: str, headers: dict[str, str],
+                    cpu_times: list[float] | None = None) -> float:
+    """The scrape's wall-clock time; its CPU time on the loop's thread (ours and the client's:
+    one process) goes to `cpu_times`."""
+    started, cpu = time.perf_counter(), time.thread_time()
     async with http.get(url, headers=headers) as response:
         await response.read()
         assert response.status == 200
+    if cpu_times is not None:
+        cpu_times.append(time.thread_time() - cpu)
     return time.perf_counter() - started
 
 
 async def series(http: aiohttp.ClientSession, url: str, headers: dict[str, str], count: int,
-                 before_each: Callable[[], None] | None = None) -> list[float]:
+                 before_each: Callable[[], None] | None = None,
+                 cpu_times: list[float] | None = None) -> list[float]:
     results = []
     for _ in range(count):
         if before_each is not None:
             before_each()
-        results.append(await timed_get(http, url, headers))
+        results.append(await timed_get(http, url, headers, cpu_times))
     return results
 
 
@@ -95,12 +134,16 @@ class ScrapeResults:
     cold_render: float                 # first scrape: every account rendered
     cold_loop_lag: float
     incremental: list[float]           # one account changed before each scrape
+    incremental_cpu: list[float]       # their CPU time on the loop's thread
     incremental_loop_lag: float
+    incremental_loop_cpu: float        # the most CPU time between two turns of the loop
+    incremental_steal: float | None    # the hypervisor's share meanwhile
     unchanged_loop_lag: float
     gzip_bytes: int
     text_bytes: int
     # The limit: a bare handler returning the bytes /metrics returned, gzipped and plain.
     bare_gzip: list[float]
+    bare_gzip_cpu: list[float]
     bare_text: list[float]
     # The same text as one gzip stream, at the level the exposition uses.
     one_stream_gzip_bytes: int
@@ -143,16 +186,22 @@ async def run(accounts: int, currencies: int, rounds: int, per_round: int,
                 assert "Content-Encoding" not in response.headers
                 text = await response.read()
             bare, bare_url = await serve(bare_app(gzipped, text))
+            bare_gzip: list[float] = []
+            bare_gzip_cpu: list[float] = []
+            unchanged: list[list[float]] = []
             try:
-                bare_gzip = [value for _ in range(rounds)
-                             for value in await series(http, bare_url, GZIP, per_round)]
+                # Round by round, the limit and ours: the machine's mood of the moment (another
+                # tenant, the CPU's clock) weighs on both alike.
+                lag.start()
+                for _ in range(rounds):
+                    bare_gzip += await series(http, bare_url, GZIP, per_round,
+                                              cpu_times=bare_gzip_cpu)
+                    unchanged.append(await series(http, ours_url, GZIP, per_round))
+                unchanged_lag = await lag.stop()
                 bare_text = await series(http, bare_url, PLAIN, per_round)
+                unchanged_text = await series(http, ours_url, PLAIN, per_round)
             finally:
                 await bare.cleanup()
-            lag.start()
-            unchanged = [await series(http, ours_url, GZIP, per_round) for _ in range(rounds)]
-            unchanged_lag = await lag.stop()
-            unchanged_text = await series(http, ours_url, PLAIN, per_round)
             baseline = await series(http, theirs_url, GZIP, baseline_count)
             generation = iter(range(1, 1_000_000))
             rng = random.Random(1)
@@ -161,8 +210,13 @@ async def run(accounts: int, currencies: int, rounds: int, per_round: int,
                 record(store, rng.randrange(accounts), next(generation), currencies)
 
             lag.start()
+            steal = StealShare()
+            steal.start()
+            incremental_cpu: list[float] = []
             incremental = await series(http, ours_url, GZIP, incremental_count,
-                                       before_each=change_one_account)
+                                       before_each=change_one_account,
+                                       cpu_times=incremental_cpu)
+            incremental_steal = steal.stop()
             incremental_lag = await lag.stop()
     finally:
         await ours.cleanup()
@@ -171,9 +225,11 @@ async def run(accounts: int, currencies: int, rounds: int, per_round: int,
     return ScrapeResults(
         series_count=sum(1 for line in text.splitlines() if not line.startswith(b"#")),
         rounds=unchanged, rounds_text=unchanged_text, baseline=baseline, cold_render=cold,
-        cold_loop_lag=cold_lag, incremental=incremental, incremental_loop_lag=incremental_lag,
-        unchanged_loop_lag=unchanged_lag, gzip_bytes=len(gzipped), text_bytes=len(text),
-        bare_gzip=bare_gzip, bare_text=bare_text,
+        cold_loop_lag=cold_lag, incremental=incremental, incremental_cpu=incremental_cpu,
+        incremental_loop_lag=incremental_lag, incremental_loop_cpu=lag.worst_cpu,
+        incremental_steal=incremental_steal, unchanged_loop_lag=unchanged_lag,
+        gzip_bytes=len(gzipped), text_bytes=len(text), bare_gzip=bare_gzip,
+        bare_gzip_cpu=bare_gzip_cpu, bare_text=bare_text,
         one_stream_gzip_bytes=len(gzip.compress(text, compresslevel=GZIP_LEVEL, mtime=0)))
 
 
@@ -195,11 +251,17 @@ def summary(results: ScrapeResults) -> dict[str, float]:
         "incremental_median_ms": statistics.median(results.incremental) * 1e3,
         "incremental_p99_ms": percentile(results.incremental, 0.99) * 1e3,
         "incremental_loop_lag_ms": results.incremental_loop_lag * 1e3,
+        "incremental_cpu_median_ms": statistics.median(results.incremental_cpu) * 1e3,
+        "incremental_cpu_p99_ms": percentile(results.incremental_cpu, 0.99) * 1e3,
+        "incremental_loop_cpu_ms": results.incremental_loop_cpu * 1e3,
+        **({} if results.incremental_steal is None
+           else {"incremental_steal_share": results.incremental_steal}),
         "unchanged_loop_lag_ms": results.unchanged_loop_lag * 1e3,
         "gzip_bytes": results.gzip_bytes,
         "text_bytes": results.text_bytes,
         "bare_gzip_median_ms": statistics.median(results.bare_gzip) * 1e3,
         "bare_gzip_p99_ms": percentile(results.bare_gzip, 0.99) * 1e3,
+        "bare_gzip_cpu_median_ms": statistics.median(results.bare_gzip_cpu) * 1e3,
         "bare_text_median_ms": statistics.median(results.bare_text) * 1e3,
         "limit_ratio_gzip": statistics.median(all_unchanged) / statistics.median(
             results.bare_gzip),
@@ -254,16 +316,21 @@ async def run_polling(accounts: int, currencies: int, treasury: bool, duration_s
             await cache.compacted()
             poller = asyncio.create_task(poll_forever())
             lag.start()
+            steal = StealShare()
+            steal.start()
             cpu_started, wall_started = time.process_time(), time.perf_counter()
             latencies: list[float] = []
+            scrape_cpu: list[float] = []
             sizes: list[int] = []
             while time.perf_counter() - wall_started < duration_seconds:
                 await asyncio.sleep(scrape_interval_seconds)
-                started = time.perf_counter()
+                started, thread_cpu = time.perf_counter(), time.thread_time()
                 async with http.get(url, headers=PROMETHEUS_ACCEPT) as response:
                     sizes.append(len(await response.read()))
                 latencies.append(time.perf_counter() - started)
+                scrape_cpu.append(time.thread_time() - thread_cpu)
             cpu = (time.process_time() - cpu_started) / (time.perf_counter() - wall_started)
+            stolen = steal.stop()
             worst_lag = await lag.stop()
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
@@ -278,6 +345,10 @@ async def run_polling(accounts: int, currencies: int, treasury: bool, duration_s
         "scrape_median_ms": statistics.median(latencies) * 1e3,
         "scrape_p99_ms": percentile(latencies, 0.99) * 1e3,
         "loop_lag_ms": worst_lag * 1e3,
+        "scrape_cpu_median_ms": statistics.median(scrape_cpu) * 1e3,
+        "scrape_cpu_p99_ms": percentile(scrape_cpu, 0.99) * 1e3,
+        "loop_cpu_ms": lag.worst_cpu * 1e3,
+        **({} if stolen is None else {"steal_share": stolen}),
         "gzip_size_ratio_median": statistics.median(sizes) / one_stream,
         "gzip_size_ratio_worst": max(sizes) / one_stream,
         "cpu_share": cpu,

@@ -21,6 +21,11 @@ FIGURES = (
     ("P2 one account changed, p99", "scrape", "incremental_p99_ms", "ms"),
     ("P2 loop lag, one account changed", "scrape", "incremental_loop_lag_ms", "ms"),
     ("P2 loop lag, first render", "scrape", "cold_render_loop_lag_ms", "ms"),
+    ("P2 one account changed, CPU, median", "scrape", "incremental_cpu_median_ms", "ms"),
+    ("P2 one account changed, CPU, p99", "scrape", "incremental_cpu_p99_ms", "ms"),
+    ("P1 bare, gzip, CPU, median", "scrape", "bare_gzip_cpu_median_ms", "ms"),
+    ("P2 most CPU between two loop turns", "scrape", "incremental_loop_cpu_ms", "ms"),
+    ("P2 hypervisor's share of the CPUs", "scrape", "incremental_steal_share", "%"),
     ("P1 ours / bare (204k)", "scrape_treasury", "limit_ratio_gzip", "x"),
     ("P1 ours, gzip, median (204k)", "scrape_treasury", "unchanged_gzip_median_ms", "ms"),
     ("P1 bare, gzip, median (204k)", "scrape_treasury", "bare_gzip_median_ms", "ms"),
@@ -31,9 +36,24 @@ FIGURES = (
     ("P2 loop lag, one account changed (204k)", "scrape_treasury", "incremental_loop_lag_ms",
      "ms"),
     ("P2 loop lag, first render (204k)", "scrape_treasury", "cold_render_loop_lag_ms", "ms"),
+    ("P2 one account changed, CPU, median (204k)", "scrape_treasury",
+     "incremental_cpu_median_ms", "ms"),
+    ("P2 one account changed, CPU, p99 (204k)", "scrape_treasury", "incremental_cpu_p99_ms",
+     "ms"),
+    ("P1 bare, gzip, CPU, median (204k)", "scrape_treasury", "bare_gzip_cpu_median_ms", "ms"),
+    ("P2 most CPU between two loop turns (204k)", "scrape_treasury", "incremental_loop_cpu_ms",
+     "ms"),
+    ("P2 hypervisor's share of the CPUs (204k)", "scrape_treasury", "incremental_steal_share",
+     "%"),
     ("P2 under polling, median (204k)", "scrape_polling", "scrape_median_ms", "ms"),
     ("P2 under polling, p99 (204k)", "scrape_polling", "scrape_p99_ms", "ms"),
     ("P2 under polling, loop lag (204k)", "scrape_polling", "loop_lag_ms", "ms"),
+    ("P2 under polling, CPU, median (204k)", "scrape_polling", "scrape_cpu_median_ms", "ms"),
+    ("P2 under polling, CPU, p99 (204k)", "scrape_polling", "scrape_cpu_p99_ms", "ms"),
+    ("P2 under polling, most CPU between two loop turns (204k)", "scrape_polling",
+     "loop_cpu_ms", "ms"),
+    ("P2 under polling, hypervisor's share of the CPUs (204k)", "scrape_polling",
+     "steal_share", "%"),
     ("P5 under polling, median (204k)", "scrape_polling", "gzip_size_ratio_median", "x"),
     ("P3 RSS at 109k", "memory", "rss_mib", "MiB"),
 )
@@ -50,7 +70,9 @@ def table(runs: list[dict[str, Any]]) -> str:
     header = ["figure", *(f"run {n}" for n in range(1, len(runs) + 1)), "median", "spread"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for label, section, figure, unit in FIGURES:
-        values = [_value(run, section, figure) for run in runs]
+        scale = 100 if unit == "%" else 1  # shares are kept as fractions
+        values = [None if (value := _value(run, section, figure)) is None else value * scale
+                  for run in runs]
         known = [value for value in values if value is not None]
         if not known:
             continue

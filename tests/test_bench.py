@@ -2,9 +2,12 @@
 are not asserted here: timings belong to bench/, not to the tests."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from bench.scrape import steal_seconds
 
 ROOT = Path(__file__).parent.parent
 
@@ -29,7 +32,21 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert results["scrape_polling"]["scrapes"] > 0
     assert results["scrape_polling"]["polls_per_second"] > 0  # the store did change meanwhile
     assert "P2 (treasury) under polling" in result.stdout
+    # The figures that tell our code's cost from a virtual machine's stops.
+    assert {"incremental_cpu_p99_ms", "incremental_loop_cpu_ms", "bare_gzip_cpu_median_ms"} <= set(
+        results["scrape_treasury"])
+    assert {"scrape_cpu_p99_ms", "loop_cpu_ms"} <= set(results["scrape_polling"])
     summary = subprocess.run([sys.executable, "-m", "bench.summary", str(output), str(output)],
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "| P2 under polling, p99 (204k) (ms) |" in summary
     assert "1.00x |" in summary  # one run twice: no spread
+
+
+def test_steal_is_read_from_the_kernels_cpu_line(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  883287 0 97165 4303549 10831 0 15684 220116 0 0\n"
+                    "cpu0 441643 0 48582 2151774 5415 0 7842 110058 0 0\n")
+    assert steal_seconds(stat) == 220116 / os.sysconf("SC_CLK_TCK")
+    stat.write_text("cpu  883287 0 97165\n")  # an old kernel: no steal field
+    assert steal_seconds(stat) is None
+    assert steal_seconds(tmp_path / "missing") is None
