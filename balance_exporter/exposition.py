@@ -53,8 +53,9 @@ log = structlog.get_logger("balance_exporter.exposition")
 TEXT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_EOF = b"# EOF\n"
 # Dirty accounts are rendered for this long before the event loop gets a turn: a slice blocks
-# it for this plus one account's rendering (a millisecond or two for 200 series).
-RENDER_SLICE_SECONDS = 0.005
+# it for this plus one account's rendering (a millisecond or two for 200 series). Short, because
+# in one turn the loop may also run a poll, a scrape's reply and a compaction step.
+RENDER_SLICE_SECONDS = 0.002
 # How often changed accounts are rendered (and their gzip members compacted) between scrapes:
 # at a production rate (1,000 accounts polled every 30 s) a scrape then finds an account or two
 # left to render.
