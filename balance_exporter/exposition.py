@@ -291,8 +291,8 @@ class ExpositionCache:
                 body = known[1]
             else:
                 compactions = self._compactions
-                body = (self._gzipped_body(cache, tail) if gzipped
-                        else await self._text_body(cache, tail, slices))
+                body = await (self._gzipped_body(cache, tail, slices) if gzipped
+                              else self._text_body(cache, tail, slices))
                 if compactions == self._compactions:  # else compacted meanwhile: join again
                     cache.bodies[gzipped] = (tail, body)
         if gzipped:
@@ -368,10 +368,13 @@ class ExpositionCache:
             self._unmade.discard(slot)
         return self._parts[slot]
 
-    def _make_parts(self) -> None:
+    async def _make_parts(self, slices: _Slices) -> None:
+        """Every part a change left unmade: all of them after the first render or a change of
+        which accounts there are (tens of milliseconds at 1,000 accounts), so in slices."""
         groups = self._group_count()
         for slot in sorted(self._unmade):
             self._part(slot % groups, slot // groups)
+            await slices.pause_if_due()
 
     def _replace_part(self, index: int, family: int, compacted: bytes | None = None) -> None:
         """The group's part of the family changed: its accounts' lines did (`compacted` None),
@@ -470,8 +473,8 @@ class ExpositionCache:
                 if not same:
                     self._replace_part(position // GROUP_ACCOUNTS, family)
 
-    def _gzipped_body(self, cache: _FormatCache, tail: bytes) -> bytes:
-        self._make_parts()
+    async def _gzipped_body(self, cache: _FormatCache, tail: bytes, slices: _Slices) -> bytes:
+        await self._make_parts(slices)
         groups = self._group_count()
         pieces: list[bytes] = []
         for family, header in enumerate(cache.headers_gzipped):

@@ -112,7 +112,7 @@ async def test_removed_and_reordered_accounts_follow_the_store() -> None:
     assert b"acct-4" not in await fast(cache)
 
 
-async def ticks_while_rendering(cache: ExpositionCache) -> int:
+async def ticks_while_rendering(cache: ExpositionCache, gzipped: bool = False) -> int:
     """How often a poller-like task ran while `cache` rendered its first body."""
     ticks = 0
     done = asyncio.Event()
@@ -126,23 +126,26 @@ async def ticks_while_rendering(cache: ExpositionCache) -> int:
     task = asyncio.create_task(ticker())
     await asyncio.sleep(0)
     ticks_before = ticks
-    await fast(cache)
+    await fast(cache, gzipped=gzipped)
     done.set()
     await task
     return ticks - ticks_before
 
 
+@pytest.mark.parametrize("gzipped", [False, True], ids=["plain", "gzip"])
 async def test_rendering_many_accounts_yields_to_the_event_loop_between_slices(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, gzipped: bool,
 ) -> None:
-    # A slice of no time: the loop gets a turn after every account but the last.
+    # A slice of no time: the loop gets a turn after every account but the last, and for a
+    # gzip body after making every part of it (one per family and group) too.
     monkeypatch.setattr("balance_exporter.exposition.RENDER_SLICE_SECONDS", 0.0)
-    assert await ticks_while_rendering(ExpositionCache(large_store(200, 20),
-                                                       process_metrics=False)) >= 199
+    cache = ExpositionCache(large_store(200, 20), process_metrics=False)
+    parts = exposition._groups_of(200) * cache._family_count if gzipped else 0
+    assert await ticks_while_rendering(cache, gzipped) >= 199 + parts
     # A slice longer than the whole render: the render never yields.
     monkeypatch.setattr("balance_exporter.exposition.RENDER_SLICE_SECONDS", 3600.0)
     assert await ticks_while_rendering(ExpositionCache(large_store(200, 20),
-                                                       process_metrics=False)) <= 1
+                                                       process_metrics=False), gzipped) <= 1
 
 
 async def test_an_account_that_fails_to_render_costs_only_itself(
