@@ -77,9 +77,9 @@ def table(runs: list[dict[str, Any]]) -> str:
         if not known:
             continue
         cells = [f"{value:.2f}" if value is not None else "-" for value in values]
-        spread = max(known) / min(known) if min(known) > 0 else float("nan")
+        spread = f"{max(known) / min(known):.2f}x" if min(known) > 0 else "-"
         lines.append(f"| {label} ({unit}) | " + " | ".join(cells)
-                     + f" | {statistics.median(known):.2f} | {spread:.2f}x |")
+                     + f" | {statistics.median(known):.2f} | {spread} |")
     return "\n".join(lines)
 
 
