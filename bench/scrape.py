@@ -73,6 +73,9 @@ class LoopLag:
 
     worst: float = 0.0
     worst_cpu: float = 0.0
+    # The CPU time used between the two turns of the worst lag: far below it, the lag was the
+    # machine's.
+    cpu_in_worst: float = 0.0
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def _watch(self) -> None:
@@ -80,11 +83,13 @@ class LoopLag:
         while True:
             expected, cpu = loop.time() + 0.001, time.thread_time()
             await asyncio.sleep(0.001)
-            self.worst = max(self.worst, loop.time() - expected)
-            self.worst_cpu = max(self.worst_cpu, time.thread_time() - cpu)
+            lag, used = loop.time() - expected, time.thread_time() - cpu
+            if lag > self.worst:
+                self.worst, self.cpu_in_worst = lag, used
+            self.worst_cpu = max(self.worst_cpu, used)
 
     def start(self) -> None:
-        self.worst = self.worst_cpu = 0.0
+        self.worst = self.worst_cpu = self.cpu_in_worst = 0.0
         self._task = asyncio.create_task(self._watch())
 
     async def stop(self) -> float:
@@ -137,6 +142,7 @@ class ScrapeResults:
     incremental_cpu: list[float]       # their CPU time on the loop's thread
     incremental_loop_lag: float
     incremental_loop_cpu: float        # the most CPU time between two turns of the loop
+    incremental_cpu_in_worst_lag: float  # and between the two turns of the worst lag
     incremental_steal: float | None    # the hypervisor's share meanwhile
     unchanged_loop_lag: float
     gzip_bytes: int
@@ -227,6 +233,7 @@ async def run(accounts: int, currencies: int, rounds: int, per_round: int,
         rounds=unchanged, rounds_text=unchanged_text, baseline=baseline, cold_render=cold,
         cold_loop_lag=cold_lag, incremental=incremental, incremental_cpu=incremental_cpu,
         incremental_loop_lag=incremental_lag, incremental_loop_cpu=lag.worst_cpu,
+        incremental_cpu_in_worst_lag=lag.cpu_in_worst,
         incremental_steal=incremental_steal, unchanged_loop_lag=unchanged_lag,
         gzip_bytes=len(gzipped), text_bytes=len(text), bare_gzip=bare_gzip,
         bare_gzip_cpu=bare_gzip_cpu, bare_text=bare_text,
@@ -254,6 +261,7 @@ def summary(results: ScrapeResults) -> dict[str, float]:
         "incremental_cpu_median_ms": statistics.median(results.incremental_cpu) * 1e3,
         "incremental_cpu_p99_ms": percentile(results.incremental_cpu, 0.99) * 1e3,
         "incremental_loop_cpu_ms": results.incremental_loop_cpu * 1e3,
+        "incremental_cpu_in_worst_lag_ms": results.incremental_cpu_in_worst_lag * 1e3,
         **({} if results.incremental_steal is None
            else {"incremental_steal_share": results.incremental_steal}),
         "unchanged_loop_lag_ms": results.unchanged_loop_lag * 1e3,
@@ -348,6 +356,7 @@ async def run_polling(accounts: int, currencies: int, treasury: bool, duration_s
         "scrape_cpu_median_ms": statistics.median(scrape_cpu) * 1e3,
         "scrape_cpu_p99_ms": percentile(scrape_cpu, 0.99) * 1e3,
         "loop_cpu_ms": lag.worst_cpu * 1e3,
+        "cpu_in_worst_lag_ms": lag.cpu_in_worst * 1e3,
         **({} if stolen is None else {"steal_share": stolen}),
         "gzip_size_ratio_median": statistics.median(sizes) / one_stream,
         "gzip_size_ratio_worst": max(sizes) / one_stream,
