@@ -226,12 +226,11 @@ class ExpositionCache:
                          for exposition_format in (TEXT, OPENMETRICS)}
         self._family_count = len(self._formats[TEXT.content_type].headers)
         self._accounts: dict[str, _Fragments] = {}
-        # By (group, family); a group is GROUP_ACCOUNTS consecutive accounts of `_order`.
-        # Per family, its part of each group, in the body's order (`_slot`): a list, so that a
-        # body is joined from slices of it. A part is one family's gzip members for a group: one
-        # compacted member, or the accounts' own members one after another. When one of its
-        # accounts' lines of the family change, the part is made again (its slot is `_unmade`
-        # until then) from the accounts' members.
+        # Per family, its part of each group (GROUP_ACCOUNTS consecutive accounts of `_order`),
+        # in the body's order (`_slot`): a list, so that a body is joined from slices of it. A
+        # part is one family's gzip members for a group: one compacted member, or the accounts'
+        # own members one after another. When one of its accounts' lines of the family change,
+        # the part is made again (its slot is `_unmade` until then) from the accounts' members.
         self._parts: list[bytes] = []
         self._unmade: set[int] = set()
         # Moves on whenever a part is compacted: a body joined across that is not kept.

@@ -433,15 +433,19 @@ async def test_parts_up_to_the_inline_bound_are_compacted_on_the_loop_larger_one
     assert gzip.decompress((await cache.render("", "gzip")).body) == reference_body(store)
 
 
-async def test_a_gzip_scrape_compacts_after_itself_without_the_background_pass() -> None:
-    store = large_store(GROUP_ACCOUNTS + 1, 20)
-    cache = ExpositionCache(store, process_metrics=False)
-    first = (await cache.render("", "gzip")).body
-
+async def wait_compacted(cache: ExpositionCache, first: bytes, what: str) -> None:
+    """Wait until `cache`'s gzip body is in compacted members: fewer than a fifth of those of
+    `first`, a body of the accounts' own members."""
     async def compacted() -> bool:
         return members((await cache.render("", "gzip")).body) < members(first) / 5
 
-    await wait_until(compacted, "the compaction the scrape started")
+    await wait_until(compacted, what)
+
+
+async def test_a_gzip_scrape_compacts_after_itself_without_the_background_pass() -> None:
+    cache = ExpositionCache(large_store(GROUP_ACCOUNTS + 1, 20), process_metrics=False)
+    first = (await cache.render("", "gzip")).body
+    await wait_compacted(cache, first, "the compaction the scrape started")
     await cache.close()
 
 
@@ -470,11 +474,7 @@ async def test_the_background_pass_compacts_what_a_gzip_scrape_left(
     cache.start()
     try:
         first = (await cache.render("", "gzip")).body
-
-        async def compacted() -> bool:
-            return members((await cache.render("", "gzip")).body) < members(first) / 5
-
-        await wait_until(compacted, "the background pass's compaction")
+        await wait_compacted(cache, first, "the background pass's compaction")
         assert gzip.decompress((await cache.render("", "gzip")).body) == reference_body(store)
     finally:
         await cache.close()
