@@ -2,11 +2,12 @@
 changed, and never failing a scrape."""
 
 import asyncio
+import contextlib
 import gzip
 import shutil
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 import pytest
 import structlog
@@ -449,35 +450,39 @@ async def test_a_gzip_scrape_compacts_after_itself_without_the_background_pass()
     await cache.close()
 
 
+@contextlib.asynccontextmanager
+async def with_background_pass(
+    monkeypatch: pytest.MonkeyPatch, every_seconds: float,
+) -> AsyncIterator[ExpositionCache]:
+    """A cache of two groups of accounts whose background pass comes round every
+    `every_seconds`, closed afterwards."""
+    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", every_seconds)
+    cache = ExpositionCache(large_store(GROUP_ACCOUNTS + 1, 20), process_metrics=False)
+    cache.start()
+    try:
+        yield cache
+    finally:
+        await cache.close()
+
+
 async def test_with_the_background_pass_a_scrape_leaves_compaction_to_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The pass does not come round during the test: what is compacted, the scrape compacted.
-    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", 3600.0)
-    store = large_store(GROUP_ACCOUNTS + 1, 20)
-    cache = ExpositionCache(store, process_metrics=False)
-    cache.start()
-    try:
+    async with with_background_pass(monkeypatch, 3600.0) as cache:
         first = (await cache.render("", "gzip")).body
         await asyncio.sleep(0.05)  # time enough for a compaction on the loop to start
         assert (await cache.render("", "gzip")).body == first  # nothing was compacted
-    finally:
-        await cache.close()
 
 
 async def test_the_background_pass_compacts_what_a_gzip_scrape_left(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", 0.01)
-    store = large_store(GROUP_ACCOUNTS + 1, 20)
-    cache = ExpositionCache(store, process_metrics=False)
-    cache.start()
-    try:
+    async with with_background_pass(monkeypatch, 0.01) as cache:
         first = (await cache.render("", "gzip")).body
         await wait_compacted(cache, first, "the background pass's compaction")
-        assert gzip.decompress((await cache.render("", "gzip")).body) == reference_body(store)
-    finally:
-        await cache.close()
+        assert (gzip.decompress((await cache.render("", "gzip")).body)
+                == reference_body(cache.store))
 
 
 @pytest.mark.parametrize("meanwhile", ["changed-again", "group-removed"])
