@@ -338,10 +338,11 @@ class ExpositionCache:
                            for family in range(self._family_count)}
             for label in set(self._accounts) - set(self._positions):
                 del self._accounts[label]
+            # Before any account is rendered: its part's slot is counted in the new groups.
+            self._order = order
         for snapshot in dirty:
             self._render_account(snapshot)
             await slices.pause_if_due()
-        self._order = order
         for cache in self._formats.values():
             cache.bodies.clear()
         # The snapshots taken at `version` are rendered; a change while rendering moved the
@@ -431,11 +432,14 @@ class ExpositionCache:
                             _gzip_members, [text for _, text in large])
                         members.update(zip([family for family, _ in large], compressed,
                                            strict=True))
-                    for family, part in parts:
-                        # Else its lines changed meanwhile. Equal members hold equal lines, so
-                        # the compacted member is right for a part made again alike.
-                        if index < self._group_count() and self._part(index, family) == part:
-                            self._replace_part(index, family, compacted=members[family])
+                    # Under the lock again: a render may be half-way through a new set of
+                    # accounts, whose parts cannot be looked at until it is done.
+                    async with self._lock:
+                        for family, part in parts:
+                            # Else its lines changed meanwhile. Equal members hold equal lines,
+                            # so the compacted member is right for a part made again alike.
+                            if index < self._group_count() and self._part(index, family) == part:
+                                self._replace_part(index, family, compacted=members[family])
                     for cache in self._formats.values():
                         cache.bodies.pop(True, None)
                     await slices.pause_if_due()

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 import pytest
 import structlog
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from prometheus_client.metrics_core import Metric
 
 from balance_exporter import exposition, metrics
@@ -34,13 +36,13 @@ def large_store(accounts: int, currencies: int) -> BalanceStore:
                                    min_available=(("C0", 1.0),)) for i in range(accounts)],
                     [f"key-{k}" for k in range(3)])
     for i in range(accounts):
-        update(store, f"acct-{i}", i)
+        update(store, f"acct-{i}", i, currencies)
     return store
 
 
-def update(store: BalanceStore, label: str, seed: int) -> None:
+def update(store: BalanceStore, label: str, seed: int, currencies: int = 20) -> None:
     balances = tuple(CurrencyBalance(f"C{c}", seed + c + 0.5, seed + c, 1e-9 * c, c / 3, 0.0)
-                     for c in range(20))
+                     for c in range(currencies))
     store.record_reply(label, BAL, BalanceReply(balances, 1_700_000_000_000_000_000 + seed, None),
                        0.01, 1_700_000_000.0 + seed)
 
@@ -519,3 +521,77 @@ async def test_a_part_that_changes_while_its_group_is_compressed_is_never_served
     await compacting
     assert cache.counters.collect_errors == 0
     assert gzip.decompress((await cache.render("", "gzip")).body) == exact
+
+
+# One step of a random history of the account set: (what, which account, a seed for values).
+Step = tuple[str, int, int]
+STEPS = st.lists(st.tuples(st.sampled_from(["add", "remove", "rename", "change", "compact",
+                                            "shrink", "grow"]),
+                           st.integers(0, 79), st.integers(0, 10**6)), max_size=25)
+
+
+async def replay_against_the_reference(steps: list[Step], start: int) -> None:
+    store = large_store(start, 2)
+    cache = ExpositionCache(store, process_metrics=False)
+    names = {f"acct-{i}": f"a{i}" for i in range(start)}
+    try:
+        assert await fast(cache, gzipped=True) == reference_body(store)
+        for what, number, seed in steps:
+            label = f"acct-{number}"
+            if what == "compact":
+                await cache.compacted()
+                continue
+            if what == "change" and label in names:
+                update(store, label, seed, 2)
+                continue
+            targets = [snapshot.target for snapshot in store.account_snapshots()]
+            if what == "add" and label not in names:
+                names[label] = f"a{number}"
+                targets.insert(seed % (len(targets) + 1),
+                               AccountTarget(label, "key-0", names[label], False, 30.0))
+            elif what == "shrink":  # to any size: across multiples of GROUP_ACCOUNTS too
+                targets = targets[:seed % (len(targets) + 1)]
+                names = {target.label: names[target.label] for target in targets}
+            elif what == "grow":
+                for extra in range(seed % 70):
+                    added = f"acct-g{number}-{extra}"
+                    if added not in names:
+                        names[added] = added
+                        targets.append(AccountTarget(added, "key-1", added, True, 30.0))
+            elif what == "remove":
+                names.pop(label, None)
+                targets = [target for target in targets if target.label != label]
+            elif what == "rename" and label in names:
+                renamed = f"{label}-r{seed}"
+                names[renamed] = names.pop(label)
+                targets = [AccountTarget(renamed, "key-0", names[renamed], False, 30.0)
+                           if target.label == label else target for target in targets]
+            store.configure(targets, ["key-0", "key-1", "key-2"])
+            if seed % 2 and names:  # a change right after the set changed, as in the report
+                update(store, next(iter(names)), seed, 2)
+            for openmetrics in (False, True):
+                expected = reference_body(store, openmetrics)
+                assert await fast(cache, openmetrics) == expected
+                assert await fast(cache, openmetrics, gzipped=True) == expected
+    finally:
+        await cache.close()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=STEPS, start=st.sampled_from([0, 1, 20, 32, 33, 40, 64, 65]))
+@example(steps=[("shrink", 0, 21)], start=40)  # the red team's: 40 accounts to 21, one changed
+def test_any_history_of_adds_removals_renames_and_changes_renders_as_the_library(
+        steps: list[Step], start: int) -> None:
+    asyncio.run(replay_against_the_reference(steps, start))
+
+
+async def test_gzip_scrapes_stay_exact_after_the_set_shrinks_below_a_group_multiple() -> None:
+    """The red team's case: 40 accounts become 20, one of them changes, Prometheus asks for gzip."""
+    store = large_store(40, 3)
+    cache = ExpositionCache(store, process_metrics=False)
+    await fast(cache, gzipped=True)
+    store.configure([snapshot.target for snapshot in store.account_snapshots()][:20],
+                    ["key-0", "key-1", "key-2"])
+    update(store, "acct-3", 77)
+    assert await fast(cache, gzipped=True) == reference_body(store)
+    assert cache.counters.collect_errors == 0
