@@ -1,83 +1,123 @@
-"""`--storage.path`: each account's last accepted `_timestamp` per endpoint, kept across restarts.
+"""`--storage.path`: the last accepted `_timestamp` per (key, Gemini account, endpoint), kept
+across restarts.
 
 Without it, the first reply after a restart is accepted whatever its stamp, so a stale server
-could win once. The file is written atomically (a temporary file, fsync, rename) whenever a
-stamp moved, at most every few seconds and at stop; it is read at start. An unreadable or
-corrupt file is a warning and a clean start, never a reason not to start: the stamps only ever
-make the exporter stricter.
+could win once. The file holds every stamp the store's ledger keeps, those of accounts that are
+not planned right now included (a discovering key that has not listed since the start, an
+account that left the plan a while ago): a save made before the first listing must not forget
+them. It is written atomically (a new temporary file, fsync, rename) whenever a stamp moved, at
+most every few seconds and at stop; it is read at start. An unreadable, odd or corrupt file is
+a warning and a clean start, never a reason not to start: the stamps only ever make the
+exporter stricter.
 """
 
 import asyncio
 import json
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from balance_exporter.files import write_private_file
+from balance_exporter.files import read_regular_file, write_private_file
 from balance_exporter.store import BalanceStore, SavedStamp
 from balance_exporter.targets import Endpoint
 
 log = structlog.get_logger("balance_exporter.storage")
 
 STATE_FILE_NAME = "state.json"
-# Version 1 kept the balances stamp only; it is still read.
-STATE_VERSION = 2
-_STAMP_VERSIONS = (1, 2)
+# Version 1 kept the balances stamp per account label, version 2 every endpoint's; both are
+# still read. Version 3 keeps them per (key, account), with when an account left the plan.
+STATE_VERSION = 3
 SAVE_EVERY_SECONDS = 5.0
 # A state file of a million accounts is no state file of ours.
 MAX_STATE_BYTES = 64 * 1024 * 1024
 ENDPOINTS = frozenset(endpoint.value for endpoint in Endpoint)
+# Nanoseconds since 1970 fit in a signed 64-bit integer until 2262: a larger stamp is no stamp.
+MAX_STAMP_NS = 2**63 - 1
 
 
-def load_stamps(directory: Path, now_ns: int, max_skew_seconds: float) -> dict[str, SavedStamp]:
-    """The stamps saved in `directory`, by account label; {} (and a warning) if there are none
-    that can be used. Stamps further in the future than the skew allows are dropped, as a reply
-    with them would be."""
+def load_stamps(directory: Path, now_ns: int, max_skew_seconds: float) -> list[SavedStamp]:
+    """The stamps saved in `directory`; [] (and a warning) if there are none that can be used.
+    A file that is not a regular file (a FIFO, a device, a directory) or is larger than
+    MAX_STATE_BYTES is not read. Entries that cannot be read, and stamps further in the future
+    than the skew allows (as a reply with them would be), are dropped with a warning."""
     path = directory / STATE_FILE_NAME
     try:
-        if path.stat().st_size > MAX_STATE_BYTES:
-            raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
-        document = json.loads(path.read_bytes())
-        version = document.get("version")
-        accounts = document["accounts"] if version in _STAMP_VERSIONS else None
-        if not isinstance(accounts, dict):
-            raise ValueError(f"not a version {STATE_VERSION} state file")
-        stamps = {label: SavedStamp(str(entry["key"]), entry["account"], _entry_stamps(entry))
-                  for label, entry in accounts.items()}
+        document = json.loads(read_regular_file(path, MAX_STATE_BYTES))
+        entries = _entries(document)
     except FileNotFoundError:
         log.info("no saved state yet, starting clean", path=str(path))
-        return {}
+        return []
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
         log.warning("saved state unreadable, starting clean", path=str(path),
                     error=f"{type(error).__name__}: {str(error)[:200]}")
-        return {}
-    limit = now_ns + int(max_skew_seconds * 1e9) if max_skew_seconds > 0 else None
-    usable = {label: stamp for label, stamp in stamps.items()
-              if (limit is None or max(stamp.stamps.values()) <= limit)
-              and (stamp.gemini_account is None or isinstance(stamp.gemini_account, str))}
-    if len(usable) < len(stamps):
+        return []
+    limit = now_ns + int(max_skew_seconds * 1e9) if max_skew_seconds > 0 else MAX_STAMP_NS
+    usable = []
+    for entry in entries:
+        stamp = _saved_stamp(entry)
+        if stamp is not None and max(stamp.stamps.values()) <= limit:
+            usable.append(stamp)
+    if len(usable) < len(entries):
         log.warning("saved stamps ignored (from the future, or malformed)",
-                    ignored=len(stamps) - len(usable), path=str(path))
+                    ignored=len(entries) - len(usable), path=str(path))
     return usable
 
 
-def _entry_stamps(entry: dict[str, object]) -> dict[str, int]:
+def _entries(document: Any) -> list[Any]:
+    """The file's entries, each a mapping with `key`, `account` and stamps (not yet checked)."""
+    version = document.get("version") if isinstance(document, dict) else None
+    if version == STATE_VERSION:
+        entries = document["stamps"]
+        if isinstance(entries, list):
+            return entries
+    elif version in (1, 2):
+        accounts = document["accounts"]
+        if isinstance(accounts, dict):
+            return list(accounts.values())
+    raise ValueError(f"not a version {STATE_VERSION} (or 1, 2) state file")
+
+
+def _stamp(value: object) -> int | None:
+    # JSON integers only: 1e400 reads as a float infinity, true as 1.
+    if type(value) is int and 0 <= value <= MAX_STAMP_NS:
+        return value
+    return None
+
+
+def _saved_stamp(entry: object) -> SavedStamp | None:
+    """One entry, or None when any part of it is not what this exporter writes."""
+    if not isinstance(entry, dict):
+        return None
+    key, account, gone_since = entry.get("key"), entry.get("account"), entry.get("gone_since")
     if "server_timestamp_ns" in entry:  # version 1
-        return {"balances": int(entry["server_timestamp_ns"])}  # type: ignore[call-overload]
-    stamps = entry["server_timestamps_ns"]
-    if not isinstance(stamps, dict) or not stamps or not all(
-            name in ENDPOINTS for name in stamps):
-        raise ValueError("an account's server_timestamps_ns is not a mapping of endpoints")
-    return {str(name): int(stamp) for name, stamp in stamps.items()}
+        raw: object = {"balances": entry["server_timestamp_ns"]}
+    else:
+        raw = entry.get("server_timestamps_ns")
+    if not isinstance(key, str) or not (account is None or isinstance(account, str)) or not (
+            isinstance(raw, dict) and raw and raw.keys() <= ENDPOINTS):
+        return None
+    stamps = {}
+    for name, value in raw.items():
+        stamp = _stamp(value)
+        if stamp is None:
+            return None
+        stamps[name] = stamp
+    if gone_since is not None and not (isinstance(gone_since, int | float)
+                                       and not isinstance(gone_since, bool)
+                                       and math.isfinite(gone_since)):
+        return None
+    return SavedStamp(key, account, stamps, gone_since)
 
 
-def save_stamps(directory: Path, stamps: Mapping[str, SavedStamp]) -> None:
+def save_stamps(directory: Path, stamps: Iterable[SavedStamp]) -> None:
     """Replace the state file atomically, readable by its owner only."""
-    document = {"version": STATE_VERSION, "accounts": {
-        label: {"key": stamp.key_name, "account": stamp.gemini_account,
-                "server_timestamps_ns": dict(stamp.stamps)}
-        for label, stamp in stamps.items()}}
+    document = {"version": STATE_VERSION, "stamps": [
+        {"key": stamp.key_name, "account": stamp.gemini_account,
+         "server_timestamps_ns": dict(stamp.stamps), "gone_since": stamp.gone_since}
+        for stamp in stamps]}
     directory.mkdir(parents=True, exist_ok=True)
     write_private_file(directory / STATE_FILE_NAME, json.dumps(document, separators=(",", ":")))
 
@@ -91,12 +131,13 @@ class StatePersister:
         self._store = store
         self._directory = directory
         self._on_failure = on_failure
-        self._saved: dict[str, SavedStamp] | None = None
+        self._saved_version: int | None = None
 
     async def save_if_changed(self) -> None:
-        stamps = self._store.saved_stamps()
-        if stamps == self._saved:
+        version = self._store.stamps.version
+        if version == self._saved_version:
             return
+        stamps = self._store.saved_stamps()
         try:
             await asyncio.to_thread(save_stamps, self._directory, stamps)
         except OSError as error:
@@ -104,7 +145,7 @@ class StatePersister:
             log.error("saving state failed; stamps are kept in memory and saved again later",
                       path=str(self._directory), error=str(error)[:200])
             return
-        self._saved = stamps
+        self._saved_version = version
 
     async def run(self) -> None:
         while True:

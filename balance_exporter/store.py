@@ -7,7 +7,9 @@ one per endpoint: a notional reply is never compared with a balances reply's sta
 """
 
 import enum
-from collections.abc import Iterable, Mapping
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Generic
@@ -37,6 +39,9 @@ def _counted(errors: Mapping[str, int], reason: str) -> Mapping[str, int]:
 class ReplyVerdict(enum.Enum):
     ACCEPTED = "accepted"
     STALE = "stale"
+    # The job that sent the request is no longer planned as it was (another key, account,
+    # label or quote currency now): the reply is not this account's and changes nothing.
+    NOT_PLANNED = "not_planned"
 
 
 # No slots: a slotted generic dataclass cannot be built through a subscripted alias.
@@ -71,12 +76,14 @@ class PollState(Generic[RowT]):
         return () if row_type is None else tuple(map(row_type._make, self.row_fields))
 
     def with_reply(
-        self, reply: ParsedReply[RowT], duration_seconds: float, wall_seconds: float
+        self, reply: ParsedReply[RowT], duration_seconds: float, wall_seconds: float,
+        last_stamp: int | None,
     ) -> "tuple[PollState[RowT], ReplyVerdict]":
-        """The reply's rows, unless the reply is older than the last accepted one."""
+        """The reply's rows, unless the reply is older than `last_stamp`, the last accepted
+        stamp of its (key, Gemini account, endpoint), which may be older than this state."""
         polled = replace(self, attempted=True, up=True, polls=self.polls + 1, last_error=None,
                          last_poll_duration_seconds=duration_seconds)
-        stamp, last_stamp = reply.server_timestamp_ns, self.server_timestamp_ns
+        stamp = reply.server_timestamp_ns
         if stamp is not None and last_stamp is not None and stamp < last_stamp:
             return replace(polled, stale_replies=self.stale_replies + 1), ReplyVerdict.STALE
         return replace(
@@ -84,7 +91,7 @@ class PollState(Generic[RowT]):
             row_fields=tuple(map(tuple, reply.rows)),
             row_type=type(reply.rows[0]) if reply.rows else self.row_type,
             last_success_seconds=wall_seconds,
-            server_timestamp_ns=stamp if stamp is not None else last_stamp,
+            server_timestamp_ns=stamp if stamp is not None else self.server_timestamp_ns,
             unstamped_replies=self.unstamped_replies + (stamp is None),
             skipped_entries=self.skipped_entries + reply.skipped_entries,
         ), ReplyVerdict.ACCEPTED
@@ -142,19 +149,93 @@ class KeyCounters:
     discovery: DiscoveryState | None = None
 
 
+# Who a stamp belongs to: (key name, Gemini account). Stamps are Gemini's, of one account as
+# seen through one key, so they do not depend on the plan, the label or any setting.
+StampOwner = tuple[str, str | None]
+# An account that left the plan keeps its stamps this long after its leaving was confirmed (by
+# the config, or by a successful listing of its key): a reply of a stale server that comes
+# back with it is still refused.
+STAMP_RETENTION_SECONDS = 7 * 86400.0
+# At most this many accounts that left the plan keep their stamps (those gone longest are
+# forgotten first): a listing that churns accounts cannot grow the ledger without bound.
+MAX_ABSENT_STAMP_OWNERS = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class SavedStamp:
-    """An account's last accepted `_timestamp` per endpoint, as kept across restarts
-    (`storage`)."""
+    """An account's last accepted `_timestamp` per endpoint, as kept across plan changes and
+    restarts (`storage`)."""
 
     key_name: str
     gemini_account: str | None
     # By endpoint value ("balances", "notional", "staking").
     stamps: Mapping[str, int]
+    # Wall time since when the account is known to have left the plan; None while it is
+    # planned, or while its leaving is not confirmed (its key has not listed since a restart).
+    gone_since: float | None = None
+
+    @property
+    def owner(self) -> StampOwner:
+        return (self.key_name, self.gemini_account)
+
+
+class StampLedger:
+    """The last accepted stamp of every (key, Gemini account, endpoint), planned or not: the
+    staleness rule's memory, which outlives an account's absence from the plan, a change of its
+    settings or label, and (through `storage`) a restart."""
+
+    def __init__(self, saved: Iterable[SavedStamp] = (),
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self._stamps: dict[StampOwner, dict[str, int]] = {}
+        self._gone_since: dict[StampOwner, float] = {}
+        self._wall_clock = wall_clock
+        for entry in saved:
+            self._stamps[entry.owner] = dict(entry.stamps)
+            if entry.gone_since is not None:
+                self._gone_since[entry.owner] = entry.gone_since
+        # Moves on every change: the persister saves when it moved.
+        self.version = 0
+
+    def last(self, owner: StampOwner, endpoint: Endpoint) -> int | None:
+        stamps = self._stamps.get(owner)
+        return None if stamps is None else stamps.get(endpoint.value)
+
+    def accept(self, owner: StampOwner, endpoint: Endpoint, stamp: int) -> None:
+        stamps = self._stamps.setdefault(owner, {})
+        if stamps.get(endpoint.value) != stamp:
+            stamps[endpoint.value] = stamp
+            self.version += 1
+
+    def replan(self, planned: set[StampOwner], confirms_absence: Callable[[str], bool]) -> None:
+        """A new plan: its accounts are present; an account that left it is gone from when
+        `confirms_absence(key name)` says its key's plan would show it if it were there. Then
+        forget what is past STAMP_RETENTION_SECONDS, and past MAX_ABSENT_STAMP_OWNERS."""
+        now = self._wall_clock()
+        before = (self._stamps.keys() - set(), dict(self._gone_since))
+        for owner in planned:
+            self._gone_since.pop(owner, None)
+        for owner in self._stamps.keys() - planned - self._gone_since.keys():
+            if confirms_absence(owner[0]):
+                self._gone_since[owner] = now
+        expired = [owner for owner, since in self._gone_since.items()
+                   if now - since > STAMP_RETENTION_SECONDS]
+        # Unconfirmed absences last: they may be accounts a failing listing has not shown yet.
+        absent = sorted(self._stamps.keys() - planned,
+                        key=lambda owner: self._gone_since.get(owner, math.inf))
+        for owner in [*expired, *absent[:max(0, len(absent) - MAX_ABSENT_STAMP_OWNERS)]]:
+            self._stamps.pop(owner, None)
+            self._gone_since.pop(owner, None)
+        if (self._stamps.keys() - set(), self._gone_since) != before:
+            self.version += 1
+
+    def saved(self) -> list[SavedStamp]:
+        return [SavedStamp(*owner, dict(stamps), self._gone_since.get(owner))
+                for owner, stamps in self._stamps.items() if stamps]
 
 
 class BalanceStore:
-    def __init__(self, restored_stamps: Mapping[str, SavedStamp] | None = None) -> None:
+    def __init__(self, restored_stamps: Iterable[SavedStamp] = (),
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self._accounts: dict[str, AccountSnapshot] = {}
         self._keys: dict[str, KeyCounters] = {}
         # Moves on every change of an account snapshot (or of which accounts there are): a
@@ -166,10 +247,9 @@ class BalanceStore:
         # configure (at _layout_version), which may have changed which accounts there are.
         self._changes: dict[str, int] = {}
         self._layout_version = 0
-        # Stamps from before a restart, each used once, when its account is first planned
-        # (a discovered one only after its key's first listing): a reply older than its
+        # Every account's stamps, with those from before a restart: a reply older than its
         # account's is stale, as it would have been had the process not restarted.
-        self._restored = dict(restored_stamps or {})
+        self.stamps = StampLedger(restored_stamps, wall_clock)
 
     def configure(
         self, targets: Iterable[AccountTarget], key_names: Iterable[str],
@@ -185,13 +265,14 @@ class BalanceStore:
         for target in targets:
             previous = old_accounts.get(target.label)
             if previous is None:
-                restored = self._restored.pop(target.label, None)
-                self._accounts[target.label] = _restored_snapshot(target, restored)
+                self._accounts[target.label] = AccountSnapshot(target)
                 continue
             kept: dict[str, Any] = {"target": target}
             for endpoint in Endpoint:
                 if previous.target.identity(endpoint) != target.identity(endpoint):
                     kept[endpoint.value] = PollState()  # another account, currency or off
+            if previous.target.owner != target.owner:
+                kept["account_type"] = DEFAULT_ACCOUNT_TYPE
             self._accounts[target.label] = replace(previous, **kept)
         discovering = discovering or {}
         keys = {}
@@ -206,34 +287,58 @@ class BalanceStore:
         self._keys = keys
         self.keys_version += 1
 
-    def saved_stamps(self) -> dict[str, SavedStamp]:
-        """Every account's last accepted stamps, to keep across a restart."""
-        saved = {}
-        for label, snapshot in self._accounts.items():
-            stamps = {endpoint.value: stamp for endpoint in Endpoint
-                      if (stamp := snapshot.poll(endpoint).server_timestamp_ns) is not None}
-            if stamps:
-                saved[label] = SavedStamp(snapshot.target.key_name,
-                                          snapshot.target.gemini_account, stamps)
-        return saved
+        def confirms_absence(key_name: str) -> bool:
+            # A key that is gone, or whose plan is its config alone, shows every account it
+            # has; a discovering key only once it has listed (not yet after a restart).
+            key = self._keys.get(key_name)
+            return (key is None or key.discovery is None
+                    or key.discovery.last_success_seconds is not None)
+        self.stamps.replan({snapshot.target.owner for snapshot in self._accounts.values()},
+                           confirms_absence)
+
+    def saved_stamps(self) -> list[SavedStamp]:
+        """Every account's last accepted stamps, planned or not, to keep across a restart."""
+        return self.stamps.saved()
+
+    def _planned(
+        self, label: str, endpoint: Endpoint, sent: AccountTarget | None
+    ) -> AccountSnapshot | None:
+        """The account's snapshot if the job that sent the request (`sent`; None: the account
+        as planned now) is still planned as it was."""
+        current = self._accounts.get(label)
+        if current is None or (sent is not None
+                               and sent.identity(endpoint) != current.target.identity(endpoint)):
+            return None
+        return current
 
     def record_reply(
         self, label: str, endpoint: Endpoint, reply: ParsedReply[Any], duration_seconds: float,
-        wall_seconds: float,
+        wall_seconds: float, sent: AccountTarget | None = None,
     ) -> ReplyVerdict:
-        """Store a parsed reply unless it is older than the endpoint's last accepted one."""
-        current = self._accounts[label]
-        state, verdict = current.poll(endpoint).with_reply(reply, duration_seconds, wall_seconds)
+        """Store a parsed reply unless it is older than the last accepted one of its key,
+        account and endpoint, or the job that sent it (`sent`) is no longer planned so."""
+        current = self._planned(label, endpoint, sent)
+        if current is None:
+            return ReplyVerdict.NOT_PLANNED
+        owner = current.target.owner
+        state, verdict = current.poll(endpoint).with_reply(
+            reply, duration_seconds, wall_seconds, self.stamps.last(owner, endpoint))
         changes: dict[str, Any] = {endpoint.value: state}
-        if verdict is ReplyVerdict.ACCEPTED and endpoint is Endpoint.BALANCES:
-            changes["account_type"] = reply.account_type or current.account_type
+        if verdict is ReplyVerdict.ACCEPTED:
+            if reply.server_timestamp_ns is not None:
+                self.stamps.accept(owner, endpoint, reply.server_timestamp_ns)
+            if endpoint is Endpoint.BALANCES:
+                changes["account_type"] = reply.account_type or current.account_type
         self._replace_account(label, replace(current, **changes))
         return verdict
 
     def record_failure(
-        self, label: str, endpoint: Endpoint, reason: str, duration_seconds: float
+        self, label: str, endpoint: Endpoint, reason: str, duration_seconds: float,
+        sent: AccountTarget | None = None,
     ) -> None:
-        current = self._accounts[label]
+        current = self._planned(label, endpoint, sent)
+        if current is None:
+            return
         changes: dict[str, Any] = {
             endpoint.value: current.poll(endpoint).with_failure(reason, duration_seconds)}
         self._replace_account(label, replace(current, **changes))
@@ -311,13 +416,3 @@ class BalanceStore:
         (often long) intervals, and do not hold it up."""
         return all(snapshot.balances.attempted for snapshot in self._accounts.values()) and all(
             key.discovery.attempted for key in self._keys.values() if key.discovery is not None)
-
-
-def _restored_snapshot(target: AccountTarget, saved: SavedStamp | None) -> AccountSnapshot:
-    if saved is None or (saved.key_name, saved.gemini_account) != (
-            target.key_name, target.gemini_account):
-        return AccountSnapshot(target)  # another account under this label: not its stamps
-    stamped: dict[str, Any] = {
-        endpoint.value: PollState(server_timestamp_ns=saved.stamps[endpoint.value])
-        for endpoint in Endpoint if endpoint.value in saved.stamps}
-    return AccountSnapshot(target, **stamped)

@@ -81,6 +81,11 @@ class AccountTarget:
             return self.notional_interval_seconds
         return self.staking_interval_seconds
 
+    @property
+    def owner(self) -> tuple[str, str | None]:
+        """Whose stamps the account's replies carry: (key name, Gemini account)."""
+        return (self.key_name, self.gemini_account)
+
     def identity(self, endpoint: Endpoint) -> tuple[object, ...] | None:
         """What must stay the same for an endpoint's rows to carry over a new plan; None when
         the endpoint is not polled."""

@@ -1,6 +1,7 @@
 """`--storage.path`: stamps survive a restart, and a file that cannot be used never stops one."""
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from tests.conftest import LOOPBACK_ANY_PORT
 from tests.helpers import add_fault, all_polled, exporter_document, sample, scrape, wait_until
 
 NOW_NS = 1_800_000_000 * 10**9
-STAMPS = {"alpha": SavedStamp("treasury", "alpha", {"balances": NOW_NS - 10**9}),
-          "delta": SavedStamp("solo", None, {"balances": NOW_NS - 2 * 10**9})}
+STAMPS = [SavedStamp("treasury", "alpha", {"balances": NOW_NS - 10**9}),
+          SavedStamp("solo", None, {"balances": NOW_NS - 2 * 10**9}, gone_since=1.8e9)]
 
 
 def test_stamps_round_trip_through_an_owner_only_file(tmp_path: Path) -> None:
@@ -33,35 +34,35 @@ def test_stamps_round_trip_through_an_owner_only_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", [
-    b"{not json", b"[]", b'{"version": 3, "accounts": {}}', b'{"version": 1, "accounts": []}',
-    b'{"version": 1, "accounts": {"a": {"key": "k"}}}', b"\xff\xfe", b"[" * 100_000,
-], ids=["not json", "a list", "another version", "accounts a list", "no stamp", "not utf-8",
-        "deep"])
+    b"{not json", b"[]", b'{"version": 4, "stamps": []}', b'{"version": 1, "accounts": []}',
+    b'{"version": 3, "stamps": {}}', b"\xff\xfe", b"[" * 100_000,
+], ids=["not json", "a list", "another version", "accounts a list", "stamps a mapping",
+        "not utf-8", "deep"])
 def test_a_corrupt_file_is_a_warning_and_a_clean_start(tmp_path: Path, content: bytes) -> None:
     (tmp_path / STATE_FILE_NAME).write_bytes(content)
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300) == {}
+        assert load_stamps(tmp_path, NOW_NS, 300) == []
     assert [entry["event"] for entry in logs] == ["saved state unreadable, starting clean"]
 
 
 def test_an_unreadable_file_is_a_warning_and_a_clean_start(tmp_path: Path) -> None:
     (tmp_path / STATE_FILE_NAME).mkdir()  # readable by nobody as a file, root included
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300) == {}
+        assert load_stamps(tmp_path, NOW_NS, 300) == []
     assert logs[0]["log_level"] == "warning"
 
 
 def test_no_file_yet_is_a_clean_start(tmp_path: Path) -> None:
-    assert load_stamps(tmp_path / "new", NOW_NS, 300) == {}
+    assert load_stamps(tmp_path / "new", NOW_NS, 300) == []
 
 
 def test_saved_stamps_from_the_future_are_dropped(tmp_path: Path) -> None:
     future = SavedStamp("treasury", "beta", {"balances": NOW_NS + 10**12})
-    save_stamps(tmp_path, {**STAMPS, "beta": future})
+    save_stamps(tmp_path, [*STAMPS, future])
     with structlog.testing.capture_logs() as logs:
         assert load_stamps(tmp_path, NOW_NS, 300) == STAMPS
     assert logs[0]["ignored"] == 1
-    assert "beta" in load_stamps(tmp_path, NOW_NS, 0)  # 0 turns the skew check off
+    assert future in load_stamps(tmp_path, NOW_NS, 0)  # 0 turns the skew check off
 
 
 async def test_after_a_restart_a_stale_first_reply_is_ignored(
@@ -74,8 +75,9 @@ async def test_after_a_restart_a_stale_first_reply_is_ignored(
     await first.start()
     await all_polled(http, first)
     await first.stop()
-    saved = json.loads((storage / STATE_FILE_NAME).read_text())["accounts"]
-    assert set(saved) == {"alpha", "beta", "gamma"}  # delta's replies carry no stamp
+    saved = json.loads((storage / STATE_FILE_NAME).read_text())["stamps"]
+    # delta's replies carry no stamp
+    assert {entry["account"] for entry in saved} == {"alpha", "beta", "gamma"}
 
     await add_fault(http, simulator, "alpha", {"kind": "stale", "count": 1})
     second = Service(config, None, WebOptions(listen_address=LOOPBACK_ANY_PORT),
@@ -106,22 +108,75 @@ def test_a_state_file_past_64_mib_is_not_read(tmp_path: Path) -> None:
     with path.open("r+b") as file:  # sparse: no 64 MiB written
         file.truncate(64 * 1024 * 1024)
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300) == {}  # at the bound: read (and corrupt)
+        assert load_stamps(tmp_path, NOW_NS, 300) == []  # at the bound: read (and corrupt)
     assert "larger than" not in str(logs)
     with path.open("r+b") as file:
         file.truncate(64 * 1024 * 1024 + 1)
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300) == {}
+        assert load_stamps(tmp_path, NOW_NS, 300) == []
     assert "larger than" in str(logs[0]["error"])
 
 
-def test_a_temporary_file_left_by_a_crash_does_not_leak_its_mode(tmp_path: Path) -> None:
-    leftover = tmp_path / f".{STATE_FILE_NAME}.tmp"
+def test_a_file_planted_where_a_temporary_file_could_be_is_never_written(
+        tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("not the exporter's")
+    victim.chmod(0o644)
+    (tmp_path / f".{STATE_FILE_NAME}.tmp").symlink_to(victim)  # the old fixed name
+    leftover = tmp_path / f".{STATE_FILE_NAME}.left.tmp"
     leftover.write_text("half a state file")
-    leftover.chmod(0o644)
     save_stamps(tmp_path, STAMPS)
+    assert victim.read_text() == "not the exporter's"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / STATE_FILE_NAME).stat().st_mode) == 0o600
-    assert not leftover.exists()
+    assert load_stamps(tmp_path, NOW_NS, 300) == STAMPS
+    # Nothing of its own is left beside the file; what others left is theirs.
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [STATE_FILE_NAME, victim.name, f".{STATE_FILE_NAME}.tmp", leftover.name])
+
+
+def test_a_version_2_file_is_still_read(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE_NAME).write_text(json.dumps({"version": 2, "accounts": {
+        "alpha": {"key": "treasury", "account": "alpha",
+                  "server_timestamps_ns": {"balances": 5, "staking": 7}}}}))
+    assert load_stamps(tmp_path, NOW_NS, 300) == [
+        SavedStamp("treasury", "alpha", {"balances": 5, "staking": 7})]
+
+
+@pytest.mark.parametrize("stamp", ["1e400", "-1", "true", "1.5", '"5"', str(2**63), "null"])
+def test_an_entry_with_a_stamp_that_is_no_stamp_is_dropped_with_a_warning(
+        tmp_path: Path, stamp: str) -> None:
+    entries = [{"key": "treasury", "account": "alpha",
+                "server_timestamps_ns": {"balances": 5}, "gone_since": None}]
+    text = json.dumps({"version": 3, "stamps": entries})
+    odd = text.replace('"stamps": [', '"stamps": [{"key": "k", "account": null, '
+                       f'"server_timestamps_ns": {{"balances": {stamp}}}}}, ')
+    (tmp_path / STATE_FILE_NAME).write_text(odd)
+    with structlog.testing.capture_logs() as logs:
+        assert load_stamps(tmp_path, NOW_NS, 300) == [
+            SavedStamp("treasury", "alpha", {"balances": 5})]
+    assert logs[0]["ignored"] == 1
+
+
+def test_the_largest_stamp_there_can_be_is_read(tmp_path: Path) -> None:
+    largest = [SavedStamp("treasury", "alpha", {"balances": 2**63 - 1})]
+    save_stamps(tmp_path, largest)
+    assert load_stamps(tmp_path, NOW_NS, 0) == largest
+
+
+@pytest.mark.parametrize("kind", ["a device", "a fifo", "a directory"])
+def test_a_state_file_that_is_no_regular_file_is_not_read(tmp_path: Path, kind: str) -> None:
+    """A symlink to /dev/zero would be read for ever, a FIFO would hang the start."""
+    path = tmp_path / STATE_FILE_NAME
+    if kind == "a device":
+        path.symlink_to("/dev/zero")
+    elif kind == "a fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with structlog.testing.capture_logs() as logs:
+        assert load_stamps(tmp_path, NOW_NS, 300) == []
+    assert [entry["event"] for entry in logs] == ["saved state unreadable, starting clean"]
 
 
 async def test_a_failed_save_is_logged_counted_and_retried(tmp_path: Path) -> None:

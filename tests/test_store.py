@@ -6,7 +6,14 @@ from balance_exporter.gemini.replies import (
     NotionalBalance,
     ParsedReply,
 )
-from balance_exporter.store import AccountSnapshot, BalanceStore, ReplyVerdict, SavedStamp
+from balance_exporter.store import (
+    MAX_ABSENT_STAMP_OWNERS,
+    STAMP_RETENTION_SECONDS,
+    AccountSnapshot,
+    BalanceStore,
+    ReplyVerdict,
+    SavedStamp,
+)
 from balance_exporter.targets import AccountTarget, Endpoint, ListedAccount
 
 BAL = Endpoint.BALANCES
@@ -159,14 +166,140 @@ def test_readiness_waits_for_every_accounts_balances_and_every_first_listing() -
 
 
 def test_restored_stamps_wait_for_their_account_to_be_planned() -> None:
-    saved = {"desk": SavedStamp("treasury", "desk", {"balances": 900, "staking": 800})}
+    saved = [SavedStamp("treasury", "desk", {"balances": 900, "staking": 800})]
     store = BalanceStore(saved)
-    store.configure([TARGET], ["treasury"])  # before the listing that shows "desk"
+    store.configure([TARGET], ["treasury"], discovering={"treasury": 900.0})  # not listed yet
+    assert store.saved_stamps() == saved  # a save before the first listing keeps them
     desk = AccountTarget("desk", "treasury", "desk", False, 30.0, staking_interval_seconds=60.0)
+    store.record_listing("treasury", (ListedAccount("desk", "", "exchange", "open"),), False, 1.0)
     store.configure([TARGET, desk], ["treasury"], discovering={"treasury": 900.0})
     assert store.record_reply("desk", BAL, BalanceReply((), 899, None), 0.1, 1.0) \
         is ReplyVerdict.STALE
-    assert store.saved_stamps()["desk"].stamps == {"balances": 900, "staking": 800}
+    assert store.saved_stamps() == saved
+
+
+class WallClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def stale_after(store: BalanceStore, label: str = "main") -> bool:
+    """Whether a reply older than the account's last accepted one is still refused."""
+    return store.record_reply(label, BAL, BalanceReply(balances(BTC=999), 100, None), 0.1, 5.0) \
+        is ReplyVerdict.STALE
+
+
+def test_an_account_that_leaves_the_plan_and_comes_back_keeps_its_stamps() -> None:
+    store = make_store()
+    store.record_reply("main", BAL, BalanceReply(balances(BTC=5), 200, None), 0.1, 1.0)
+    store.configure([], ["treasury"])
+    store.configure([TARGET], ["treasury"])
+    assert stale_after(store)
+    assert amounts(store) == {}  # a returning account shows nothing until a fresh reply
+
+
+def test_new_settings_or_a_new_label_start_new_rows_but_keep_the_stamps() -> None:
+    store = make_store()
+    store.record_reply("main", BAL, BalanceReply(balances(BTC=5), 200, None), 0.1, 1.0)
+    pending = replace(TARGET, show_pending_balances=True)
+    store.configure([pending], ["treasury"])
+    assert amounts(store) == {}
+    assert stale_after(store)
+    store.configure([replace(pending, label="renamed")], ["treasury"])
+    assert stale_after(store, "renamed")
+
+
+def test_a_discovered_account_listed_closed_then_open_keeps_its_stamps() -> None:
+    store = BalanceStore()
+    discovered = replace(TARGET, discovered=True)
+    listed = ListedAccount("primary", "", "exchange", "open")
+    store.configure([], ["treasury"], discovering={"treasury": 900.0})
+    store.record_listing("treasury", (listed,), False, 1.0)
+    store.configure([discovered], ["treasury"], discovering={"treasury": 900.0})
+    store.record_reply("main", BAL, BalanceReply(balances(BTC=5), 200, None), 0.1, 1.0)
+    store.record_listing("treasury", (replace(listed, status="closed"),), False, 2.0)
+    store.configure([], ["treasury"], discovering={"treasury": 900.0})
+    store.record_listing("treasury", (listed,), False, 3.0)
+    store.configure([discovered], ["treasury"], discovering={"treasury": 900.0})
+    assert stale_after(store)
+
+
+def test_a_stamp_is_kept_for_its_retention_after_its_account_left_then_forgotten() -> None:
+    clock = WallClock()
+    store = BalanceStore(wall_clock=clock)
+    store.configure([TARGET], ["treasury"])
+    store.record_reply("main", BAL, BalanceReply(balances(BTC=5), 200, None), 0.1, 1.0)
+    store.configure([], ["treasury"])
+    (gone,) = store.saved_stamps()
+    assert gone.gone_since == clock.now
+    clock.now += STAMP_RETENTION_SECONDS
+    store.configure([], ["treasury"])
+    assert store.saved_stamps() == [gone]  # at the bound: kept
+    clock.now += 0.001
+    store.configure([], ["treasury"])
+    assert store.saved_stamps() == []
+
+
+def test_an_absence_not_confirmed_by_a_listing_does_not_start_the_retention() -> None:
+    clock = WallClock()
+    saved = [SavedStamp("treasury", "desk", {"balances": 900})]
+    store = BalanceStore(saved, wall_clock=clock)
+    store.configure([], ["treasury"], discovering={"treasury": 900.0})
+    clock.now += 10 * STAMP_RETENTION_SECONDS  # a listing that fails for weeks
+    store.configure([], ["treasury"], discovering={"treasury": 900.0})
+    assert store.saved_stamps() == saved
+    store.record_listing("treasury", (), False, clock.now)  # listed: really gone from now on
+    store.configure([], ["treasury"], discovering={"treasury": 900.0})
+    assert store.saved_stamps()[0].gone_since == clock.now
+
+
+def test_at_most_so_many_absent_accounts_keep_stamps_those_gone_longest_go_first() -> None:
+    clock = WallClock()
+    store = BalanceStore(wall_clock=clock)
+    many = [AccountTarget(f"a{i}", "treasury", f"a{i}", False, 30.0)
+            for i in range(MAX_ABSENT_STAMP_OWNERS)]
+    store.configure(many, ["treasury"])
+    for target in many:
+        store.record_reply(target.label, BAL, BalanceReply((), 200, None), 0.1, 1.0)
+    store.configure(many[1:], ["treasury"])  # a0 leaves first
+    clock.now += 1
+    store.configure([], ["treasury"])  # at the bound: every one kept
+    assert len(store.saved_stamps()) == MAX_ABSENT_STAMP_OWNERS
+    other = AccountTarget("b", "treasury", "b", False, 30.0)
+    store.configure([other], ["treasury"])
+    store.record_reply("b", BAL, BalanceReply((), 200, None), 0.1, 1.0)
+    clock.now += 1
+    store.configure([], ["treasury"])  # one past the bound: a0, gone longest, is forgotten
+    owners = {stamp.gemini_account for stamp in store.saved_stamps()}
+    assert len(owners) == MAX_ABSENT_STAMP_OWNERS
+    assert "a0" not in owners
+    assert {"a1", "b"} <= owners
+
+
+def test_a_reply_is_stored_only_for_the_target_that_sent_it() -> None:
+    """A label that passed to another key, account or quote currency while a request was in
+    flight: the late reply (or failure) is not the new owner's."""
+    store = make_store()
+    other_key = replace(TARGET, key_name="group-b")
+    store.configure([other_key], ["treasury", "group-b"])
+    reply = BalanceReply(balances(BTC=5), 200, None)
+    assert store.record_reply("main", BAL, reply, 0.1, 1.0, sent=TARGET) \
+        is ReplyVerdict.NOT_PLANNED
+    store.record_failure("main", BAL, "Timeout", 0.1, sent=TARGET)
+    (snapshot,) = store.account_snapshots()
+    assert (snapshot.balances.rows, snapshot.balances.polls) == ((), 0)
+    assert store.saved_stamps() == []
+    euros = replace(NOTIONAL_TARGET, notional_currency="EUR")
+    store.configure([euros], ["treasury"])
+    assert store.record_reply("main", Endpoint.NOTIONAL, notional(1, 300), 0.1, 1.0,
+                              sent=NOTIONAL_TARGET) is ReplyVerdict.NOT_PLANNED
+    assert store.record_reply("main", Endpoint.NOTIONAL, notional(1, 300), 0.1, 1.0,
+                              sent=euros) is ReplyVerdict.ACCEPTED
+    assert store.record_reply("gone", BAL, reply, 0.1, 1.0, sent=TARGET) \
+        is ReplyVerdict.NOT_PLANNED
 
 
 def test_discovery_state_survives_a_new_plan_and_goes_when_the_key_stops_discovering() -> None:
