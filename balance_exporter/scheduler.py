@@ -343,20 +343,23 @@ class KeyWorker:
         self._schedule.started(started)
         self._store.record_request(self._key_name)
         fields = {"key": self._key_name, **job.log_fields}
+        # What the request is for, as planned when it is sent: its reply or failure is this
+        # target's only, whatever a new plan makes of the label meanwhile.
+        target = self._schedule.targets.get(job.label) if job.endpoint is not None else None
         try:
             if job.endpoint is None:
                 listing = await self._fetch(account_list_request(), _parse_listing)
             else:
-                target = self._schedule.targets[job.label]
+                assert target is not None  # a job of the plan is one of its targets'
                 request, parse = _request_for(target, job.endpoint, self._rules)
                 reply = await self._fetch(request, parse)
         except GeminiError as error:
-            self._record_error(job, error, started, fields)
+            self._record_error(job, target, error, started, fields)
             return
         except Exception as error:  # a bug must not stop the other accounts
             log.exception("poll crashed", **fields)
             internal = TransientError("InternalError", repr(error))
-            self._record_error(job, internal, started, fields)
+            self._record_error(job, target, internal, started, fields)
             return
         finally:
             self._schedule.finished(job, started, self._clock.monotonic())
@@ -366,9 +369,12 @@ class KeyWorker:
             return
         duration = self._clock.monotonic() - started
         verdict = self._store.record_reply(job.label, job.endpoint, reply, duration,
-                                           self._clock.wall())
+                                           self._clock.wall(), sent=target)
         if verdict is ReplyVerdict.STALE:
             log.debug("stale reply ignored", **fields, stamp_ns=reply.server_timestamp_ns)
+        elif verdict is ReplyVerdict.NOT_PLANNED:
+            log.info("reply dropped: the plan changed while it was on its way (the account "
+                     "now has another key, account, label or quote currency)", **fields)
         elif reply.skipped_entries:
             log.warning("staking provider entries left out: their shape is not one this "
                         "exporter reads (the rows' totals were kept)", **fields,
@@ -394,13 +400,15 @@ class KeyWorker:
             self._on_listing(self._key_name, listing.accounts)
 
     def _record_error(
-        self, job: Job, error: GeminiError, started: float, fields: dict[str, str]
+        self, job: Job, target: AccountTarget | None, error: GeminiError, started: float,
+        fields: dict[str, str],
     ) -> None:
         now = self._clock.monotonic()
         if job.endpoint is None:
             self._store.record_listing_failure(self._key_name, error.reason)
-        elif job.label in self._schedule.targets:
-            self._store.record_failure(job.label, job.endpoint, error.reason, now - started)
+        else:
+            self._store.record_failure(job.label, job.endpoint, error.reason, now - started,
+                                       sent=target)
         details: dict[str, object] = {**fields, "reason": error.reason, "status": error.status,
                                       "error": error.message}
         if error.gemini_reason != error.reason:
@@ -412,6 +420,8 @@ class KeyWorker:
                 details["retry_after_clamped_from"] = round(error.retry_after, 3)
             log.warning("rate limited, pausing key", **details, pause_seconds=round(pause, 3))
         elif isinstance(error, RequestRejected):
+            if error.reason == "InvalidNonce":
+                self._nonces.rejected()
             retry = self._schedule.rejected(job, now)
             log.error("request rejected", **details, hint=error.hint,
                       retry_seconds=round(retry, 3))

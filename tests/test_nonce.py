@@ -40,3 +40,25 @@ def test_second_nonces_are_whole_seconds_and_still_increase() -> None:
         1_700_000_000_100_000_000, 1_700_000_000_900_000_000, 1_700_000_002_000_000_000,
     ))
     assert [source.next() for _ in range(3)] == [1_700_000_000, 1_700_000_001, 1_700_000_002]
+
+
+HOUR_NS = 3600 * 10**9
+
+
+def test_a_time_based_key_follows_the_clock_again_after_a_rejected_nonce() -> None:
+    """The clock stepped an hour ahead for one request and came back."""
+    now = 1_700_000_000 * 10**9
+    source = NonceSource("seconds", SteppingClock(now + HOUR_NS, now + 10**9, now + 10**9,
+                                                  now + 2 * 10**9))
+    assert source.next() == 1_700_003_600  # Gemini refuses it: more than 30 s ahead
+    assert source.next() == 1_700_003_601  # still ahead: nonces do not go back on their own
+    source.rejected()
+    assert source.next() == 1_700_000_002
+
+
+def test_a_millisecond_key_never_goes_back_even_after_a_rejected_nonce() -> None:
+    now = 1_700_000_000 * 10**9
+    source = NonceSource("milliseconds", SteppingClock(now + HOUR_NS, now, now))
+    first = source.next()
+    source.rejected()
+    assert source.next() == first + 1

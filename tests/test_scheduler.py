@@ -481,3 +481,49 @@ def test_a_slow_endpoint_takes_at_most_a_quarter_of_the_keys_time() -> None:
     late = [b - a for times in starts.values() for a, b in pairwise(times[1:])]
     assert max(late) <= 10.0 + 8.0
     assert sum(late) / len(late) == pytest.approx(10.0, rel=0.05)
+
+
+class TimeBasedGemini:
+    """Accepts a time-based key's nonce only within 30 s of its own clock, as Gemini does."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self._clock = clock
+        self.outcomes: list[str] = []
+        self.four = asyncio.Event()
+
+    async def post(
+        self, credentials: Credentials, nonces: NonceSource, request: PrivateRequest
+    ) -> bytes:
+        nonce = nonces.next()
+        if len(self.outcomes) >= 3:
+            self.four.set()
+        if abs(nonce - self._clock.wall()) > 30:
+            self.outcomes.append("InvalidNonce")
+            raise RequestRejected("InvalidNonce", "nonce not within 30 s", 400)
+        self.outcomes.append("ok")
+        return b"[]"
+
+
+async def test_a_time_based_key_recovers_from_a_forward_clock_step_at_its_next_retry() -> None:
+    clock = FakeClock()
+    stepped = [True]  # the host clock is an hour ahead for one reading, then right again
+
+    def wall_ns() -> int:
+        ahead = 3600 if stepped and stepped.pop() else 0
+        return int((clock.wall() + ahead) * 1e9)
+
+    gemini = TimeBasedGemini(clock)
+    store = BalanceStore()
+    accounts = targets(1)
+    store.configure(accounts, {"k"})
+    plan = KeySchedule(key_plan(accounts), KeyPacing(1.0), BACKOFFS, clock.now, random.Random(3))
+    worker = KeyWorker("k", Credentials("account-k", SecretStr("s")),
+                       NonceSource("seconds", wall_ns), plan, gemini, store,
+                       ReplyRules(Precision({}, 8)), clock)
+    task = asyncio.create_task(worker.run())
+    await gemini.four.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # One refusal (the hour-ahead nonce), then the clock again, not an hour of refusals.
+    assert gemini.outcomes[:4] == ["InvalidNonce", "ok", "ok", "ok"]

@@ -28,5 +28,13 @@ class NonceSource:
         self.last = max(candidate, self.last + 1)
         return self.last
 
+    def rejected(self) -> None:
+        """Gemini refused a nonce as invalid. A time-based key's nonce need only be within 30 s
+        of Gemini's clock, and one carried far ahead by a forward step of this clock would lock
+        the key out for as long as the step: its nonces follow the clock again. Any other key's
+        nonces never go back, whatever Gemini says (it saw the larger ones)."""
+        if self.unit == "seconds":
+            self.last = min(self.last, self._wall_clock_ns() // self._ns_per_unit - 1)
+
     def __repr__(self) -> str:
         return f"NonceSource(unit={self.unit!r}, last={self.last})"
