@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import hmac
 import json
+import zlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -123,6 +124,10 @@ async def test_concurrent_requests_on_one_key_go_one_at_a_time_in_nonce_order(
     (400, error_body("MissingAccounts"), RequestRejected, "MissingAccounts"),
     (400, error_body("InvalidAccountName"), RequestRejected, "InvalidAccountName"),
     (403, error_body("MissingRole"), RequestRejected, "MissingRole"),
+    # Gemini's conformance fixtures: the reason under `error`, a plain-text 500, an empty 404.
+    (403, {"error": "MissingRole", "message": "needs Auditor"}, RequestRejected, "MissingRole"),
+    (500, b"upstream unavailable", TransientError, "HTTP500"),
+    (404, b"", RequestRejected, "HTTP404"),
     (401, b"", RequestRejected, "HTTP401"),
     (403, b"<html>Forbidden</html>", RequestRejected, "HTTP403"),
     (429, error_body("RateLimit"), RateLimited, "RateLimit"),
@@ -274,3 +279,29 @@ def test_retry_after_digits_are_bounded(header: str, expected: float | None) -> 
 def test_upstream_messages_are_cut_at_300_characters() -> None:
     assert GeminiError("System", "x" * 300).message == "x" * 300
     assert GeminiError("System", "x" * 301).message.startswith("x" * 300 + "… (301")
+
+
+@pytest.mark.parametrize(("encoding", "body", "expected"), [
+    ("gzip", gzip.compress(b'[{"a":') + gzip.compress(b'"1"}]'), b'[{"a":"1"}]'),
+    ("gzip", b"".join(gzip.compress(b"x" * 10_000) for _ in range(10)), b"x" * 100_000),
+    ("gzip", gzip.compress(b"[" + b" " * 50_000 + b"]")[:-9], None),  # cut short
+    ("gzip", gzip.compress(b"[]") + b"trailing junk", None),
+    ("deflate", zlib.compress(b"[]") + zlib.compress(b"[]"), None),
+    ("gzip", gzip.compress(b"x" * 60_000) + gzip.compress(b"x" * 40_001), "ReplyTooLarge"),
+], ids=["two members", "ten members at the cap", "cut short", "junk after a member",
+        "two zlib streams", "members past the cap"])
+async def test_every_gzip_member_is_read_and_part_of_a_reply_is_never_the_whole(
+    key: Credentials, nonces: NonceSource, encoding: str, body: bytes,
+    expected: bytes | str | None,
+) -> None:
+    async with new_session("test") as session:
+        capped = GeminiClient(session, BASE, timeout_seconds=5, max_reply_bytes=100_000)
+        with aioresponses() as mocked:
+            mocked.post(URL_BALANCES, status=200, body=body,
+                        headers={"Content-Encoding": encoding})
+            if isinstance(expected, bytes):
+                assert await capped.post(key, nonces, balances_request(None, False)) == expected
+                return
+            with pytest.raises(MalformedReply) as caught:
+                await capped.post(key, nonces, balances_request(None, False))
+    assert caught.value.reason == (expected or "MalformedReply")

@@ -102,12 +102,43 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, wait) if math.isfinite(wait) else None
 
 
-def _decoder(encoding: str) -> "zlib._Decompress | None":
-    if encoding in ("", "identity"):
-        return None
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        return zlib.decompressobj(_GZIP_OR_ZLIB)
-    raise MalformedReply(f"reply in an encoding that was not asked for: {encoding[:40]!r}")
+class _Inflater:
+    """Decompresses a body of gzip members (concatenated members are one valid gzip stream, and
+    every one is read) or one zlib/deflate stream, a step at a time. A body that ends inside a
+    member, or has anything but another gzip member after one, is malformed: part of a reply is
+    never taken for the whole."""
+
+    def __init__(self, encoding: str) -> None:
+        if encoding not in ("gzip", "x-gzip", "deflate"):
+            raise MalformedReply(f"reply in an encoding that was not asked for: {encoding[:40]!r}")
+        self._members = encoding != "deflate"
+        self._decoder = zlib.decompressobj(_GZIP_OR_ZLIB)
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self._pending += chunk
+
+    def step(self) -> bytes | None:
+        """Up to _INFLATE_STEP_BYTES of output; None when the input so far is used up."""
+        if not self._pending:
+            return None
+        if self._decoder.eof:
+            if not self._members:
+                raise MalformedReply("reply has data after the end of its compressed stream")
+            self._decoder = zlib.decompressobj(_GZIP_OR_ZLIB)  # the next gzip member
+        data = self._decoder.decompress(self._pending, _INFLATE_STEP_BYTES)
+        self._pending = self._decoder.unused_data or self._decoder.unconsumed_tail
+        return data
+
+    def finish(self) -> bytes:
+        rest = self._decoder.flush()
+        if not self._decoder.eof:
+            raise MalformedReply("reply ends inside its compressed stream (cut short)")
+        return rest
+
+
+def _inflater(encoding: str) -> _Inflater | None:
+    return None if encoding in ("", "identity") else _Inflater(encoding)
 
 
 def _too_large(limit: int, status: int) -> MalformedReply:
@@ -118,25 +149,30 @@ def _too_large(limit: int, status: int) -> MalformedReply:
 async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body, decompressed, or MalformedReply(ReplyTooLarge) as soon as it passes `limit`:
     never more than `limit` bytes (plus one step) are held."""
-    decoder = _decoder(response.headers.get("Content-Encoding", "").strip().lower())
+    inflater = _inflater(response.headers.get("Content-Encoding", "").strip().lower())
     pieces: list[bytes] = []
     size = 0
+
+    def take(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise _too_large(limit, response.status)
+        pieces.append(data)
+
     try:
         async for chunk in response.content.iter_chunked(_READ_CHUNK_BYTES):
-            pending = chunk
-            while pending:
-                # A compressed chunk may inflate a thousandfold: a step at a time, with the loop
-                # free between steps.
-                data = decoder.decompress(pending, _INFLATE_STEP_BYTES) if decoder else pending
-                pending = decoder.unconsumed_tail if decoder else b""
-                size += len(data)
-                if size > limit:
-                    raise _too_large(limit, response.status)
-                pieces.append(data)
-                if pending:
-                    await asyncio.sleep(0)
-        if decoder is not None:
-            pieces.append(decoder.flush())
+            if inflater is None:
+                take(chunk)
+                continue
+            # A compressed chunk may inflate a thousandfold: a step at a time, with the loop
+            # free between steps.
+            inflater.feed(chunk)
+            while (data := inflater.step()) is not None:
+                take(data)
+                await asyncio.sleep(0)
+        if inflater is not None:
+            take(inflater.finish())
     except zlib.error as error:
         raise MalformedReply(f"reply does not decompress: {error}", response.status) from None
     body = b"".join(pieces)
@@ -174,9 +210,11 @@ def _error_from_reply(
     if document is None:
         snippet = body[:80].decode("utf-8", "replace").strip()
         return classify_error(status, None, f"non-JSON body: {snippet!r}", retry_after)
-    reason = document.get("reason")
-    return classify_error(status, reason if isinstance(reason, str) else None,
-                          str(document.get("message", "")), retry_after)
+    # Gemini's usual shape says `reason`; its conformance fixtures also send the reason under
+    # `error` ({"error": "MissingRole", "message": ...}).
+    reason = next((value for name in ("reason", "error")
+                   if isinstance(value := document.get(name), str) and value), None)
+    return classify_error(status, reason, str(document.get("message", "")), retry_after)
 
 
 class GeminiClient:
