@@ -7,6 +7,7 @@ Secret files and variables are read here, at start and again on SIGHUP.
 
 import ipaddress
 import os
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -70,6 +71,24 @@ def _off_or_interval(value: float | None) -> float | None:
     if value is not None and 0 < value < 1:
         raise ValueError("must be 0 (off) or at least 1 second")
     return value
+
+
+# What a currency code in a reply may be (`gemini.replies`), so that a configured one can match.
+_CURRENCY_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,15}", re.ASCII)
+
+
+def _by_currency(values: dict[str, Any]) -> dict[str, Any]:
+    """A mapping keyed by currency, its keys checked and folded to upper case as Gemini sends
+    them (a `usd:` threshold would otherwise never meet Gemini's USD rows)."""
+    folded: dict[str, Any] = {}
+    for currency, value in values.items():
+        if not _CURRENCY_CODE.fullmatch(currency):
+            raise ValueError(f"{currency[:20]!r} is not a currency code (1 to 16 ASCII letters, "
+                             "digits or ._-, starting with a letter or digit)")
+        if currency.upper() in folded:
+            raise ValueError(f"{currency!r} is given twice (currency codes ignore case)")
+        folded[currency.upper()] = value
+    return folded
 
 
 # 0 turns the poll off; otherwise an interval like `interval_seconds`.
@@ -146,6 +165,7 @@ class AccountOptions(_Strict):
 
     _check_off_or_interval = field_validator(
         "notional_interval_seconds", "staking_interval_seconds")(_off_or_interval)
+    _check_currencies = field_validator("min_available")(_by_currency)
 
     def over(self, defaults: "AccountOptions") -> "AccountOptions":
         """These options where they were set, `defaults` where they were not."""
@@ -215,6 +235,8 @@ class ExporterSettings(_Strict):
     precision: dict[str, Annotated[int, Field(ge=0, le=30)]] = {}
     default_precision: Annotated[int, Field(ge=0, le=30)] = DEFAULT_PRECISION_PLACES
     polling: PollingSettings = PollingSettings()
+
+    _check_currencies = field_validator("precision")(_by_currency)
 
     # ConfigError is no ValueError, so pydantic lets it through with its own paths intact.
     @model_validator(mode="after")

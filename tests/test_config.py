@@ -170,3 +170,15 @@ def test_durations_are_bounded_at_one_day(seconds: float, valid: bool) -> None:
         with pytest.raises(ConfigError) as caught:
             build_config(document, {})
         assert len(caught.value.problems) == 4  # every duration names its own problem
+
+
+def test_currency_keys_are_folded_to_upper_case_as_gemini_sends_them() -> None:
+    document = {"keys": [{"name": "k", "api_key": "master-x", "api_secret": "TOPSECRET-1",
+                          "discover": {"defaults": {"min_available": {"btc": 1}}}}],
+                "accounts": [{"key": "k", "account": "a", "min_available": {"usd": 100}}],
+                "precision": {"usd": 3}}
+    config = build_config(document, {})
+    assert config.settings.accounts[0].min_available == {"USD": 100}
+    assert config.settings.keys[0].discover is not None
+    assert config.settings.keys[0].discover.defaults.min_available == {"BTC": 1}
+    assert config.settings.precision == {"USD": 3}
