@@ -11,7 +11,7 @@ import contextlib
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 import yaml
@@ -19,7 +19,13 @@ import yaml
 from balance_exporter import __version__
 from balance_exporter.config import Config, ConfigError, load_config
 from balance_exporter.logging import LOG_LEVELS, configure_logging
-from balance_exporter.server import DEFAULT_LISTEN_ADDRESS, ListenAddress, ListenError, WebOptions
+from balance_exporter.server import (
+    DEFAULT_LISTEN_ADDRESS,
+    ListenAddress,
+    ListenError,
+    WebOptions,
+    telemetry_path_problem,
+)
 from balance_exporter.service import Service, freeze_startup_heap, run_until_signalled
 from balance_exporter.targets import plan
 from balance_exporter.webconfig import WebConfig, load_web_config
@@ -38,6 +44,20 @@ def _add_logging_flags(parser: argparse.ArgumentParser) -> None:
                         default="json", help="log line format (default: json)")
 
 
+class _FlagParser(argparse.ArgumentParser):
+    """A bad flag is one line on stderr and exit 2, as Prometheus' exporters do it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_CONFIG, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _telemetry_path(text: str) -> str:
+    problem = telemetry_path_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def _listen_address(text: str) -> ListenAddress:
     try:
         return ListenAddress.parse(text)
@@ -50,13 +70,14 @@ def _add_web_flags(parser: argparse.ArgumentParser) -> None:
                         default=DEFAULT_LISTEN_ADDRESS,
                         help=f"address to serve metrics on (default: {DEFAULT_LISTEN_ADDRESS})")
     parser.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
+                        type=_telemetry_path,
                         help="path under which to expose metrics (default: /metrics)")
     parser.add_argument("--web.config.file", dest="web_config_file", type=Path,
                         help="exporter-toolkit web config file (TLS, basic auth)")
 
 
 def _exporter_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _FlagParser(
         prog="balance-exporter",
         description="Prometheus exporter for Gemini account balances. Subcommands: "
         "`demo` (exporter + built-in simulator, no credentials), `simulate` (simulator alone).",
@@ -75,7 +96,7 @@ def _exporter_parser() -> argparse.ArgumentParser:
 
 
 def _demo_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _FlagParser(
         prog="balance-exporter demo",
         description="Run the built-in Gemini simulator and the exporter polling it.",
     )
@@ -87,7 +108,7 @@ def _demo_parser() -> argparse.ArgumentParser:
 
 
 def _simulate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _FlagParser(
         prog="balance-exporter simulate",
         description="Run the Gemini simulator alone (for tests, or to try the exporter by hand).",
     )

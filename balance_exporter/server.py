@@ -52,6 +52,20 @@ def default_max_connections() -> int:
         return 512
     return max(8, min(512, (soft - RESERVED_DESCRIPTORS) // 2))
 
+# Paths the server answers itself: the metrics under one of them would hide it, and the
+# probes are served without basic auth.
+RESERVED_PATHS = frozenset({"/", "/-/healthy", "/-/ready"})
+
+
+def telemetry_path_problem(path: str) -> str | None:
+    """Why `path` cannot be the metrics' path; None if it can."""
+    if not path.startswith("/") or any(c.isspace() or c in "?#" for c in path):
+        return f"{path[:100]!r} is not an absolute URL path (like /metrics)"
+    if path in RESERVED_PATHS:
+        return f"{path!r} is taken by the landing page or a probe; choose another path"
+    return None
+
+
 EXPOSITION_KEY = web.AppKey("exposition", ExpositionCache)
 TELEMETRY_PATH_KEY = web.AppKey("telemetry_path", str)
 
@@ -181,13 +195,15 @@ def build_app(
     telemetry_path: str = "/metrics",
     middlewares: tuple[Middleware, ...] = (),
 ) -> web.Application:
+    problem = telemetry_path_problem(telemetry_path)
+    if problem is not None:
+        raise ValueError(problem)
     app = web.Application(middlewares=middlewares)
     app[EXPOSITION_KEY] = exposition
     app.cleanup_ctx.append(_rendering_in_the_background)
     app[TELEMETRY_PATH_KEY] = telemetry_path
     app.router.add_get(telemetry_path, metrics_handler)
-    if telemetry_path != "/":
-        app.router.add_get("/", landing_handler)
+    app.router.add_get("/", landing_handler)
     app.router.add_get("/-/healthy", healthy_handler)
     app.router.add_get("/-/ready", ready_handler)
     return app

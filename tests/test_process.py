@@ -313,3 +313,22 @@ def test_a_slowloris_flood_under_a_low_descriptor_limit_leaves_metrics_up(
             client.close()
         process.kill()
         process.wait()
+
+
+@pytest.mark.parametrize(("path", "problem"), [
+    ("/-/ready", "is taken by the landing page or a probe"),
+    ("/-/healthy", "is taken by the landing page or a probe"),
+    ("/", "is taken by the landing page or a probe"),
+    ("metrics", "is not an absolute URL path"),
+    ("/me trics", "is not an absolute URL path"),
+])
+def test_a_telemetry_path_that_clashes_or_is_no_path_is_a_bad_flag_exit_2(
+    config_path: Path, path: str, problem: str
+) -> None:
+    result = subprocess.run(
+        console_script("--config.file", str(config_path), f"--web.telemetry-path={path}"),
+        capture_output=True, text=True, check=False, timeout=30)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1  # one line, no usage text, no traceback
+    assert "--web.telemetry-path" in result.stderr
+    assert problem in result.stderr
