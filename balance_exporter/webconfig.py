@@ -33,9 +33,10 @@ class TlsServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     cert_file: Path
     key_file: Path
+    # exporter-toolkit's values (RequireClientCert is its older name of RequireAnyClientCert).
     client_auth_type: Literal[
-        "NoClientCert", "RequireAnyClientCert", "VerifyClientCertIfGiven",
-        "RequireAndVerifyClientCert",
+        "NoClientCert", "RequestClientCert", "RequireAnyClientCert", "RequireClientCert",
+        "VerifyClientCertIfGiven", "RequireAndVerifyClientCert",
     ] = "NoClientCert"
     client_ca_file: Path | None = None
     min_version: Literal["TLS12", "TLS13"] = "TLS12"
@@ -67,13 +68,43 @@ def load_web_config(path: Path) -> WebConfig:
             if (value := getattr(tls, name)) is not None
         })
         config = config.model_copy(update={"tls_server_config": tls})
-    if tls is not None and tls.client_auth_type.startswith(("Verify", "RequireAndVerify")) and (
-        tls.client_ca_file is None
-    ):
-        problems.append(f"{path}: tls_server_config.client_ca_file: needed to verify clients")
+    if tls is not None:
+        problems += [f"{path}: tls_server_config.{problem}"
+                     for problem in _client_auth_problems(tls)]
     if problems:
         raise ConfigError(problems)
     return config
+
+
+# How each client_auth_type is served. exporter-toolkit (Go's crypto/tls) can ask for a client
+# certificate without verifying it; Python's ssl module cannot, so:
+# - RequestClientCert (asked for, never required nor verified) lets every client in, as not
+#   asking does: it is served without asking;
+# - RequireAnyClientCert needs client_ca_file here, and the certificate must chain to it: a
+#   client without one is refused, as in exporter-toolkit, and so is one whose certificate this
+#   side cannot verify (stricter than exporter-toolkit, never looser).
+_VERIFY_MODES = {
+    "NoClientCert": ssl.CERT_NONE,
+    "RequestClientCert": ssl.CERT_NONE,
+    "RequireAnyClientCert": ssl.CERT_REQUIRED,
+    "RequireClientCert": ssl.CERT_REQUIRED,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+
+
+def _client_auth_problems(tls: TlsServerConfig) -> list[str]:
+    auth = tls.client_auth_type
+    if auth == "NoClientCert" and tls.client_ca_file is not None:
+        # As exporter-toolkit: client CAs without a policy that asks for certificates.
+        return ["client_ca_file: set, but client_auth_type asks for no client certificate; "
+                "set client_auth_type (RequireAndVerifyClientCert, say)"]
+    if auth in ("RequireAnyClientCert", "RequireClientCert") and tls.client_ca_file is None:
+        return [f"client_ca_file: needed with {auth} here: this exporter verifies every client "
+                "certificate it asks for (Python's TLS cannot take one unverified)"]
+    if _VERIFY_MODES[auth] != ssl.CERT_NONE and tls.client_ca_file is None:
+        return [f"client_ca_file: needed to verify clients ({auth})"]
+    return []
 
 
 def ssl_context(tls: TlsServerConfig) -> ssl.SSLContext:
@@ -87,12 +118,7 @@ def ssl_context(tls: TlsServerConfig) -> ssl.SSLContext:
             context.load_verify_locations(tls.client_ca_file)
     except (OSError, ssl.SSLError) as error:
         raise ConfigError([f"tls_server_config: cannot load certificates: {error}"]) from None
-    context.verify_mode = {
-        "NoClientCert": ssl.CERT_NONE,
-        "RequireAnyClientCert": ssl.CERT_OPTIONAL,
-        "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-        "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
-    }[tls.client_auth_type]
+    context.verify_mode = _VERIFY_MODES[tls.client_auth_type]
     return context
 
 

@@ -81,8 +81,74 @@ async def test_tls_from_the_web_config(
         await http.get(f"{url}/metrics")  # the self-signed certificate is not trusted by default
 
 
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def client_certificates(certificate: Path) -> Path:
+    """Beside the server's: a client CA, a client certificate it signed, and a stranger's
+    self-signed one (all made with openssl)."""
+    folder = certificate
+    for name in ("ca", "stranger"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                f"/CN={name}", "-keyout", str(folder / f"{name}.key"),
+                "-out", str(folder / f"{name}.pem"))
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=prometheus",
+            "-keyout", str(folder / "client.key"), "-out", str(folder / "client.csr"))
+    openssl("x509", "-req", "-in", str(folder / "client.csr"), "-CA", str(folder / "ca.pem"),
+            "-CAkey", str(folder / "ca.key"), "-CAcreateserial", "-days", "1",
+            "-out", str(folder / "client.pem"))
+    return folder
+
+
+async def scrape_status(url: str, folder: Path, client: str | None) -> int | None:
+    """The /metrics status for a client presenting `client`'s certificate (or none); None when
+    the TLS handshake refused it."""
+    trust = ssl.create_default_context(cafile=str(folder / "cert.pem"))
+    if client is not None:
+        trust.load_cert_chain(folder / f"{client}.pem", folder / f"{client}.key")
+    try:
+        async with aiohttp.ClientSession() as session, session.get(
+                f"{url}/metrics", ssl=trust) as response:
+            return response.status
+    except (aiohttp.ClientError, ssl.SSLError, ConnectionError):
+        return None
+
+
+# Who gets in, per client_auth_type: no certificate, one the client CA signed, a stranger's.
+@pytest.mark.parametrize(("auth_type", "with_ca", "none", "signed", "stranger"), [
+    ("NoClientCert", False, 200, 200, 200),
+    ("RequestClientCert", False, 200, 200, 200),
+    ("RequestClientCert", True, 200, 200, 200),
+    ("RequireAnyClientCert", True, None, 200, None),  # stricter than Go: verified
+    ("RequireClientCert", True, None, 200, None),
+    ("VerifyClientCertIfGiven", True, 200, 200, None),
+    ("RequireAndVerifyClientCert", True, None, 200, None),
+])
+async def test_each_client_auth_type_lets_in_whom_exporter_toolkit_does(
+    client_certificates: Path, serve: Serve, auth_type: str, with_ca: bool,
+    none: int | None, signed: int | None, stranger: int | None,
+) -> None:
+    ca = "  client_ca_file: ca.pem\n" if with_ca else ""
+    config = load_web_config(write_web_config(
+        client_certificates, "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+        f"  client_auth_type: {auth_type}\n{ca}"))
+    assert config.tls_server_config is not None
+    url = await serve(build_app(ExpositionCache(fixed_store())),
+                      ssl_context(config.tls_server_config))
+    assert [await scrape_status(url, client_certificates, client)
+            for client in (None, "client", "stranger")] == [none, signed, stranger]
+
+
 @pytest.mark.parametrize(("text", "problem"), [
     ("basic_auth_users:\n  alice: plaintext\n", "not a bcrypt hash"),
+    ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: "
+     "RequireAnyClientCert\n", "client_ca_file: needed with RequireAnyClientCert"),
+    ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_ca_file: ca.pem\n",
+     "client_ca_file: set, but client_auth_type asks for no client certificate"),
+    ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: "
+     "VerifyClientCertIfGiven\n", "client_ca_file: needed to verify clients"),
     ("tls_server_config:\n  cert_file: a\n", "key_file: Field required"),
     ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: "
      "RequireAndVerifyClientCert\n", "client_ca_file"),
