@@ -143,14 +143,18 @@ class KeyPacing:
 
 
 class SharedBudget:
-    """A request budget shared by every key (for a per-IP limit): hands out start times."""
+    """A request budget shared by every key (for a per-IP limit): hands out start times, one
+    spacing apart, in the order they are asked for. A worker asks only once its job is due, so
+    no key holds a slot far ahead that the others would wait behind: with N keys a due job waits
+    at most N - 1 slots."""
 
     def __init__(self, requests_per_second: float) -> None:
+        self.requests_per_second = requests_per_second
         self._spacing = 1.0 / requests_per_second
         self._next_free = float("-inf")
 
-    def reserve(self, earliest: float) -> float:
-        start = max(earliest, self._next_free)
+    def reserve(self, now: float) -> float:
+        start = max(now, self._next_free)
         self._next_free = start + self._spacing
         return start
 
@@ -188,10 +192,12 @@ class KeySchedule:
         self._endpoint_free_at: dict[Endpoint | None, float] = {}
         self.update(key_plan, now)
 
-    def update(self, key_plan: KeyPlan, now: float) -> None:
+    def update(self, key_plan: KeyPlan, now: float, backoffs: Backoffs | None = None) -> None:
         """Adopt a (new) plan. A new account's balances are due at once (the key's spacing
         spreads them), its other endpoints at their first grid point; jobs that stay keep their
-        due time, phase and failures."""
+        due time, phase and failures: a reload or a listing moves no unchanged job on its grid."""
+        if backoffs is not None:
+            self._backoffs = backoffs
         intervals: dict[Job, float] = {}
         if key_plan.listing_interval_seconds is not None:
             intervals[LISTING] = key_plan.listing_interval_seconds
@@ -294,11 +300,13 @@ def _even_phases(jobs: list[Job]) -> dict[Job, float]:
             for index, job in enumerate(group)}
 
 
+# Called with the API key that listed (its identity, whatever its entry is named) and the rows.
 ListingHandler = Callable[[str, tuple[ListedAccount, ...]], None]
 
 
 class KeyWorker:
-    """Sends one key's requests forever, following its `KeySchedule`."""
+    """Sends one key's requests forever, following its `KeySchedule`. It outlives reloads: a new
+    config changes its settings (`reconfigure`) and its schedule in place and wakes it."""
 
     def __init__(
         self,
@@ -313,39 +321,76 @@ class KeyWorker:
         shared_budget: SharedBudget | None = None,
         on_listing: ListingHandler | None = None,
     ) -> None:
-        self._key_name = key_name
+        self.key_name = key_name
         self._credentials = credentials
         self._nonces = nonces
-        self._schedule = schedule
+        self.schedule = schedule
         self._client = client
         self._store = store
         self._rules = rules
         self._clock = clock
         self._shared_budget = shared_budget
         self._on_listing = on_listing
+        self._woken = asyncio.Event()
+
+    def reconfigure(
+        self, key_name: str, credentials: Credentials, nonces: NonceSource, client: PrivateApi,
+        rules: ReplyRules, shared_budget: SharedBudget | None,
+    ) -> None:
+        """A reload's settings for the same API key; the next request uses them."""
+        self.key_name = key_name
+        self._credentials = credentials
+        self._nonces = nonces
+        self._client = client
+        self._rules = rules
+        self._shared_budget = shared_budget
+
+    def wake(self) -> None:
+        """The schedule changed: look at it again now, not when the current wait ends."""
+        self._woken.set()
 
     async def run(self) -> None:
         while True:
-            planned = self._schedule.next_poll(self._clock.monotonic())
+            self._woken.clear()
+            now = self._clock.monotonic()
+            planned = self.schedule.next_poll(now)
+            if not await self._sleep_until(planned[1] if planned else now + IDLE_SECONDS):
+                continue  # a new plan meanwhile: look again
             if planned is None:
-                await self._clock.sleep(IDLE_SECONDS)
                 continue
-            job, start = planned
+            job = planned[0]
             if self._shared_budget is not None:
-                start = self._shared_budget.reserve(start)
-            await self._clock.sleep(start - self._clock.monotonic())
-            # A new plan (another key's listing) may have dropped the job meanwhile.
-            if job in self._schedule.next_due:
+                # Asked for only now that the job is due (see SharedBudget).
+                slot = self._shared_budget.reserve(self._clock.monotonic())
+                await self._clock.sleep(slot - self._clock.monotonic())
+            # A new plan (a reload, another key's listing) may have dropped the job meanwhile.
+            if job in self.schedule.next_due:
                 await self.poll(job)
+
+    async def _sleep_until(self, moment: float) -> bool:
+        """Sleep until `moment` (monotonic); False when woken before it by a new plan."""
+        delay = moment - self._clock.monotonic()
+        if delay <= 0:
+            return True
+        if self._woken.is_set():
+            return False
+        sleeping = asyncio.ensure_future(self._clock.sleep(delay))
+        woken = asyncio.ensure_future(self._woken.wait())
+        try:
+            await asyncio.wait((sleeping, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            woken.cancel()
+        return not self._woken.is_set()
 
     async def poll(self, job: Job) -> None:
         started = self._clock.monotonic()
-        self._schedule.started(started)
-        self._store.record_request(self._key_name)
-        fields = {"key": self._key_name, **job.log_fields}
+        self.schedule.started(started)
+        self._store.record_request(self.key_name)
+        fields = {"key": self.key_name, **job.log_fields}
         # What the request is for, as planned when it is sent: its reply or failure is this
         # target's only, whatever a new plan makes of the label meanwhile.
-        target = self._schedule.targets.get(job.label) if job.endpoint is not None else None
+        target = self.schedule.targets.get(job.label) if job.endpoint is not None else None
         try:
             if job.endpoint is None:
                 listing = await self._fetch(account_list_request(), _parse_listing)
@@ -362,8 +407,8 @@ class KeyWorker:
             self._record_error(job, target, internal, started, fields)
             return
         finally:
-            self._schedule.finished(job, started, self._clock.monotonic())
-        self._schedule.succeeded(job, started)
+            self.schedule.finished(job, started, self._clock.monotonic())
+        self.schedule.succeeded(job, started)
         if job.endpoint is None:
             self._adopt_listing(listing)
             return
@@ -394,10 +439,10 @@ class KeyWorker:
         if full:
             log.warning("account listing is full: Gemini lists at most this many accounts in "
                         "one call and documents no paging, so some may be missing",
-                        key=self._key_name, accounts=len(listing.accounts))
-        self._store.record_listing(self._key_name, listing.accounts, full, self._clock.wall())
+                        key=self.key_name, accounts=len(listing.accounts))
+        self._store.record_listing(self.key_name, listing.accounts, full, self._clock.wall())
         if self._on_listing is not None:
-            self._on_listing(self._key_name, listing.accounts)
+            self._on_listing(self._credentials.api_key, listing.accounts)
 
     def _record_error(
         self, job: Job, target: AccountTarget | None, error: GeminiError, started: float,
@@ -405,7 +450,7 @@ class KeyWorker:
     ) -> None:
         now = self._clock.monotonic()
         if job.endpoint is None:
-            self._store.record_listing_failure(self._key_name, error.reason)
+            self._store.record_listing_failure(self.key_name, error.reason)
         else:
             self._store.record_failure(job.label, job.endpoint, error.reason, now - started,
                                        sent=target)
@@ -414,20 +459,20 @@ class KeyWorker:
         if error.gemini_reason != error.reason:
             details["gemini_reason"] = error.gemini_reason
         if isinstance(error, RateLimited):
-            self._store.record_rate_limited(self._key_name)
-            pause = self._schedule.rate_limited(now, error.retry_after)
+            self._store.record_rate_limited(self.key_name)
+            pause = self.schedule.rate_limited(now, error.retry_after)
             if error.retry_after is not None and pause < error.retry_after:
                 details["retry_after_clamped_from"] = round(error.retry_after, 3)
             log.warning("rate limited, pausing key", **details, pause_seconds=round(pause, 3))
         elif isinstance(error, RequestRejected):
             if error.reason == "InvalidNonce":
                 self._nonces.rejected()
-            retry = self._schedule.rejected(job, now)
+            retry = self.schedule.rejected(job, now)
             log.error("request rejected", **details, hint=error.hint,
                       retry_seconds=round(retry, 3))
         else:
             assert isinstance(error, TransientError | MalformedReply)
-            retry = self._schedule.failed(job, now)
+            retry = self.schedule.failed(job, now)
             log.warning("poll failed", **details, retry_seconds=round(retry, 3))
 
 
@@ -452,12 +497,25 @@ def _request_for(
             lambda body, now_ns: parse_staking_reply(body, rules, now_ns))
 
 
-class Scheduler:
-    """Runs one `KeyWorker` per configured key; `apply` swaps in a new config.
+@dataclass
+class _KeyRuntime:
+    """One API key's running worker, and the task that supervises it."""
 
-    A key's nonces, pacing and last listing belong to the API key itself, not to its entry in
-    the config, so they are kept per API key across reloads: a reload can neither reuse a nonce
-    nor burst past the key's budget, and discovered accounts stay polled through it.
+    worker: KeyWorker
+    task: asyncio.Task[None]
+
+
+class Scheduler:
+    """Runs one `KeyWorker` per configured API key; `apply` swaps in a new config.
+
+    A key's nonces, pacing, schedule, worker and last listing belong to the API key itself, not
+    to its entry in the config, so they are kept per API key across reloads: a reload can
+    neither reuse a nonce nor burst past the key's budget, it cancels no request in flight and
+    moves no unchanged job on its grid, and discovered accounts stay polled through it.
+
+    Plans are made in a thread (at 10,000 accounts that takes a tenth of a second), one at a
+    time: a listing that changes what a key polls asks for a new plan, and listings that come
+    while one is being made are taken into the next.
     """
 
     def __init__(self, session: aiohttp.ClientSession, store: BalanceStore, clock: Clock) -> None:
@@ -469,10 +527,15 @@ class Scheduler:
         # Per API key: the last successful listing, and when (monotonic) it came.
         self._listings: dict[str, tuple[tuple[ListedAccount, ...], float]] = {}
         self._config: Config | None = None
-        self._schedules: dict[str, KeySchedule] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        # Two reloads in quick succession must not interleave and leave two workers on a key.
-        self._applying = asyncio.Lock()
+        self._runtimes: dict[str, _KeyRuntime] = {}
+        # Workers of API keys a reload dropped, until they have ended.
+        self._retired: set[asyncio.Task[None]] = set()
+        self._shared: SharedBudget | None = None
+        # One plan at a time, reloads and listings alike; a listing that comes while a plan is
+        # made sets this, and the planner plans again.
+        self._planning = asyncio.Lock()
+        self._replan_wanted = False
+        self._replanning: asyncio.Task[None] | None = None
 
     def _key_continuity(
         self, key: KeySettings, credentials: Credentials
@@ -487,9 +550,9 @@ class Scheduler:
         return nonces, pacing
 
     async def apply(self, config: Config) -> None:
-        async with self._applying:
-            await self.stop()
-            self._start(config)
+        async with self._planning:
+            current = await asyncio.to_thread(plan, config, self._known_listings(config))
+            self._install(config, current)
 
     def _known_listings(self, config: Config) -> dict[str, tuple[ListedAccount, ...]]:
         """The last listing of each discovering key (by key name), if its API key has one."""
@@ -502,6 +565,7 @@ class Scheduler:
         discovering = {name: key_plan.listing_interval_seconds
                        for name, key_plan in current.keys.items()
                        if key_plan.listing_interval_seconds is not None}
+        old_labels = {snapshot.target.label for snapshot in self._store.account_snapshots()}
         self._store.configure(current.targets, config.credentials.keys(), discovering)
         for name, key_plan in current.keys.items():
             if name in discovering:
@@ -511,16 +575,27 @@ class Scheduler:
         for skipped in current.skipped:
             log.warning("discovered account not polled: its label is taken", key=skipped.key_name,
                         account=skipped.short_name, taken_by_key=skipped.taken_by)
+        new_labels = {target.label for target in current.targets}
+        if old_labels and new_labels != old_labels:
+            log.info("what is polled changed", accounts=len(new_labels),
+                     added=sorted(new_labels - old_labels)[:50],
+                     removed=sorted(old_labels - new_labels)[:50])
 
-    def _start(self, config: Config) -> None:
+    def _shared_budget(self, config: Config) -> SharedBudget | None:
+        """The shared budget, kept across a reload that does not change its rate (a new one
+        would forget the slots just handed out)."""
+        rate = config.settings.gemini.requests_per_second
+        if rate is None:
+            return None
+        if self._shared is None or self._shared.requests_per_second != rate:
+            self._shared = SharedBudget(rate)
+        return self._shared
+
+    def _install(self, config: Config, current: Plan) -> None:
+        """Adopt a plan made for `config`: the store first, then every key's worker."""
         self._config = config
-        current = plan(config, self._known_listings(config))
         self._configure_store(config, current)
-        shared = (
-            SharedBudget(config.settings.gemini.requests_per_second)
-            if config.settings.gemini.requests_per_second is not None
-            else None
-        )
+        shared = self._shared_budget(config)
         backoffs = Backoffs(
             max_backoff_seconds=config.settings.polling.max_backoff_seconds,
             rejected_retry_seconds=config.settings.polling.rejected_retry_seconds,
@@ -530,79 +605,94 @@ class Scheduler:
         client = GeminiClient(self._session, gemini.base_url, gemini.timeout_seconds,
                               gemini.max_reply_bytes, gemini.proxy_url, config.gemini_tls)
         now = self._clock.monotonic()
-        self._schedules = {}
+        runtimes: dict[str, _KeyRuntime] = {}
         for key in config.settings.keys:
             credentials = config.credentials[key.name]
             nonces, pacing = self._key_continuity(key, credentials)
             key_plan = current.keys[key.name]
-            schedule = KeySchedule(key_plan, pacing, backoffs, now)
-            known = self._listings.get(credentials.api_key)
-            if known is not None and key_plan.listing_interval_seconds is not None:
-                # The accounts it listed are polled at once; the listing keeps its rhythm.
-                schedule.next_due[LISTING] = known[1] + key_plan.listing_interval_seconds
-            self._schedules[key.name] = schedule
-            worker = KeyWorker(
-                key.name, credentials, nonces, schedule, client, self._store, rules,
-                self._clock, shared, on_listing=self._adopt_listing,
-            )
-            task = asyncio.create_task(self._supervise(key.name, worker, backoffs),
-                                       name=f"poll-{key.name}")
-            task.add_done_callback(partial(self._supervisor_ended, key.name))
-            self._tasks.append(task)
+            runtime = self._runtimes.pop(credentials.api_key, None)
+            if runtime is None:
+                runtime = self._start_worker(key.name, credentials, nonces, key_plan, pacing,
+                                             backoffs, client, rules, shared, now)
+            else:
+                runtime.worker.reconfigure(key.name, credentials, nonces, client, rules, shared)
+                runtime.worker.schedule.update(key_plan, now, backoffs)
+                runtime.worker.wake()
+            runtimes[credentials.api_key] = runtime
+        for dropped in self._runtimes.values():  # API keys the config no longer has
+            dropped.task.cancel()
+            self._retired.add(dropped.task)
+            dropped.task.add_done_callback(self._retired.discard)
+        self._runtimes = runtimes
 
-    def _adopt_listing(self, key_name: str, listed: tuple[ListedAccount, ...]) -> None:
-        """A key's new listing: if it changes what is polled, plan every key again."""
-        config = self._config
-        assert config is not None
-        api_key = config.credentials[key_name].api_key
+    def _start_worker(
+        self, key_name: str, credentials: Credentials, nonces: NonceSource, key_plan: KeyPlan,
+        pacing: KeyPacing, backoffs: Backoffs, client: GeminiClient, rules: ReplyRules,
+        shared: SharedBudget | None, now: float,
+    ) -> _KeyRuntime:
+        schedule = KeySchedule(key_plan, pacing, backoffs, now)
+        known = self._listings.get(credentials.api_key)
+        if known is not None and key_plan.listing_interval_seconds is not None:
+            # The accounts it listed are polled at once; the listing keeps its rhythm.
+            schedule.next_due[LISTING] = known[1] + key_plan.listing_interval_seconds
+        worker = KeyWorker(key_name, credentials, nonces, schedule, client, self._store, rules,
+                           self._clock, shared, on_listing=self._adopt_listing)
+        task = asyncio.create_task(self._supervise(worker), name=f"poll-{key_name}")
+        task.add_done_callback(partial(self._supervisor_ended, worker))
+        return _KeyRuntime(worker, task)
+
+    def _adopt_listing(self, api_key: str, listed: tuple[ListedAccount, ...]) -> None:
+        """A key's new listing: if it differs from the last, plan again."""
         previous = self._listings.get(api_key)
         self._listings[api_key] = (listed, self._clock.monotonic())
         if previous is not None and previous[0] == listed:
             return
-        old_labels = {target.label for target in self._store_targets()}
-        current = plan(config, self._known_listings(config))
-        now = self._clock.monotonic()
-        for name, schedule in self._schedules.items():
-            schedule.update(current.keys[name], now)
-        self._configure_store(config, current)
-        new_labels = {target.label for target in current.targets}
-        log.info("account listing changed what is polled", key=key_name,
-                 listed=len(listed), added=sorted(new_labels - old_labels)[:50],
-                 removed=sorted(old_labels - new_labels)[:50])
+        self._replan_wanted = True
+        if self._replanning is None or self._replanning.done():
+            self._replanning = asyncio.create_task(self._replan(), name="replan")
 
-    def _store_targets(self) -> list[AccountTarget]:
-        return [snapshot.target for snapshot in self._store.account_snapshots()]
+    async def _replan(self) -> None:
+        async with self._planning:
+            while self._replan_wanted:
+                self._replan_wanted = False
+                config = self._config
+                assert config is not None  # listings come from workers a config started
+                current = await asyncio.to_thread(plan, config, self._known_listings(config))
+                self._install(config, current)
 
-    async def _supervise(self, key_name: str, worker: KeyWorker, backoffs: Backoffs) -> None:
+    async def _supervise(self, worker: KeyWorker) -> None:
         """Run the key's worker; if it raises (a bug), log it and start it again after a backoff,
         so that one bad reply or state never stops a key's polling for good."""
         crashes = 0
         rng = random.Random()
         while True:
-            self._store.record_worker_running(key_name, True)
+            self._store.record_worker_running(worker.key_name, True)
             try:
                 await worker.run()
                 raise RuntimeError("the worker returned")  # it loops forever by design
             except Exception:
                 crashes += 1
-                self._store.record_worker_running(key_name, False)
-                self._store.record_worker_restart(key_name)
+                self._store.record_worker_running(worker.key_name, False)
+                self._store.record_worker_restart(worker.key_name)
+                assert self._config is not None
                 delay = jittered_backoff(crashes, RESTART_BACKOFF_BASE_SECONDS,
-                                         backoffs.max_backoff_seconds, rng)
-                log.exception("key worker crashed, restarting it", key=key_name,
+                                         self._config.settings.polling.max_backoff_seconds, rng)
+                log.exception("key worker crashed, restarting it", key=worker.key_name,
                               crashes=crashes, restart_in_seconds=round(delay, 3))
             await self._clock.sleep(delay)
 
-    def _supervisor_ended(self, key_name: str, task: asyncio.Task[None]) -> None:
+    def _supervisor_ended(self, worker: KeyWorker, task: asyncio.Task[None]) -> None:
         # Only a cancelled task ends on purpose; anything else leaves the key unpolled, and that
         # must show (gemini_key_worker_running, /-/healthy) rather than pass in silence.
         if not task.cancelled():
-            self._store.record_worker_running(key_name, False)
-            log.error("key worker supervisor ended; the key is no longer polled", key=key_name,
-                      error=repr(task.exception()))
+            self._store.record_worker_running(worker.key_name, False)
+            log.error("key worker supervisor ended; the key is no longer polled",
+                      key=worker.key_name, error=repr(task.exception()))
 
     async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
+        tasks = [runtime.task for runtime in self._runtimes.values()]
+        tasks += [*self._retired, *([self._replanning] if self._replanning else [])]
+        self._runtimes = {}
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

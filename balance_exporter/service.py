@@ -81,7 +81,9 @@ class Service:
     async def reload(self) -> bool:
         """Re-read the config and secrets; keep the running config if the new one is bad."""
         try:
-            config = load_config(self.config_path)
+            # In a thread: reading and checking 10,000 accounts and their secret files would
+            # hold the event loop, and so every poll, scrape and probe, for a tenth of a second.
+            config = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as error:
             log.error("config reload rejected, keeping the running config",
                       problems=error.problems)

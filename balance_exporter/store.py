@@ -267,6 +267,9 @@ class BalanceStore:
             if previous is None:
                 self._accounts[target.label] = AccountSnapshot(target)
                 continue
+            if previous.target == target:
+                self._accounts[target.label] = previous  # unchanged: nothing to render again
+                continue
             kept: dict[str, Any] = {"target": target}
             for endpoint in Endpoint:
                 if previous.target.identity(endpoint) != target.identity(endpoint):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # types only: the store and exposition import targets, not pydantic
-    from balance_exporter.config import AccountOptions, Config, DiscoverSettings
+    from balance_exporter.config import AccountOptions, AccountSettings, Config, DiscoverSettings
 
 
 class Endpoint(enum.Enum):
@@ -201,20 +201,21 @@ def plan(config: "Config", listings: Mapping[str, Sequence[ListedAccount]] | Non
     taken = {account.label: account.key for account in settings.accounts}
     unstretched: dict[str, tuple[list[AccountTarget], float | None]] = {}
     skipped: list[SkippedAccount] = []
+    # Each key's accounts, in one pass: planning is linear in the accounts, whatever the keys.
+    accounts_of: dict[str, list[AccountSettings]] = {}
+    for account in settings.accounts:
+        accounts_of.setdefault(account.key, []).append(account)
     for key in settings.keys:
         discover = key.discover
         defaults = discover.defaults if discover is not None else None
         listed = {row.short_name: row for row in listings.get(key.name, ())}
         targets = []
-        for account in settings.accounts:
-            if account.key != key.name:
-                continue
+        for account in accounts_of.get(key.name, ()):
             options = account.over(defaults) if defaults is not None else account
             row = listed.get(account.account) if account.account is not None else None
             targets.append(_target(account.label, key.name, account.account, options, config,
                                    row, discovered=False))
-        configured = {account.account for account in settings.accounts
-                      if account.key == key.name}
+        configured = {account.account for account in accounts_of.get(key.name, ())}
         if discover is not None and defaults is not None:
             for row in listed.values():
                 if (row.short_name in configured or not row.pollable

@@ -2,6 +2,7 @@
 state, free ports, waiting for conditions, and reading /metrics. Fixtures live in conftest.py."""
 
 import asyncio
+import heapq
 import json
 import socket
 import time
@@ -200,6 +201,43 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+class VirtualClock:
+    """A clock whose time moves only when `run_for` moves it: to the next sleeper's wake time,
+    once every task has done what it can at this time. Several workers can share it (a
+    stepping fake clock that jumps at every sleep cannot stand for more than one)."""
+
+    def __init__(self, start: float = 100.0) -> None:
+        self.now = start
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._count = 0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return 1_700_000_000.0 + self.now
+
+    async def sleep(self, seconds: float) -> None:
+        waiting = asyncio.get_running_loop().create_future()
+        self._count += 1
+        heapq.heappush(self._sleepers, (self.now + max(0.0, seconds), self._count, waiting))
+        await waiting
+
+    async def run_for(self, seconds: float) -> None:
+        end = self.now + seconds
+        while True:
+            for _ in range(50):  # every task does what it can at this time
+                await asyncio.sleep(0)
+            while self._sleepers and self._sleepers[0][2].cancelled():
+                heapq.heappop(self._sleepers)
+            if not self._sleepers or self._sleepers[0][0] > end:
+                break
+            wake, _, waiting = heapq.heappop(self._sleepers)
+            self.now = max(self.now, wake)
+            waiting.set_result(None)
+        self.now = end
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

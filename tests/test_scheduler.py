@@ -22,6 +22,7 @@ from balance_exporter.gemini.replies import ReplyRules
 from balance_exporter.precision import Precision
 from balance_exporter.scheduler import (
     Backoffs,
+    Clock,
     Job,
     KeyPacing,
     KeySchedule,
@@ -32,6 +33,7 @@ from balance_exporter.scheduler import (
 )
 from balance_exporter.store import BalanceStore
 from balance_exporter.targets import AccountTarget, Endpoint, KeyPlan
+from tests.helpers import VirtualClock
 
 BACKOFFS = Backoffs(max_backoff_seconds=300, rejected_retry_seconds=600)
 
@@ -202,7 +204,7 @@ class FakeClock:
 class ScriptedGemini:
     """Answers each account from a script of outcomes; records when each request came."""
 
-    def __init__(self, clock: FakeClock, script: dict[str, list[bytes | GeminiError]]) -> None:
+    def __init__(self, clock: Clock, script: dict[str, list[bytes | GeminiError]]) -> None:
         self._clock = clock
         self._script = script
         self.calls: list[tuple[str | None, float]] = []
@@ -214,7 +216,7 @@ class ScriptedGemini:
     ) -> bytes:
         account = request.params.get("account")
         assert account is None or isinstance(account, str)
-        self.calls.append((account, self._clock.now))
+        self.calls.append((account, self._clock.monotonic()))
         if len(self.calls) >= self.wanted:
             self.enough.set()
         outcomes = self._script.get(account or "", [])
@@ -527,3 +529,33 @@ async def test_a_time_based_key_recovers_from_a_forward_clock_step_at_its_next_r
         await task
     # One refusal (the hour-ahead nonce), then the clock again, not an hour of refusals.
     assert gemini.outcomes[:4] == ["InvalidNonce", "ok", "ok", "ok"]
+
+
+
+async def test_a_shared_budget_gives_every_key_its_share_and_is_never_exceeded() -> None:
+    """Two keys of unequal loads behind one shared budget: the light key's next job, far off,
+    must hold no slot that the busy key's due jobs wait behind."""
+    clock = VirtualClock()
+    gemini = ScriptedGemini(clock, {})
+    busy = [AccountTarget(f"a{i}", "busy", f"a{i}", False, 10.0) for i in range(10)]
+    light = [AccountTarget("b0", "light", "b0", False, 10.0)]
+    store = BalanceStore()
+    store.configure([*busy, *light], ["busy", "light"])
+    shared = SharedBudget(requests_per_second=2.0)
+    tasks = []
+    for name, accounts in (("busy", busy), ("light", light)):
+        schedule = KeySchedule(KeyPlan(name, tuple(accounts), None, 1.0), KeyPacing(5.0),
+                               BACKOFFS, clock.now, random.Random(1))
+        worker = KeyWorker(name, Credentials(f"master-{name}", SecretStr("s")),
+                           NonceSource("milliseconds"), schedule, gemini, store,
+                           ReplyRules(Precision({}, 8)), clock, shared)
+        tasks.append(asyncio.create_task(worker.run()))
+    await clock.run_for(120.0)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    polls = {label: sum(account == label for account, _ in gemini.calls)
+             for label in [target.label for target in [*busy, *light]]}
+    assert all(count >= 11 for count in polls.values()), polls  # every 10 s for 120 s
+    times = sorted(at for _, at in gemini.calls)
+    assert min(later - earlier for earlier, later in pairwise(times)) >= 0.5 - 1e-9

@@ -1,6 +1,7 @@
 """The treasury picture over real sockets: discovery, notional values and staking from the
 simulator, in one budget, with the staleness and failure rules of /v1/balances."""
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -226,6 +227,33 @@ async def test_a_reload_keeps_the_discovered_accounts_and_their_values(
         await service.stop()
     # Discovered accounts were polled at once; the listing keeps its 600 s rhythm.
     assert await listings() == listed
+
+
+async def test_reloads_more_often_than_an_interval_starve_no_endpoint(
+    http: aiohttp.ClientSession, group: RunningSimulator, tmp_path: Path
+) -> None:
+    """Production's config management reloads every minute against 300 s intervals: every
+    job keeps its place on its grid, so each account's notional and staking polls come."""
+    path = tmp_path / "exporter.yml"
+    document = treasury_exporter_document(group.url)
+    document["notional"]["interval_seconds"] = 3
+    document["keys"][0]["discover"]["defaults"]["staking_interval_seconds"] = 3
+    path.write_text(yaml.safe_dump(document))
+    service = Service(load_config(path), path, WebOptions(listen_address=LOOPBACK_ANY_PORT))
+    await service.start()
+    try:
+        async def all_endpoints_up() -> bool:
+            assert await service.reload()  # every half second, far more often than 3 s
+            await asyncio.sleep(0.5)
+            samples = await scrape(http, service.url)
+            return all(sample(samples, f"gemini_{endpoint}_up", account=account) == 1
+                       for account in ("alpha", "beta", "delta") for endpoint in ("notional",)
+                       ) and all(sample(samples, "gemini_staking_up", account=account) == 1
+                                 for account in ("alpha", "beta"))
+        await wait_until(all_endpoints_up, "every notional and staking poll under reloads",
+                         limit_seconds=20.0)
+    finally:
+        await service.stop()
 
 
 @pytest.mark.parametrize(("rows", "full"), [(499, 0), (500, 1)])
