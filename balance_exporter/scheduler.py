@@ -51,6 +51,7 @@ from balance_exporter.gemini.replies import (
     parse_notional_reply,
     parse_staking_reply,
 )
+from balance_exporter.heap import automatic_collections_paused
 from balance_exporter.store import BalanceStore, ReplyVerdict
 from balance_exporter.targets import AccountTarget, Endpoint, KeyPlan, ListedAccount, Plan, plan
 
@@ -71,6 +72,8 @@ MAX_BACKOFF_DOUBLINGS = 32
 RESTART_BACKOFF_BASE_SECONDS = 1.0
 # Real replies are a few kilobytes and parse in well under a millisecond.
 PARSE_IN_THREAD_BYTES = 64 * 1024
+# How long adopting a plan may hold the event loop before it gives it a turn.
+INSTALL_SLICE_SECONDS = 0.005
 # A key with nothing to poll (no accounts, no listing) looks again this often.
 IDLE_SECONDS = 3600.0
 T = TypeVar("T")
@@ -551,8 +554,12 @@ class Scheduler:
 
     async def apply(self, config: Config) -> None:
         async with self._planning:
+            await self._plan_and_install(config)
+
+    async def _plan_and_install(self, config: Config) -> None:
+        with automatic_collections_paused():  # planning makes a burst of objects (see heap)
             current = await asyncio.to_thread(plan, config, self._known_listings(config))
-            self._install(config, current)
+            await self._install(config, current)
 
     def _known_listings(self, config: Config) -> dict[str, tuple[ListedAccount, ...]]:
         """The last listing of each discovering key (by key name), if its API key has one."""
@@ -591,8 +598,11 @@ class Scheduler:
             self._shared = SharedBudget(rate)
         return self._shared
 
-    def _install(self, config: Config, current: Plan) -> None:
-        """Adopt a plan made for `config`: the store first, then every key's worker."""
+    async def _install(self, config: Config, current: Plan) -> None:
+        """Adopt a plan made for `config`: the store first, then every key's worker, giving the
+        event loop a turn every few milliseconds (a thousand keys take tens of them). Until its
+        turn a key's worker polls by its old plan, and the store takes nothing from a job that
+        is no longer planned as it was."""
         self._config = config
         self._configure_store(config, current)
         shared = self._shared_budget(config)
@@ -606,19 +616,29 @@ class Scheduler:
                               gemini.max_reply_bytes, gemini.proxy_url, config.gemini_tls)
         now = self._clock.monotonic()
         runtimes: dict[str, _KeyRuntime] = {}
-        for key in config.settings.keys:
-            credentials = config.credentials[key.name]
-            nonces, pacing = self._key_continuity(key, credentials)
-            key_plan = current.keys[key.name]
-            runtime = self._runtimes.pop(credentials.api_key, None)
-            if runtime is None:
-                runtime = self._start_worker(key.name, credentials, nonces, key_plan, pacing,
-                                             backoffs, client, rules, shared, now)
-            else:
-                runtime.worker.reconfigure(key.name, credentials, nonces, client, rules, shared)
-                runtime.worker.schedule.update(key_plan, now, backoffs)
-                runtime.worker.wake()
-            runtimes[credentials.api_key] = runtime
+        loop = asyncio.get_running_loop()
+        turn = loop.time()
+        try:
+            for key in config.settings.keys:
+                if loop.time() - turn > INSTALL_SLICE_SECONDS:
+                    await asyncio.sleep(0)
+                    turn = loop.time()
+                credentials = config.credentials[key.name]
+                nonces, pacing = self._key_continuity(key, credentials)
+                key_plan = current.keys[key.name]
+                runtime = self._runtimes.pop(credentials.api_key, None)
+                if runtime is None:
+                    runtime = self._start_worker(key.name, credentials, nonces, key_plan, pacing,
+                                                 backoffs, client, rules, shared, now)
+                else:
+                    runtime.worker.reconfigure(key.name, credentials, nonces, client, rules,
+                                               shared)
+                    runtime.worker.schedule.update(key_plan, now, backoffs)
+                    runtime.worker.wake()
+                runtimes[credentials.api_key] = runtime
+        except asyncio.CancelledError:
+            self._runtimes.update(runtimes)  # every worker stays known, so that stop() ends it
+            raise
         for dropped in self._runtimes.values():  # API keys the config no longer has
             dropped.task.cancel()
             self._retired.add(dropped.task)
@@ -655,10 +675,8 @@ class Scheduler:
         async with self._planning:
             while self._replan_wanted:
                 self._replan_wanted = False
-                config = self._config
-                assert config is not None  # listings come from workers a config started
-                current = await asyncio.to_thread(plan, config, self._known_listings(config))
-                self._install(config, current)
+                assert self._config is not None  # listings come from workers a config started
+                await self._plan_and_install(self._config)
 
     async def _supervise(self, worker: KeyWorker) -> None:
         """Run the key's worker; if it raises (a bug), log it and start it again after a backoff,

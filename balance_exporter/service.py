@@ -19,6 +19,7 @@ from balance_exporter import __version__
 from balance_exporter.config import Config, ConfigError, load_config
 from balance_exporter.exposition import ExpositionCache
 from balance_exporter.gemini.client import new_session
+from balance_exporter.heap import automatic_collections_paused
 from balance_exporter.logging import redactor
 from balance_exporter.scheduler import Clock, Scheduler, SystemClock
 from balance_exporter.server import WebOptions, WebServer
@@ -81,9 +82,10 @@ class Service:
     async def reload(self) -> bool:
         """Re-read the config and secrets; keep the running config if the new one is bad."""
         try:
-            # In a thread: reading and checking 10,000 accounts and their secret files would
-            # hold the event loop, and so every poll, scrape and probe, for a tenth of a second.
-            config = await asyncio.to_thread(load_config, self.config_path)
+            # In a thread: reading and checking 10,000 accounts and their secret files takes
+            # most of a second, which would hold every poll, scrape and probe.
+            with automatic_collections_paused():
+                config = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as error:
             log.error("config reload rejected, keeping the running config",
                       problems=error.problems)

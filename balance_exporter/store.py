@@ -267,16 +267,22 @@ class BalanceStore:
             if previous is None:
                 self._accounts[target.label] = AccountSnapshot(target)
                 continue
-            if previous.target == target:
+            old = previous.target
+            if old == target:
                 self._accounts[target.label] = previous  # unchanged: nothing to render again
                 continue
-            kept: dict[str, Any] = {"target": target}
-            for endpoint in Endpoint:
-                if previous.target.identity(endpoint) != target.identity(endpoint):
-                    kept[endpoint.value] = PollState()  # another account, currency or off
-            if previous.target.owner != target.owner:
-                kept["account_type"] = DEFAULT_ACCOUNT_TYPE
-            self._accounts[target.label] = replace(previous, **kept)
+            # Made directly (dataclasses.replace takes twice as long): a reload of 10,000
+            # accounts does this on the event loop for each of them.
+            old_ids, new_ids = old.identities, target.identities
+            self._accounts[target.label] = AccountSnapshot(
+                target,
+                # Each endpoint's rows stay unless they are another account's, label's or
+                # currency's now, or the poll was turned off.
+                previous.balances if old_ids[0] == new_ids[0] else PollState(),
+                previous.notional if old_ids[1] == new_ids[1] else PollState(),
+                previous.staking if old_ids[2] == new_ids[2] else PollState(),
+                previous.account_type if old.owner == target.owner else DEFAULT_ACCOUNT_TYPE,
+            )
         discovering = discovering or {}
         keys = {}
         for name in key_names:

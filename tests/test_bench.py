@@ -26,6 +26,8 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert {workload: figures["requests"] > 0 for workload, figures
             in results["scheduler"].items()} == {"balances": True, "mixed": True}
     assert "P4 mixed: worst data age / planned interval" in result.stdout
+    assert "P8 loop lag (worst) during a reload of 200 accounts" in result.stdout
+    assert {figures["change_seconds"] > 0 for figures in results["reload"].values()} == {True}
     assert {figure["hostile_replies"] for name, figure in results["hostile"].items()
             if "under the cap" not in name} != {0}  # the hostile replies did arrive
     assert "P7 loop lag reading a gzip bomb (1 GB)" in result.stdout
