@@ -559,3 +559,50 @@ async def test_a_shared_budget_gives_every_key_its_share_and_is_never_exceeded()
     assert all(count >= 11 for count in polls.values()), polls  # every 10 s for 120 s
     times = sorted(at for _, at in gemini.calls)
     assert min(later - earlier for earlier, later in pairwise(times)) >= 0.5 - 1e-9
+
+
+class LateGemini:
+    """Answers (or fails) once the test let it, so that the plan can change while the request
+    is out."""
+
+    def __init__(self, failing: bool) -> None:
+        self.sent = asyncio.Event()
+        self.answer = asyncio.Event()
+        self._failing = failing
+
+    async def post(
+        self, credentials: Credentials, nonces: NonceSource, request: PrivateRequest
+    ) -> bytes:
+        self.sent.set()
+        await self.answer.wait()
+        if self._failing:
+            raise TransientError("System", "late failure", 500)
+        return BTC
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["reply", "failure"])
+async def test_a_late_reply_is_not_stored_under_a_label_that_passed_to_another_key(
+    failing: bool,
+) -> None:
+    """Two discovering master keys list the same short name; the label passes from one to the
+    other while the first key's request is in flight."""
+    clock = VirtualClock()
+    gemini = LateGemini(failing)
+    group_a = AccountTarget("primary", "group-a", "primary", False, 10.0, discovered=True)
+    group_b = replace(group_a, key_name="group-b")
+    store = BalanceStore()
+    store.configure([group_a], ["group-a", "group-b"])
+    schedule = KeySchedule(KeyPlan("group-a", (group_a,), None, 1.0), KeyPacing(5.0), BACKOFFS,
+                           clock.now, random.Random(1))
+    worker = KeyWorker("group-a", Credentials("master-a", SecretStr("s")),
+                       NonceSource("milliseconds"), schedule, gemini, store,
+                       ReplyRules(Precision({}, 8)), clock)
+    polling = asyncio.create_task(worker.poll(Job("primary", Endpoint.BALANCES)))
+    await gemini.sent.wait()
+    store.configure([group_b], ["group-a", "group-b"])  # the label is group B's now
+    gemini.answer.set()
+    await polling
+    (snapshot,) = store.account_snapshots()
+    assert snapshot.target.key_name == "group-b"
+    assert (snapshot.balances.rows, snapshot.balances.polls, dict(snapshot.balances.errors)) == (
+        (), 0, {})
