@@ -5,6 +5,7 @@ it concerns (`accounts[1].key: no key named 'ops'`), and no message ever carries
 Secret files and variables are read here, at start and again on SIGHUP.
 """
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -349,6 +350,12 @@ class Credentials:
     @property
     def is_master(self) -> bool:
         return self.api_key.startswith("master-")
+
+    @property
+    def key_id(self) -> str:
+        """The API key's identity, whatever its entry is named: a fingerprint, not the key (the
+        state file keeps it)."""
+        return hashlib.sha256(self.api_key.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

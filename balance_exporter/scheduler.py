@@ -573,7 +573,8 @@ class Scheduler:
                        for name, key_plan in current.keys.items()
                        if key_plan.listing_interval_seconds is not None}
         old_labels = {snapshot.target.label for snapshot in self._store.account_snapshots()}
-        self._store.configure(current.targets, config.credentials.keys(), discovering)
+        self._store.configure(current.targets, config.credentials.keys(), discovering,
+                              {name: key.key_id for name, key in config.credentials.items()})
         for name, key_plan in current.keys.items():
             if name in discovering:
                 polled = sum(target.discovered for target in key_plan.targets)

@@ -41,9 +41,10 @@ class Service:
         self.config = config
         self.config_path = config_path
         self._clock = clock or SystemClock()
+        key_ids = {name: key.key_id for name, key in config.credentials.items()}
         restored = (load_stamps(storage_path, int(self._clock.wall() * 1e9),
-                                config.settings.gemini.max_timestamp_skew_seconds)
-                    if storage_path is not None else {})
+                                config.settings.gemini.max_timestamp_skew_seconds, key_ids)
+                    if storage_path is not None else [])
         self.store = BalanceStore(restored)
         exposition = ExpositionCache(self.store)
         self._persister = (StatePersister(self.store, storage_path,

@@ -14,7 +14,7 @@ exporter stricter.
 import asyncio
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +38,19 @@ ENDPOINTS = frozenset(endpoint.value for endpoint in Endpoint)
 MAX_STAMP_NS = 2**63 - 1
 
 
-def load_stamps(directory: Path, now_ns: int, max_skew_seconds: float) -> list[SavedStamp]:
+def load_stamps(
+    directory: Path, now_ns: int, max_skew_seconds: float, key_ids: Mapping[str, str],
+) -> list[SavedStamp]:
     """The stamps saved in `directory`; [] (and a warning) if there are none that can be used.
+    Files of versions 1 and 2 name keys by their entries' names: `key_ids` (name to API key
+    identity) translates them, and a stamp of a key no longer configured is dropped.
     A file that is not a regular file (a FIFO, a device, a directory) or is larger than
     MAX_STATE_BYTES is not read. Entries that cannot be read, and stamps further in the future
     than the skew allows (as a reply with them would be), are dropped with a warning."""
     path = directory / STATE_FILE_NAME
     try:
         document = json.loads(read_regular_file(path, MAX_STATE_BYTES))
-        entries = _entries(document)
+        entries = _entries(document, key_ids)
     except FileNotFoundError:
         log.info("no saved state yet, starting clean", path=str(path))
         return []
@@ -66,8 +70,9 @@ def load_stamps(directory: Path, now_ns: int, max_skew_seconds: float) -> list[S
     return usable
 
 
-def _entries(document: Any) -> list[Any]:
-    """The file's entries, each a mapping with `key`, `account` and stamps (not yet checked)."""
+def _entries(document: Any, key_ids: Mapping[str, str]) -> list[Any]:
+    """The file's entries, each a mapping with `key` (an API key identity), `account` and stamps
+    (not yet checked)."""
     version = document.get("version") if isinstance(document, dict) else None
     if version == STATE_VERSION:
         entries = document["stamps"]
@@ -76,8 +81,17 @@ def _entries(document: Any) -> list[Any]:
     elif version in (1, 2):
         accounts = document["accounts"]
         if isinstance(accounts, dict):
-            return list(accounts.values())
+            return [_by_key_id(entry, key_ids) for entry in accounts.values()]
     raise ValueError(f"not a version {STATE_VERSION} (or 1, 2) state file")
+
+
+def _by_key_id(entry: object, key_ids: Mapping[str, str]) -> object:
+    """A version 1 or 2 entry with its key's name replaced by the key's identity (None, which
+    drops the entry, for a key no longer configured)."""
+    if not isinstance(entry, dict):
+        return entry
+    name = entry.get("key")
+    return {**entry, "key": key_ids.get(name) if isinstance(name, str) else None}
 
 
 def _stamp(value: object) -> int | None:
@@ -115,7 +129,7 @@ def _saved_stamp(entry: object) -> SavedStamp | None:
 def save_stamps(directory: Path, stamps: Iterable[SavedStamp]) -> None:
     """Replace the state file atomically, readable by its owner only."""
     document = {"version": STATE_VERSION, "stamps": [
-        {"key": stamp.key_name, "account": stamp.gemini_account,
+        {"key": stamp.key_id, "account": stamp.gemini_account,
          "server_timestamps_ns": dict(stamp.stamps), "gone_since": stamp.gone_since}
         for stamp in stamps]}
     directory.mkdir(parents=True, exist_ok=True)

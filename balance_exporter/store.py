@@ -149,8 +149,8 @@ class KeyCounters:
     discovery: DiscoveryState | None = None
 
 
-# Who a stamp belongs to: (key name, Gemini account). Stamps are Gemini's, of one account as
-# seen through one key, so they do not depend on the plan, the label or any setting.
+# Who a stamp belongs to: (API key identity, Gemini account). Stamps are Gemini's, of one
+# account as seen through one API key, so they depend on no plan, label, setting or name.
 StampOwner = tuple[str, str | None]
 # An account that left the plan keeps its stamps this long after its leaving was confirmed (by
 # the config, or by a successful listing of its key): a reply of a stale server that comes
@@ -166,7 +166,7 @@ class SavedStamp:
     """An account's last accepted `_timestamp` per endpoint, as kept across plan changes and
     restarts (`storage`)."""
 
-    key_name: str
+    key_id: str  # the API key's identity (Credentials.key_id)
     gemini_account: str | None
     # By endpoint value ("balances", "notional", "staking").
     stamps: Mapping[str, int]
@@ -176,7 +176,7 @@ class SavedStamp:
 
     @property
     def owner(self) -> StampOwner:
-        return (self.key_name, self.gemini_account)
+        return (self.key_id, self.gemini_account)
 
 
 class StampLedger:
@@ -208,7 +208,7 @@ class StampLedger:
 
     def replan(self, planned: set[StampOwner], confirms_absence: Callable[[str], bool]) -> None:
         """A new plan: its accounts are present; an account that left it is gone from when
-        `confirms_absence(key name)` says its key's plan would show it if it were there. Then
+        `confirms_absence(key id)` says its key's plan would show it if it were there. Then
         forget what is past STAMP_RETENTION_SECONDS, and past MAX_ABSENT_STAMP_OWNERS."""
         now = self._wall_clock()
         before = (self._stamps.keys() - set(), dict(self._gone_since))
@@ -254,9 +254,11 @@ class BalanceStore:
     def configure(
         self, targets: Iterable[AccountTarget], key_names: Iterable[str],
         discovering: Mapping[str, float] | None = None,
+        key_ids: Mapping[str, str] | None = None,
     ) -> None:
         """Adopt a (new) set of accounts, keeping what is known of those that did not change;
-        `discovering` gives each discovering key's listing interval."""
+        `discovering` gives each discovering key's listing interval, `key_ids` each key's API
+        key identity (by default its name)."""
         old_accounts = self._accounts
         self._accounts = {}
         self.accounts_version += 1
@@ -296,10 +298,12 @@ class BalanceStore:
         self._keys = keys
         self.keys_version += 1
 
-        def confirms_absence(key_name: str) -> bool:
+        names = {key_id: name for name, key_id in (key_ids or {}).items()}
+
+        def confirms_absence(key_id: str) -> bool:
             # A key that is gone, or whose plan is its config alone, shows every account it
             # has; a discovering key only once it has listed (not yet after a restart).
-            key = self._keys.get(key_name)
+            key = self._keys.get(names.get(key_id, key_id))
             return (key is None or key.discovery is None
                     or key.discovery.last_success_seconds is not None)
         self.stamps.replan({snapshot.target.owner for snapshot in self._accounts.values()},

@@ -75,12 +75,16 @@ class AccountTarget:
     # From the key's listing, when it has one that shows the account.
     display_name: str = ""
     discovered: bool = False
+    # The API key's identity (`Credentials.key_id`); the key's name where none is given.
+    key_id: str = ""
     # identity(endpoint) for each endpoint, in Endpoint's order: made with the target (in the
     # planning thread), so that adopting a plan of 10,000 accounts compares, not computes.
     identities: tuple[tuple[object, ...] | None, ...] = field(
         init=False, compare=False, repr=False, default=())
 
     def __post_init__(self) -> None:
+        if not self.key_id:
+            object.__setattr__(self, "key_id", self.key_name)
         object.__setattr__(self, "identities", tuple(
             self._identity(endpoint) for endpoint in Endpoint))
 
@@ -93,8 +97,8 @@ class AccountTarget:
 
     @property
     def owner(self) -> tuple[str, str | None]:
-        """Whose stamps the account's replies carry: (key name, Gemini account)."""
-        return (self.key_name, self.gemini_account)
+        """Whose stamps the account's replies carry: (API key identity, Gemini account)."""
+        return (self.key_id, self.gemini_account)
 
     def identity(self, endpoint: Endpoint) -> tuple[object, ...] | None:
         """What must stay the same for an endpoint's rows to carry over a new plan; None when
@@ -104,7 +108,9 @@ class AccountTarget:
     def _identity(self, endpoint: Endpoint) -> tuple[object, ...] | None:
         if self.interval_for(endpoint) is None:
             return None
-        account = (self.label, self.key_name, self.gemini_account)
+        # The API key's identity, not its entry's name: the same name may stand for another
+        # key (another group) after a reload, and its rows are then not this account's.
+        account = (self.label, self.key_id, self.gemini_account)
         if endpoint is Endpoint.BALANCES:
             return (*account, self.show_pending_balances)
         if endpoint is Endpoint.NOTIONAL:
@@ -175,6 +181,7 @@ def _target(
         min_available_notional=options.min_available_notional,
         display_name=listed.display_name if listed is not None else "",
         discovered=discovered,
+        key_id=config.credentials[key_name].key_id,
     )
 
 

@@ -589,7 +589,7 @@ async def test_a_late_reply_is_not_stored_under_a_label_that_passed_to_another_k
     clock = VirtualClock()
     gemini = LateGemini(failing)
     group_a = AccountTarget("primary", "group-a", "primary", False, 10.0, discovered=True)
-    group_b = replace(group_a, key_name="group-b")
+    group_b = replace(group_a, key_name="group-b", key_id="group-b")
     store = BalanceStore()
     store.configure([group_a], ["group-a", "group-b"])
     schedule = KeySchedule(KeyPlan("group-a", (group_a,), None, 1.0), KeyPacing(5.0), BACKOFFS,

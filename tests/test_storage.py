@@ -21,6 +21,8 @@ from tests.conftest import LOOPBACK_ANY_PORT
 from tests.helpers import add_fault, all_polled, exporter_document, sample, scrape, wait_until
 
 NOW_NS = 1_800_000_000 * 10**9
+# Version 1 and 2 files name keys; the loader translates names to API key identities.
+KEY_IDS = {"treasury": "id-treasury"}
 STAMPS = [SavedStamp("treasury", "alpha", {"balances": NOW_NS - 10**9}),
           SavedStamp("solo", None, {"balances": NOW_NS - 2 * 10**9}, gone_since=1.8e9)]
 
@@ -29,7 +31,7 @@ def test_stamps_round_trip_through_an_owner_only_file(tmp_path: Path) -> None:
     save_stamps(tmp_path / "state", STAMPS)
     path = tmp_path / "state" / STATE_FILE_NAME
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert load_stamps(tmp_path / "state", NOW_NS, 300) == STAMPS
+    assert load_stamps(tmp_path / "state", NOW_NS, 300, KEY_IDS) == STAMPS
     assert [p.name for p in (tmp_path / "state").iterdir()] == [STATE_FILE_NAME]  # no temp left
 
 
@@ -41,28 +43,28 @@ def test_stamps_round_trip_through_an_owner_only_file(tmp_path: Path) -> None:
 def test_a_corrupt_file_is_a_warning_and_a_clean_start(tmp_path: Path, content: bytes) -> None:
     (tmp_path / STATE_FILE_NAME).write_bytes(content)
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300) == []
+        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == []
     assert [entry["event"] for entry in logs] == ["saved state unreadable, starting clean"]
 
 
 def test_an_unreadable_file_is_a_warning_and_a_clean_start(tmp_path: Path) -> None:
     (tmp_path / STATE_FILE_NAME).mkdir()  # readable by nobody as a file, root included
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300) == []
+        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == []
     assert logs[0]["log_level"] == "warning"
 
 
 def test_no_file_yet_is_a_clean_start(tmp_path: Path) -> None:
-    assert load_stamps(tmp_path / "new", NOW_NS, 300) == []
+    assert load_stamps(tmp_path / "new", NOW_NS, 300, KEY_IDS) == []
 
 
 def test_saved_stamps_from_the_future_are_dropped(tmp_path: Path) -> None:
     future = SavedStamp("treasury", "beta", {"balances": NOW_NS + 10**12})
     save_stamps(tmp_path, [*STAMPS, future])
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300) == STAMPS
+        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == STAMPS
     assert logs[0]["ignored"] == 1
-    assert future in load_stamps(tmp_path, NOW_NS, 0)  # 0 turns the skew check off
+    assert future in load_stamps(tmp_path, NOW_NS, 0, KEY_IDS)  # 0 turns the skew check off
 
 
 async def test_after_a_restart_a_stale_first_reply_is_ignored(
@@ -108,12 +110,12 @@ def test_a_state_file_past_64_mib_is_not_read(tmp_path: Path) -> None:
     with path.open("r+b") as file:  # sparse: no 64 MiB written
         file.truncate(64 * 1024 * 1024)
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300) == []  # at the bound: read (and corrupt)
+        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == []  # at the bound: read (and corrupt)
     assert "larger than" not in str(logs)
     with path.open("r+b") as file:
         file.truncate(64 * 1024 * 1024 + 1)
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300) == []
+        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == []
     assert "larger than" in str(logs[0]["error"])
 
 
@@ -129,18 +131,20 @@ def test_a_file_planted_where_a_temporary_file_could_be_is_never_written(
     assert victim.read_text() == "not the exporter's"
     assert stat.S_IMODE(victim.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / STATE_FILE_NAME).stat().st_mode) == 0o600
-    assert load_stamps(tmp_path, NOW_NS, 300) == STAMPS
+    assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == STAMPS
     # Nothing of its own is left beside the file; what others left is theirs.
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
         [STATE_FILE_NAME, victim.name, f".{STATE_FILE_NAME}.tmp", leftover.name])
 
 
-def test_a_version_2_file_is_still_read(tmp_path: Path) -> None:
+def test_a_version_2_file_is_still_read_its_key_names_as_identities(tmp_path: Path) -> None:
     (tmp_path / STATE_FILE_NAME).write_text(json.dumps({"version": 2, "accounts": {
         "alpha": {"key": "treasury", "account": "alpha",
-                  "server_timestamps_ns": {"balances": 5, "staking": 7}}}}))
-    assert load_stamps(tmp_path, NOW_NS, 300) == [
-        SavedStamp("treasury", "alpha", {"balances": 5, "staking": 7})]
+                  "server_timestamps_ns": {"balances": 5, "staking": 7}},
+        "gone": {"key": "no-longer-configured", "account": "gone",
+                 "server_timestamps_ns": {"balances": 5}}}}))
+    assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == [
+        SavedStamp("id-treasury", "alpha", {"balances": 5, "staking": 7})]
 
 
 @pytest.mark.parametrize("stamp", ["1e400", "-1", "true", "1.5", '"5"', str(2**63), "null"])
@@ -153,7 +157,7 @@ def test_an_entry_with_a_stamp_that_is_no_stamp_is_dropped_with_a_warning(
                        f'"server_timestamps_ns": {{"balances": {stamp}}}}}, ')
     (tmp_path / STATE_FILE_NAME).write_text(odd)
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300) == [
+        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == [
             SavedStamp("treasury", "alpha", {"balances": 5})]
     assert logs[0]["ignored"] == 1
 
@@ -161,7 +165,7 @@ def test_an_entry_with_a_stamp_that_is_no_stamp_is_dropped_with_a_warning(
 def test_the_largest_stamp_there_can_be_is_read(tmp_path: Path) -> None:
     largest = [SavedStamp("treasury", "alpha", {"balances": 2**63 - 1})]
     save_stamps(tmp_path, largest)
-    assert load_stamps(tmp_path, NOW_NS, 0) == largest
+    assert load_stamps(tmp_path, NOW_NS, 0, KEY_IDS) == largest
 
 
 @pytest.mark.parametrize("kind", ["a device", "a fifo", "a directory"])
@@ -175,7 +179,7 @@ def test_a_state_file_that_is_no_regular_file_is_not_read(tmp_path: Path, kind: 
     else:
         path.mkdir()
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300) == []
+        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == []
     assert [entry["event"] for entry in logs] == ["saved state unreadable, starting clean"]
 
 

@@ -283,7 +283,7 @@ def test_a_reply_is_stored_only_for_the_target_that_sent_it() -> None:
     """A label that passed to another key, account or quote currency while a request was in
     flight: the late reply (or failure) is not the new owner's."""
     store = make_store()
-    other_key = replace(TARGET, key_name="group-b")
+    other_key = replace(TARGET, key_name="group-b", key_id="group-b")
     store.configure([other_key], ["treasury", "group-b"])
     reply = BalanceReply(balances(BTC=5), 200, None)
     assert store.record_reply("main", BAL, reply, 0.1, 1.0, sent=TARGET) \
@@ -338,3 +338,20 @@ def test_changes_since_a_version_are_listed_once_each_in_the_order_of_their_last
     store.configure([other], ["treasury"])
     assert store.changed_since(last) is None
     assert labels(store.changed_since(store.accounts_version)) == []
+
+
+def test_stamps_follow_the_api_key_not_its_entrys_name() -> None:
+    """A reload that renames a key keeps its accounts' stamps; one that gives the name to
+    another API key (another group) neither shows the old rows nor carries their stamps."""
+    store = BalanceStore()
+    store.configure([replace(TARGET, key_id="group-a")], ["treasury"])
+    store.record_reply("main", BAL, BalanceReply(balances(BTC=5), 200, None), 0.1, 1.0)
+    renamed = replace(TARGET, key_name="desk", key_id="group-a")
+    store.configure([renamed], ["desk"])
+    assert amounts(store) == {"BTC": 5}  # the same key and account: its rows stay
+    assert stale_after(store)
+    other_group = replace(TARGET, key_id="group-b")
+    store.configure([other_group], ["treasury"])
+    assert amounts(store) == {}
+    assert store.record_reply("main", BAL, BalanceReply(balances(BTC=7), 150, None), 0.1,
+                              2.0) is ReplyVerdict.ACCEPTED
