@@ -193,14 +193,19 @@ class KeySchedule:
         self._failures: dict[Job, int] = {}
         # When each endpoint but the balances may send again (see `finished`).
         self._endpoint_free_at: dict[Endpoint | None, float] = {}
+        self.key_plan: KeyPlan | None = None
         self.update(key_plan, now)
 
-    def update(self, key_plan: KeyPlan, now: float, backoffs: Backoffs | None = None) -> None:
-        """Adopt a (new) plan. A new account's balances are due at once (the key's spacing
-        spreads them), its other endpoints at their first grid point; jobs that stay keep their
-        due time, phase and failures: a reload or a listing moves no unchanged job on its grid."""
+    def update(self, key_plan: KeyPlan, now: float, backoffs: Backoffs | None = None) -> bool:
+        """Adopt a (new) plan; False when it is the one adopted already (the same object). A
+        new account's balances are due at once (the key's spacing spreads them), its other
+        endpoints at their first grid point; jobs that stay keep their due time, phase and
+        failures: a reload or a listing moves no unchanged job on its grid."""
         if backoffs is not None:
             self._backoffs = backoffs
+        if key_plan is self.key_plan:
+            return False
+        self.key_plan = key_plan
         intervals: dict[Job, float] = {}
         if key_plan.listing_interval_seconds is not None:
             intervals[LISTING] = key_plan.listing_interval_seconds
@@ -218,6 +223,7 @@ class KeySchedule:
                          else self._grid_at_or_after(job, now)
                          for job in intervals}
         self._failures = {job: self._failures.get(job, 0) for job in intervals}
+        return True
 
     def _grid_at_or_after(self, job: Job, moment: float) -> float:
         interval = self._intervals[job]
@@ -539,6 +545,8 @@ class Scheduler:
         self._planning = asyncio.Lock()
         self._replan_wanted = False
         self._replanning: asyncio.Task[None] | None = None
+        # The plan installed last: the next one reuses its unchanged parts (see targets.plan).
+        self._plan: Plan | None = None
 
     def _key_continuity(
         self, key: KeySettings, credentials: Credentials
@@ -558,8 +566,10 @@ class Scheduler:
 
     async def _plan_and_install(self, config: Config) -> None:
         with automatic_collections_paused():  # planning makes a burst of objects (see heap)
-            current = await asyncio.to_thread(plan, config, self._known_listings(config))
+            current = await asyncio.to_thread(plan, config, self._known_listings(config),
+                                              self._plan)
             await self._install(config, current)
+            self._plan = current
 
     def _known_listings(self, config: Config) -> dict[str, tuple[ListedAccount, ...]]:
         """The last listing of each discovering key (by key name), if its API key has one."""
@@ -634,8 +644,8 @@ class Scheduler:
                 else:
                     runtime.worker.reconfigure(key.name, credentials, nonces, client, rules,
                                                shared)
-                    runtime.worker.schedule.update(key_plan, now, backoffs)
-                    runtime.worker.wake()
+                    if runtime.worker.schedule.update(key_plan, now, backoffs):
+                        runtime.worker.wake()
                 runtimes[credentials.api_key] = runtime
         except asyncio.CancelledError:
             self._runtimes.update(runtimes)  # every worker stays known, so that stop() ends it

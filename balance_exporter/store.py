@@ -270,7 +270,7 @@ class BalanceStore:
                 self._accounts[target.label] = AccountSnapshot(target)
                 continue
             old = previous.target
-            if old == target:
+            if old is target or old == target:
                 self._accounts[target.label] = previous  # unchanged: nothing to render again
                 continue
             # Made directly (dataclasses.replace takes twice as long): a reload of 10,000
@@ -398,7 +398,10 @@ class BalanceStore:
                                    errors=_counted(key.discovery.errors, reason))
 
     def record_discovered_polled(self, key_name: str, polled: int, label_conflicts: int) -> None:
-        self._update_discovery(key_name, polled=polled, label_conflicts=label_conflicts)
+        key = self._keys.get(key_name)
+        if key is not None and key.discovery is not None and (
+                key.discovery.polled, key.discovery.label_conflicts) != (polled, label_conflicts):
+            self._update_discovery(key_name, polled=polled, label_conflicts=label_conflicts)
 
     def record_request(self, key_name: str) -> None:
         self._update_key(key_name, requests=self._keys[key_name].requests + 1)

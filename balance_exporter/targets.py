@@ -213,9 +213,16 @@ def _stretched(target: AccountTarget, factor: float) -> AccountTarget:
     )
 
 
-def plan(config: "Config", listings: Mapping[str, Sequence[ListedAccount]] | None = None) -> Plan:
+def plan(
+    config: "Config", listings: Mapping[str, Sequence[ListedAccount]] | None = None,
+    previous: Plan | None = None,
+) -> Plan:
     """Every key's targets, stretched to fit the budgets; `listings` are the discovering keys'
-    last successful listings (a key without one polls its configured accounts only)."""
+    last successful listings (a key without one polls its configured accounts only).
+
+    What did not change since `previous` is `previous`'s own objects, so that adopting the plan
+    on the event loop can tell an unchanged key or account by identity, and skip it: a listing
+    among 1,000 keys changes one of them."""
     settings = config.settings
     listings = listings or {}
     taken = {account.label: account.key for account in settings.accounts}
@@ -264,7 +271,24 @@ def plan(config: "Config", listings: Mapping[str, Sequence[ListedAccount]] | Non
             listing_interval_seconds=_times(listing, factor) if listing is not None else None,
             stretch=factor,
         )
-    return Plan(keys=keys, skipped=tuple(skipped))
+    return Plan(keys=keys if previous is None else _reused(keys, previous),
+                skipped=tuple(skipped))
+
+
+def _reused(keys: dict[str, KeyPlan], previous: Plan) -> dict[str, KeyPlan]:
+    """`keys` with every target and key plan equal to one of `previous` replaced by it."""
+    reused = {}
+    for name, key_plan in keys.items():
+        old = previous.keys.get(name)
+        if old is None:
+            reused[name] = key_plan
+            continue
+        old_targets = {target.label: target for target in old.targets}
+        targets = tuple(old_target if (old_target := old_targets.get(target.label)) == target
+                        else target for target in key_plan.targets)
+        candidate = replace(key_plan, targets=targets)
+        reused[name] = old if candidate == old else candidate
+    return reused
 
 
 def plan_targets(config: "Config") -> list[AccountTarget]:
