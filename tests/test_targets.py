@@ -3,7 +3,7 @@ key's (and the shared) request budget."""
 
 import pytest
 
-from balance_exporter.config import build_config
+from balance_exporter.config import Config, build_config
 from balance_exporter.targets import PLANNED_SHARE, ListedAccount, matches, plan, plan_targets
 
 SECRET = "TOPSECRET-targets"
@@ -141,3 +141,26 @@ def test_matches_uses_case_sensitive_shell_patterns() -> None:
     assert matches(discover, "desk-1")
     assert not matches(discover, "test-1")
     assert matches(discover, "Test-1")
+
+
+def test_a_new_plan_reuses_what_did_not_change_so_adopting_it_can_skip_it() -> None:
+    def config(listed_interval: float) -> Config:
+        return build_config({
+            "keys": [{"name": "k", "api_key": "master-k", "api_secret": SECRET,
+                      "discover": {"defaults": {"interval_seconds": listed_interval}}},
+                     {"name": "j", "api_key": "master-j", "api_secret": SECRET}],
+            "accounts": [{"key": "j", "account": "b"}],
+        }, {})
+    listing = {"k": [ListedAccount("a", "", "exchange", "open"),
+                     ListedAccount("c", "", "exchange", "open")]}
+    first = plan(config(30), listing)
+    again = plan(config(30), listing, first)
+    assert again.keys["k"] is first.keys["k"]
+    assert again.keys["j"] is first.keys["j"]
+    fewer = plan(config(30), {"k": listing["k"][:1]}, first)
+    assert fewer.keys["j"] is first.keys["j"]
+    assert fewer.keys["k"] is not first.keys["k"]
+    assert fewer.keys["k"].targets[0] is first.keys["k"].targets[0]  # "a" did not change
+    slower = plan(config(60), listing, first)
+    assert slower.keys["k"].targets[0] is not first.keys["k"].targets[0]
+    assert slower.keys["k"].targets[0].interval_seconds == 60
