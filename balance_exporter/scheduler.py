@@ -53,7 +53,14 @@ from balance_exporter.gemini.replies import (
 )
 from balance_exporter.heap import automatic_collections_paused
 from balance_exporter.store import BalanceStore, ReplyVerdict
-from balance_exporter.targets import AccountTarget, Endpoint, KeyPlan, ListedAccount, Plan, plan
+from balance_exporter.targets import (
+    AccountTarget,
+    Endpoint,
+    KeyPlan,
+    ListedAccount,
+    Plan,
+    planning,
+)
 
 log = structlog.get_logger("balance_exporter.scheduler")
 
@@ -72,7 +79,7 @@ MAX_BACKOFF_DOUBLINGS = 32
 RESTART_BACKOFF_BASE_SECONDS = 1.0
 # Real replies are a few kilobytes and parse in well under a millisecond.
 PARSE_IN_THREAD_BYTES = 64 * 1024
-# How long adopting a plan may hold the event loop before it gives it a turn.
+# How long making or adopting a plan may hold the event loop before it gives it a turn.
 INSTALL_SLICE_SECONDS = 0.005
 # A key with nothing to poll (no accounts, no listing) looks again this often.
 IDLE_SECONDS = 3600.0
@@ -522,9 +529,9 @@ class Scheduler:
     neither reuse a nonce nor burst past the key's budget, it cancels no request in flight and
     moves no unchanged job on its grid, and discovered accounts stay polled through it.
 
-    Plans are made in a thread (at 10,000 accounts that takes a tenth of a second), one at a
-    time: a listing that changes what a key polls asks for a new plan, and listings that come
-    while one is being made are taken into the next.
+    Plans are made and adopted a few milliseconds at a time (at 10,000 accounts that takes a
+    tenth of a second or more), one at a time: a listing that changes what a key polls asks for
+    a new plan, and listings that come while one is being made are taken into the next.
     """
 
     def __init__(self, session: aiohttp.ClientSession, store: BalanceStore, clock: Clock) -> None:
@@ -566,10 +573,25 @@ class Scheduler:
 
     async def _plan_and_install(self, config: Config) -> None:
         with automatic_collections_paused():  # planning makes a burst of objects (see heap)
-            current = await asyncio.to_thread(plan, config, self._known_listings(config),
-                                              self._plan)
+            current = await self._planned(config)
             await self._install(config, current)
             self._plan = current
+
+    async def _planned(self, config: Config) -> Plan:
+        """The plan for `config`, made on the event loop a few milliseconds at a time. Not in
+        a thread: a thread busy with Python code takes the interpreter lock from the loop for
+        5 ms at every one of its system calls, and a poll makes several."""
+        steps = planning(config, self._known_listings(config), self._plan)
+        loop = asyncio.get_running_loop()
+        turn = loop.time()
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            if loop.time() - turn > INSTALL_SLICE_SECONDS:
+                await asyncio.sleep(0)
+                turn = loop.time()
 
     def _known_listings(self, config: Config) -> dict[str, tuple[ListedAccount, ...]]:
         """The last listing of each discovering key (by key name), if its API key has one."""

@@ -14,7 +14,7 @@ every key by total demand / shared rate when that is larger.
 
 import enum
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -213,12 +213,31 @@ def _stretched(target: AccountTarget, factor: float) -> AccountTarget:
     )
 
 
+# A planning step: `planning` yields one of these between keys, so that its caller can give the
+# event loop a turn (a plan of 10,000 accounts takes a tenth of a second or more).
+Step = Generator[None, None, "Plan"]
+
+
 def plan(
     config: "Config", listings: Mapping[str, Sequence[ListedAccount]] | None = None,
     previous: Plan | None = None,
 ) -> Plan:
+    """Every key's targets, stretched to fit the budgets, in one go (see `planning`)."""
+    steps = planning(config, listings, previous)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+def planning(
+    config: "Config", listings: Mapping[str, Sequence[ListedAccount]] | None = None,
+    previous: Plan | None = None,
+) -> Step:
     """Every key's targets, stretched to fit the budgets; `listings` are the discovering keys'
-    last successful listings (a key without one polls its configured accounts only).
+    last successful listings (a key without one polls its configured accounts only). A
+    generator that pauses after each key, and returns the plan.
 
     What did not change since `previous` is `previous`'s own objects, so that adopting the plan
     on the event loop can tell an unchanged key or account by identity, and skip it: a listing
@@ -233,6 +252,7 @@ def plan(
     for account in settings.accounts:
         accounts_of.setdefault(account.key, []).append(account)
     for key in settings.keys:
+        yield
         discover = key.discover
         defaults = discover.defaults if discover is not None else None
         listed = {row.short_name: row for row in listings.get(key.name, ())}
@@ -264,31 +284,27 @@ def plan(
                      if shared is not None else 1.0)
     keys = {}
     for name, (targets, listing) in unstretched.items():
+        yield
         factor = max(1.0, demands[name] / rates[name], shared_factor)
-        keys[name] = KeyPlan(
+        key_plan = KeyPlan(
             key_name=name,
             targets=tuple(_stretched(target, factor) for target in targets),
             listing_interval_seconds=_times(listing, factor) if listing is not None else None,
             stretch=factor,
         )
-    return Plan(keys=keys if previous is None else _reused(keys, previous),
-                skipped=tuple(skipped))
+        old = previous.keys.get(name) if previous is not None else None
+        keys[name] = _reused(key_plan, old) if old is not None else key_plan
+    return Plan(keys=keys, skipped=tuple(skipped))
 
 
-def _reused(keys: dict[str, KeyPlan], previous: Plan) -> dict[str, KeyPlan]:
-    """`keys` with every target and key plan equal to one of `previous` replaced by it."""
-    reused = {}
-    for name, key_plan in keys.items():
-        old = previous.keys.get(name)
-        if old is None:
-            reused[name] = key_plan
-            continue
-        old_targets = {target.label: target for target in old.targets}
-        targets = tuple(old_target if (old_target := old_targets.get(target.label)) == target
-                        else target for target in key_plan.targets)
-        candidate = replace(key_plan, targets=targets)
-        reused[name] = old if candidate == old else candidate
-    return reused
+def _reused(key_plan: KeyPlan, old: KeyPlan) -> KeyPlan:
+    """`key_plan` with every target equal to one of `old` replaced by it; `old` itself if the
+    two are equal."""
+    old_targets = {target.label: target for target in old.targets}
+    targets = tuple(old_target if (old_target := old_targets.get(target.label)) == target
+                    else target for target in key_plan.targets)
+    candidate = replace(key_plan, targets=targets)
+    return old if candidate == old else candidate
 
 
 def plan_targets(config: "Config") -> list[AccountTarget]:
