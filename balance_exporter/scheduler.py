@@ -337,17 +337,12 @@ class KeyWorker:
         shared_budget: SharedBudget | None = None,
         on_listing: ListingHandler | None = None,
     ) -> None:
-        self.key_name = key_name
-        self._credentials = credentials
-        self._nonces = nonces
         self.schedule = schedule
-        self._client = client
         self._store = store
-        self._rules = rules
         self._clock = clock
-        self._shared_budget = shared_budget
         self._on_listing = on_listing
         self._woken = asyncio.Event()
+        self.reconfigure(key_name, credentials, nonces, client, rules, shared_budget)
 
     def reconfigure(
         self, key_name: str, credentials: Credentials, nonces: NonceSource, client: PrivateApi,

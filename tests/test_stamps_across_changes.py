@@ -39,12 +39,18 @@ async def group() -> AsyncIterator[RunningSimulator]:
     await running.close()
 
 
-def start_exporter(group: RunningSimulator, tmp_path: Path, storage: Path | None = None,
-                   **changes: object) -> Service:
+def write_config(group: RunningSimulator, tmp_path: Path, **changes: object) -> Path:
+    """The treasury config, with `changes` to every discovered account's settings."""
     document = treasury_exporter_document(group.url)
     document["keys"][0]["discover"]["defaults"].update(changes)
     path = tmp_path / "exporter.yml"
     path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def start_exporter(group: RunningSimulator, tmp_path: Path, storage: Path | None = None,
+                   ) -> Service:
+    path = write_config(group, tmp_path)
     return Service(load_config(path), path, WebOptions(listen_address=LOOPBACK_ANY_PORT),
                    storage_path=storage)
 
@@ -56,6 +62,12 @@ async def alpha_btc(http: aiohttp.ClientSession, service: Service) -> float | No
     return amount
 
 
+async def alpha_shown(http: aiohttp.ClientSession, service: Service) -> None:
+    async def shown() -> bool:
+        return await alpha_btc(http, service) == ALPHA_BTC
+    await wait_until(shown, "alpha's balances on /metrics")
+
+
 async def stale_reply_refused(http: aiohttp.ClientSession, service: Service) -> None:
     """alpha's next reply is stale: it must be counted, and never shown."""
     async def judged() -> bool:
@@ -64,9 +76,7 @@ async def stale_reply_refused(http: aiohttp.ClientSession, service: Service) -> 
                        account="alpha") or 0) >= 1
     await wait_until(judged, "the stale reply to be refused")
 
-    async def fresh() -> bool:
-        return await alpha_btc(http, service) == ALPHA_BTC
-    await wait_until(fresh, "a fresh reply after it")
+    await alpha_shown(http, service)  # a fresh reply after it
 
 
 async def test_an_account_listed_closed_then_open_refuses_an_older_reply(
@@ -75,9 +85,7 @@ async def test_an_account_listed_closed_then_open_refuses_an_older_reply(
     service = start_exporter(group, tmp_path)
     await service.start()
     try:
-        async def shown() -> bool:
-            return await alpha_btc(http, service) == ALPHA_BTC
-        await wait_until(shown, "alpha polled")
+        await alpha_shown(http, service)
         await sim_call(http, "PATCH", f"{group.url}/_sim/accounts/alpha", {"status": "closed"})
 
         async def gone() -> bool:
@@ -97,11 +105,9 @@ async def test_a_reload_that_changes_an_accounts_settings_refuses_an_older_reply
     service = start_exporter(group, tmp_path)
     await service.start()
     try:
-        async def shown() -> bool:
-            return await alpha_btc(http, service) == ALPHA_BTC
-        await wait_until(shown, "alpha polled")
+        await alpha_shown(http, service)
         await add_fault(http, group, "alpha", {"kind": "stale", "count": 1})
-        start_exporter(group, tmp_path, show_pending_balances=True)  # rewrites the config
+        write_config(group, tmp_path, show_pending_balances=True)
         assert await service.reload()
         await stale_reply_refused(http, service)
     finally:
@@ -115,9 +121,7 @@ async def test_a_save_before_the_first_listing_keeps_the_discovered_accounts_sta
     first = start_exporter(group, tmp_path, storage)
     await first.start()
     try:
-        async def shown() -> bool:
-            return await alpha_btc(http, first) == ALPHA_BTC
-        await wait_until(shown, "alpha polled")
+        await alpha_shown(http, first)
     finally:
         await first.stop()
     # A restart while the listing fails: nothing is discovered, and the state is saved.
