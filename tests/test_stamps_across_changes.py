@@ -2,6 +2,7 @@
 leaves the plan and comes back, after a reload changes its settings, or after a restart whose
 state was saved before any listing succeeded."""
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -48,11 +49,18 @@ def write_config(group: RunningSimulator, tmp_path: Path, **changes: object) -> 
     return path
 
 
-def start_exporter(group: RunningSimulator, tmp_path: Path, storage: Path | None = None,
-                   ) -> Service:
+@contextlib.asynccontextmanager
+async def running(group: RunningSimulator, tmp_path: Path, storage: Path | None = None,
+                  ) -> AsyncIterator[Service]:
+    """The exporter with the treasury config (reloaded from `write_config`'s file)."""
     path = write_config(group, tmp_path)
-    return Service(load_config(path), path, WebOptions(listen_address=LOOPBACK_ANY_PORT),
-                   storage_path=storage)
+    service = Service(load_config(path), path, WebOptions(listen_address=LOOPBACK_ANY_PORT),
+                      storage_path=storage)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
 
 
 async def alpha_btc(http: aiohttp.ClientSession, service: Service) -> float | None:
@@ -82,9 +90,7 @@ async def stale_reply_refused(http: aiohttp.ClientSession, service: Service) -> 
 async def test_an_account_listed_closed_then_open_refuses_an_older_reply(
     http: aiohttp.ClientSession, group: RunningSimulator, tmp_path: Path
 ) -> None:
-    service = start_exporter(group, tmp_path)
-    await service.start()
-    try:
+    async with running(group, tmp_path) as service:
         await alpha_shown(http, service)
         await sim_call(http, "PATCH", f"{group.url}/_sim/accounts/alpha", {"status": "closed"})
 
@@ -95,54 +101,36 @@ async def test_an_account_listed_closed_then_open_refuses_an_older_reply(
         await add_fault(http, group, "alpha", {"kind": "stale", "count": 1})
         await sim_call(http, "PATCH", f"{group.url}/_sim/accounts/alpha", {"status": "open"})
         await stale_reply_refused(http, service)
-    finally:
-        await service.stop()
 
 
 async def test_a_reload_that_changes_an_accounts_settings_refuses_an_older_reply(
     http: aiohttp.ClientSession, group: RunningSimulator, tmp_path: Path
 ) -> None:
-    service = start_exporter(group, tmp_path)
-    await service.start()
-    try:
+    async with running(group, tmp_path) as service:
         await alpha_shown(http, service)
         await add_fault(http, group, "alpha", {"kind": "stale", "count": 1})
         write_config(group, tmp_path, show_pending_balances=True)
         assert await service.reload()
         await stale_reply_refused(http, service)
-    finally:
-        await service.stop()
 
 
 async def test_a_save_before_the_first_listing_keeps_the_discovered_accounts_stamps(
     http: aiohttp.ClientSession, group: RunningSimulator, tmp_path: Path
 ) -> None:
     storage = tmp_path / "storage"
-    first = start_exporter(group, tmp_path, storage)
-    await first.start()
-    try:
+    async with running(group, tmp_path, storage) as first:
         await alpha_shown(http, first)
-    finally:
-        await first.stop()
     # A restart while the listing fails: nothing is discovered, and the state is saved.
     await sim_call(http, "POST", f"{group.url}/_sim/keys/{MASTER_KEY}/faults",
                    {"kind": "status", "status": 503, "reason": "Maintenance"})
-    second = start_exporter(group, tmp_path, storage)
-    await second.start()
-    try:
+    async with running(group, tmp_path, storage) as second:
         async def listing_failed() -> bool:
             return sample(await scrape(http, second.url), "gemini_key_discovery_up",
                           key="treasury") == 0
         await wait_until(listing_failed, "the listing to fail")
-    finally:
-        await second.stop()
     saved = json.loads((storage / STATE_FILE_NAME).read_text())["stamps"]
     assert "alpha" in {entry["account"] for entry in saved}
     await sim_call(http, "DELETE", f"{group.url}/_sim/faults", {})
     await add_fault(http, group, "alpha", {"kind": "stale", "count": 1})
-    third = start_exporter(group, tmp_path, storage)
-    await third.start()
-    try:
+    async with running(group, tmp_path, storage) as third:
         await stale_reply_refused(http, third)
-    finally:
-        await third.stop()
