@@ -211,7 +211,7 @@ class StampLedger:
         `confirms_absence(key id)` says its key's plan would show it if it were there. Then
         forget what is past STAMP_RETENTION_SECONDS, and past MAX_ABSENT_STAMP_OWNERS."""
         now = self._wall_clock()
-        before = (self._stamps.keys() - set(), dict(self._gone_since))
+        before = (set(self._stamps), dict(self._gone_since))
         for owner in planned:
             self._gone_since.pop(owner, None)
         for owner in self._stamps.keys() - planned - self._gone_since.keys():
@@ -225,7 +225,7 @@ class StampLedger:
         for owner in [*expired, *absent[:max(0, len(absent) - MAX_ABSENT_STAMP_OWNERS)]]:
             self._stamps.pop(owner, None)
             self._gone_since.pop(owner, None)
-        if (self._stamps.keys() - set(), self._gone_since) != before:
+        if (set(self._stamps), self._gone_since) != before:
             self.version += 1
 
     def saved(self) -> list[SavedStamp]:
