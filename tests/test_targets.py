@@ -4,7 +4,14 @@ key's (and the shared) request budget."""
 import pytest
 
 from balance_exporter.config import Config, build_config
-from balance_exporter.targets import PLANNED_SHARE, ListedAccount, matches, plan, plan_targets
+from balance_exporter.targets import (
+    PLANNED_SHARE,
+    ListedAccount,
+    matches,
+    plan,
+    plan_targets,
+    planning,
+)
 
 SECRET = "TOPSECRET-targets"
 
@@ -164,3 +171,23 @@ def test_a_new_plan_reuses_what_did_not_change_so_adopting_it_can_skip_it() -> N
     slower = plan(config(60), listing, first)
     assert slower.keys["k"].targets[0] is not first.keys["k"].targets[0]
     assert slower.keys["k"].targets[0].interval_seconds == 60
+
+
+def test_planning_pauses_after_every_key_so_a_large_plan_can_share_the_loop() -> None:
+    config = build_config({
+        "keys": [{"name": f"k{key}", "api_key": f"master-k{key}", "api_secret": SECRET}
+                 for key in range(7)],
+        "accounts": [{"key": f"k{key}", "account": f"a{key}-{index}"}
+                     for key in range(7) for index in range(3)],
+    }, {})
+    steps = planning(config)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            made = done.value
+            break
+        pauses += 1
+    assert pauses == 2 * 7  # one while making each key's targets, one while stretching them
+    assert made == plan(config)
