@@ -46,6 +46,7 @@ from balance_exporter.metrics import (
     exporter_families,
     register_process_collectors,
 )
+from balance_exporter.slices import Slices
 from balance_exporter.store import AccountSnapshot, BalanceStore
 
 log = structlog.get_logger("balance_exporter.exposition")
@@ -200,22 +201,6 @@ class _FormatCache:
         return cls(exposition_format, headers, [_gzip_member(header) for header in headers])
 
 
-class _Slices:
-    """Gives the event loop a turn whenever RENDER_SLICE_SECONDS have passed since its last."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._started = self._loop.time()
-
-    async def pause_if_due(self) -> None:
-        if self._loop.time() - self._started >= RENDER_SLICE_SECONDS:
-            # Twice: the first turn puts this task at the head of the loop's next round, ahead
-            # of the I/O and timers that came due meanwhile; those run while the second waits.
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
-            self._started = self._loop.time()
-
-
 class ExpositionCache:
     """Keeps the per-account part of /metrics rendered; see the module's docstring."""
 
@@ -265,7 +250,7 @@ class ExpositionCache:
             await asyncio.sleep(BACKGROUND_RENDER_SECONDS)
             try:
                 async with self._lock:
-                    await self._refresh(_Slices())
+                    await self._refresh(Slices(RENDER_SLICE_SECONDS))
             except Exception:  # a bug: scrapes render on their own; counted, logged once a run
                 self.counters.collect_errors += 1
                 if not failing:
@@ -281,7 +266,7 @@ class ExpositionCache:
         cache = self._formats[exposition_format.content_type]
         gzipped = accepts_gzip(accept_encoding)
         async with self._lock:  # two scrapes at once render each account once
-            slices = _Slices()
+            slices = Slices(RENDER_SLICE_SECONDS)
             await self._refresh(slices)
             text_tail, gzipped_tail = self._tail_of(cache)
             tail = gzipped_tail if gzipped else text_tail
@@ -310,7 +295,7 @@ class ExpositionCache:
             cache.tail = (source, tail, _gzip_member(tail))
         return cache.tail[1], cache.tail[2]
 
-    async def _refresh(self, slices: _Slices) -> None:
+    async def _refresh(self, slices: Slices) -> None:
         if self._store_version == self.store.accounts_version:
             return  # nothing changed since: no need to look at any account
         version = self.store.accounts_version
@@ -368,7 +353,7 @@ class ExpositionCache:
             self._unmade.discard(slot)
         return self._parts[slot]
 
-    async def _make_parts(self, slices: _Slices) -> None:
+    async def _make_parts(self, slices: Slices) -> None:
         """Every part a change left unmade: all of them after the first render or a change of
         which accounts there are (tens of milliseconds at 1,000 accounts), so in slices."""
         groups = self._group_count()
@@ -408,7 +393,7 @@ class ExpositionCache:
         loop, large ones a group at a time in a thread. A part whose lines changed meanwhile
         stays stale, for the next round."""
         try:
-            slices = _Slices()
+            slices = Slices(RENDER_SLICE_SECONDS)
             while self._stale:
                 groups: dict[int, list[int]] = {}
                 for index, family in sorted(self._stale):
@@ -476,7 +461,7 @@ class ExpositionCache:
                 if not same:
                     self._replace_part(position // GROUP_ACCOUNTS, family)
 
-    async def _gzipped_body(self, cache: _FormatCache, tail: bytes, slices: _Slices) -> bytes:
+    async def _gzipped_body(self, cache: _FormatCache, tail: bytes, slices: Slices) -> bytes:
         await self._make_parts(slices)
         groups = self._group_count()
         pieces: list[bytes] = []
@@ -486,7 +471,7 @@ class ExpositionCache:
         pieces.append(tail)
         return b"".join(pieces)
 
-    async def _text_body(self, cache: _FormatCache, tail: bytes, slices: _Slices) -> bytes:
+    async def _text_body(self, cache: _FormatCache, tail: bytes, slices: Slices) -> bytes:
         accounts = [self._accounts[label] for label in self._order or ()]
         # The families' lines per account, from the accounts' lines per family.
         columns = tuple(zip(*(fragments.text for fragments in accounts), strict=True))

@@ -52,6 +52,7 @@ from balance_exporter.gemini.replies import (
     parse_staking_reply,
 )
 from balance_exporter.heap import automatic_collections_paused
+from balance_exporter.slices import Slices
 from balance_exporter.store import BalanceStore, ReplyVerdict
 from balance_exporter.targets import (
     AccountTarget,
@@ -80,7 +81,7 @@ RESTART_BACKOFF_BASE_SECONDS = 1.0
 # Real replies are a few kilobytes and parse in well under a millisecond.
 PARSE_IN_THREAD_BYTES = 64 * 1024
 # How long making or adopting a plan may hold the event loop before it gives it a turn.
-INSTALL_SLICE_SECONDS = 0.005
+PLAN_SLICE_SECONDS = 0.005
 # A key with nothing to poll (no accounts, no listing) looks again this often.
 IDLE_SECONDS = 3600.0
 T = TypeVar("T")
@@ -577,16 +578,13 @@ class Scheduler:
         a thread: a thread busy with Python code takes the interpreter lock from the loop for
         5 ms at every one of its system calls, and a poll makes several."""
         steps = planning(config, self._known_listings(config), self._plan)
-        loop = asyncio.get_running_loop()
-        turn = loop.time()
+        slices = Slices(PLAN_SLICE_SECONDS)
         while True:
             try:
                 next(steps)
             except StopIteration as done:
                 return done.value  # type: ignore[no-any-return]
-            if loop.time() - turn > INSTALL_SLICE_SECONDS:
-                await asyncio.sleep(0)
-                turn = loop.time()
+            await slices.pause_if_due()
 
     def _known_listings(self, config: Config) -> dict[str, tuple[ListedAccount, ...]]:
         """The last listing of each discovering key (by key name), if its API key has one."""
@@ -644,13 +642,10 @@ class Scheduler:
                               gemini.max_reply_bytes, gemini.proxy_url, config.gemini_tls)
         now = self._clock.monotonic()
         runtimes: dict[str, _KeyRuntime] = {}
-        loop = asyncio.get_running_loop()
-        turn = loop.time()
+        slices = Slices(PLAN_SLICE_SECONDS)
         try:
             for key in config.settings.keys:
-                if loop.time() - turn > INSTALL_SLICE_SECONDS:
-                    await asyncio.sleep(0)
-                    turn = loop.time()
+                await slices.pause_if_due()
                 credentials = config.credentials[key.name]
                 nonces, pacing = self._key_continuity(key, credentials)
                 key_plan = current.keys[key.name]

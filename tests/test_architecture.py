@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).parent.parent / "balance_exporter"
 # Earliest first. Modules of one rank may import each other (the parts of the Gemini stage do).
 STAGES: tuple[tuple[str, ...], ...] = (
     # Shared by every stage: the version and the log set-up with its secret redactor.
-    ("__init__", "logging", "files", "heap"),
+    ("__init__", "logging", "files", "heap", "slices"),
     # The config, and the one config value the parser is handed (kept free of pydantic).
     ("precision", "config"),
     ("targets",),
