@@ -2,8 +2,9 @@
 
 Work that makes a burst of objects (parsing a config of 10,000 accounts, planning them) sets off
 the collector's automatic passes again and again, and each walks the burst while the event loop
-waits: stops of up to 100 ms, though the work itself runs in a thread. The service collects on
-its own schedule besides (every second and every minute), which is enough meanwhile.
+waits: stops of up to 100 ms, even when the work itself runs in a thread or in slices. The
+service collects on its own schedule besides (every second and every minute), which is enough
+meanwhile.
 """
 
 import contextlib

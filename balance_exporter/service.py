@@ -84,7 +84,7 @@ class Service:
         """Re-read the config and secrets; keep the running config if the new one is bad."""
         try:
             # In a thread: reading and checking 10,000 accounts and their secret files takes
-            # most of a second, which would hold every poll, scrape and probe.
+            # seconds, which would hold every poll, scrape and probe.
             with automatic_collections_paused():
                 config = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as error:

@@ -77,8 +77,8 @@ class AccountTarget:
     discovered: bool = False
     # The API key's identity (`Credentials.key_id`); the key's name where none is given.
     key_id: str = ""
-    # identity(endpoint) for each endpoint, in Endpoint's order: made with the target (in the
-    # planning thread), so that adopting a plan of 10,000 accounts compares, not computes.
+    # identity(endpoint) for each endpoint, in Endpoint's order: made with the target, while
+    # planning, so that adopting a plan of 10,000 accounts compares, not computes.
     identities: tuple[tuple[object, ...] | None, ...] = field(
         init=False, compare=False, repr=False, default=())
 
