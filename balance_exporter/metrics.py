@@ -406,6 +406,10 @@ def exporter_families(store: BalanceStore, counters: ExporterCounters) -> Iterat
     yield build
     for name, field, help_text in _EXPORTER_COUNTERS:
         yield CounterMetricFamily(name, help_text, value=getattr(counters, field))
+    yield CounterMetricFamily(
+        "gemini_exporter_plan_errors", "Times a new plan after an account listing could not be "
+        "made (a bug, logged with its traceback); the last plan stayed in use.",
+        value=store.plan_errors)
 
 
 class BalanceCollector(Collector):

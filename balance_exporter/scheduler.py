@@ -699,7 +699,13 @@ class Scheduler:
             while self._replan_wanted:
                 self._replan_wanted = False
                 assert self._config is not None  # listings come from workers a config started
-                await self._plan_and_install(self._config)
+                try:
+                    await self._plan_and_install(self._config)
+                except Exception:  # a bug: the last plan stays; the next listing tries again
+                    self._store.record_plan_error()
+                    log.exception("planning after an account listing failed; the last plan "
+                                  "stays in use")
+                    return
 
     async def _supervise(self, worker: KeyWorker) -> None:
         """Run the key's worker; if it raises (a bug), log it and start it again after a backoff,

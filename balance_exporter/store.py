@@ -243,6 +243,8 @@ class BalanceStore:
         self.accounts_version = 0
         # Likewise for the keys' counters.
         self.keys_version = 0
+        # Plans after a listing that could not be made (a bug): the last plan stayed in use.
+        self.plan_errors = 0
         # The accounts_version of each account's last change, oldest first, since the last
         # configure (at _layout_version), which may have changed which accounts there are.
         self._changes: dict[str, int] = {}
@@ -415,6 +417,10 @@ class BalanceStore:
     def record_worker_restart(self, key_name: str) -> None:
         if key_name in self._keys:
             self._update_key(key_name, worker_restarts=self._keys[key_name].worker_restarts + 1)
+
+    def record_plan_error(self) -> None:
+        self.plan_errors += 1
+        self.keys_version += 1  # shown with the keys' counters
 
     def stopped_workers(self) -> list[str]:
         """Keys whose poll worker is not running: nothing is polled with them right now."""

@@ -32,8 +32,8 @@ from balance_exporter.scheduler import (
     jittered_backoff,
 )
 from balance_exporter.store import BalanceStore
-from balance_exporter.targets import AccountTarget, Endpoint, KeyPlan
-from tests.helpers import VirtualClock
+from balance_exporter.targets import AccountTarget, Endpoint, KeyPlan, ListedAccount
+from tests.helpers import VirtualClock, wait_until
 
 BACKOFFS = Backoffs(max_backoff_seconds=300, rejected_retry_seconds=600)
 
@@ -606,3 +606,37 @@ async def test_a_late_reply_is_not_stored_under_a_label_that_passed_to_another_k
     assert snapshot.target.key_name == "group-b"
     assert (snapshot.balances.rows, snapshot.balances.polls, dict(snapshot.balances.errors)) == (
         (), 0, {})
+
+
+async def test_a_plan_that_cannot_be_made_after_a_listing_is_logged_counted_and_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = BalanceStore()
+    config = build_config({
+        "gemini": {"base_url": "http://127.0.0.1:9"},
+        "keys": [{"name": "k", "api_key": "master-k", "api_secret": "TOPSECRET-plan",
+                  "discover": {"refresh_seconds": 3600}}],
+    }, {})
+    listed = (ListedAccount("a", "", "exchange", "open"),)
+    async with new_session("test") as session:
+        scheduler = Scheduler(session, store, FakeClock())
+        await scheduler.apply(config)
+
+        def broken(*args: object) -> object:
+            raise RuntimeError("injected planning bug")
+        with structlog.testing.capture_logs() as logs:
+            monkeypatch.setattr("balance_exporter.scheduler.planning", broken)
+            scheduler._adopt_listing("master-k", listed)
+            await wait_until(lambda: asyncio.sleep(0, store.plan_errors == 1),
+                             "the failed plan to be counted")
+            monkeypatch.undo()
+            # The next listing change plans again.
+            scheduler._adopt_listing("master-k", (ListedAccount("b", "", "exchange", "open"),))
+            await wait_until(lambda: asyncio.sleep(0, [s.target.label for s in
+                                                       store.account_snapshots()] == ["b"]),
+                             "the next plan")
+        await scheduler.stop()
+    assert store.plan_errors == 1
+    assert [entry["log_level"] for entry in logs
+            if entry["event"].startswith("planning after an account listing failed")] == [
+        "error"]
