@@ -18,6 +18,7 @@ import yaml
 
 from balance_exporter import __version__
 from balance_exporter.config import Config, ConfigError, load_config
+from balance_exporter.heap import freeze_startup_heap
 from balance_exporter.logging import LOG_LEVELS, configure_logging
 from balance_exporter.server import (
     DEFAULT_LISTEN_ADDRESS,
@@ -26,7 +27,7 @@ from balance_exporter.server import (
     WebOptions,
     telemetry_path_problem,
 )
-from balance_exporter.service import Service, freeze_startup_heap, run_until_signalled
+from balance_exporter.service import Service, run_until_signalled
 from balance_exporter.targets import plan
 from balance_exporter.webconfig import WebConfig, load_web_config
 

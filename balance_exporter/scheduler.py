@@ -13,6 +13,7 @@ key polls makes the `Scheduler` plan every key again (a shared budget ties them 
 """
 
 import asyncio
+import hashlib
 import math
 import random
 import time
@@ -51,7 +52,7 @@ from balance_exporter.gemini.replies import (
     parse_notional_reply,
     parse_staking_reply,
 )
-from balance_exporter.heap import automatic_collections_paused
+from balance_exporter.heap import burst_frozen
 from balance_exporter.slices import Slices
 from balance_exporter.store import BalanceStore, ReplyVerdict
 from balance_exporter.targets import (
@@ -186,7 +187,10 @@ class KeySchedule:
         backoffs: Backoffs,
         now: float,
         rng: random.Random | None = None,
+        shift: float | None = None,
     ) -> None:
+        """`shift`: the key's phase shift, a fraction of an interval (by default one of its
+        name's)."""
         self.pacing = pacing
         self._backoffs = backoffs
         self._rng = rng or random.Random()
@@ -196,7 +200,12 @@ class KeySchedule:
         # Each job runs on a grid, origin + (phase + k) * interval, with the phases of one
         # endpoint's jobs spread evenly over the interval: the requests of a full budget then
         # come one after another instead of in bursts that make some wait longer than others.
+        # Each key's phases are shifted by a fraction of its own: keys started together would
+        # otherwise share their grids, and a thousand keys' listings (or their first accounts'
+        # polls) would all come due at the same moment, a burst that holds the event loop
+        # (and the scrapes) for a hundred milliseconds and more.
         self._origin = now
+        self._shift = _key_shift(key_plan.key_name) if shift is None else shift
         self._phases: dict[Job, float] = {}
         self._failures: dict[Job, int] = {}
         # When each endpoint but the balances may send again (see `finished`).
@@ -235,7 +244,7 @@ class KeySchedule:
 
     def _grid_at_or_after(self, job: Job, moment: float) -> float:
         interval = self._intervals[job]
-        offset = self._origin + self._phases[job] * interval
+        offset = self._origin + (self._phases[job] + self._shift) % 1.0 * interval
         return offset + math.ceil((moment - offset) / interval) * interval
 
     def next_poll(self, now: float) -> tuple[Job, float] | None:
@@ -306,6 +315,12 @@ class KeySchedule:
             self.pacing.rate_limit_strikes, RATE_LIMIT_BACKOFF_BASE_SECONDS, cap, self._rng)
         self.pacing.paused_until = now + pause
         return pause
+
+
+def _key_shift(key_name: str) -> float:
+    """A fraction in [0, 1), the same for a key at every start, spread evenly over keys."""
+    digest = hashlib.blake2b(key_name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest) / 2**64
 
 
 def _even_phases(jobs: list[Job]) -> dict[Job, float]:
@@ -568,7 +583,7 @@ class Scheduler:
             await self._plan_and_install(config)
 
     async def _plan_and_install(self, config: Config) -> None:
-        with automatic_collections_paused():  # planning makes a burst of objects (see heap)
+        with burst_frozen():  # planning makes a burst of objects (see heap)
             current = await self._planned(config)
             await self._install(config, current)
             self._plan = current
@@ -593,13 +608,15 @@ class Scheduler:
                 if key.discover is not None
                 and config.credentials[key.name].api_key in self._listings}
 
-    def _configure_store(self, config: Config, current: Plan) -> None:
+    async def _configure_store(self, config: Config, current: Plan, slices: Slices) -> None:
         discovering = {name: key_plan.listing_interval_seconds
                        for name, key_plan in current.keys.items()
                        if key_plan.listing_interval_seconds is not None}
         old_labels = {snapshot.target.label for snapshot in self._store.account_snapshots()}
-        self._store.configure(current.targets, config.credentials.keys(), discovering,
-                              {name: key.key_id for name, key in config.credentials.items()})
+        for _ in self._store.configuring(
+                current.targets, config.credentials.keys(), discovering,
+                {name: key.key_id for name, key in config.credentials.items()}):
+            await slices.pause_if_due()
         for name, key_plan in current.keys.items():
             if name in discovering:
                 polled = sum(target.discovered for target in key_plan.targets)
@@ -630,7 +647,8 @@ class Scheduler:
         turn a key's worker polls by its old plan, and the store takes nothing from a job that
         is no longer planned as it was."""
         self._config = config
-        self._configure_store(config, current)
+        slices = Slices(PLAN_SLICE_SECONDS)
+        await self._configure_store(config, current, slices)
         shared = self._shared_budget(config)
         backoffs = Backoffs(
             max_backoff_seconds=config.settings.polling.max_backoff_seconds,
@@ -642,7 +660,6 @@ class Scheduler:
                               gemini.max_reply_bytes, gemini.proxy_url, config.gemini_tls)
         now = self._clock.monotonic()
         runtimes: dict[str, _KeyRuntime] = {}
-        slices = Slices(PLAN_SLICE_SECONDS)
         try:
             for key in config.settings.keys:
                 await slices.pause_if_due()

@@ -7,7 +7,6 @@ the config file and the secrets; a bad new config is logged and the running one 
 
 import asyncio
 import contextlib
-import gc
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from balance_exporter import __version__
 from balance_exporter.config import Config, ConfigError, load_config
 from balance_exporter.exposition import ExpositionCache
 from balance_exporter.gemini.client import new_session
-from balance_exporter.heap import automatic_collections_paused
+from balance_exporter.heap import burst_frozen, collect_garbage_regularly
 from balance_exporter.logging import redactor
 from balance_exporter.scheduler import Clock, Scheduler, SystemClock
 from balance_exporter.server import WebOptions, WebServer
@@ -85,7 +84,7 @@ class Service:
         try:
             # In a thread: reading and checking 10,000 accounts and their secret files takes
             # seconds, which would hold every poll, scrape and probe.
-            with automatic_collections_paused():
+            with burst_frozen():
                 config = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as error:
             log.error("config reload rejected, keeping the running config",
@@ -115,39 +114,6 @@ class Service:
         if self._session is not None:
             await self._session.close()
             log.info("exporter stopped")
-
-
-def freeze_startup_heap() -> None:
-    """Move what start-up made (modules, classes, the config) out of the cyclic garbage
-    collector's sight, after collecting what start-up left as garbage.
-
-    Those objects live as long as the process, yet every full collection would walk all of them
-    while the event loop waits: tens of milliseconds of a stalled loop, more than the scrape
-    path's budget. After this a full collection walks the polled data only."""
-    gc.collect()
-    gc.freeze()
-
-
-# How often the young generations are collected, and the whole heap.
-YOUNG_COLLECTION_SECONDS = 1.0
-FULL_COLLECTION_SECONDS = 60.0
-
-
-async def collect_garbage_regularly() -> None:
-    """Collect the young generations every second and the whole heap every minute, runs the
-    process does not get on its own. The collector counts allocations minus deallocations, and
-    a poll allocates about as many objects as it frees (its new rows, the old ones), so the
-    young generation grew for tens of seconds and its collection then stopped the event loop
-    for 20-30 ms. Collected every second it holds a second's objects: a millisecond."""
-    loop = asyncio.get_running_loop()
-    last_full = loop.time()
-    while True:
-        await asyncio.sleep(YOUNG_COLLECTION_SECONDS)
-        if loop.time() - last_full >= FULL_COLLECTION_SECONDS:
-            gc.collect()
-            last_full = loop.time()
-        else:
-            gc.collect(1)
 
 
 async def wait_for_stop_signal(on_hangup: Callable[[], None] | None = None) -> None:

@@ -9,7 +9,7 @@ one per endpoint: a notional reply is never compared with a balances reply's sta
 import enum
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Generic
@@ -24,6 +24,8 @@ from balance_exporter.gemini.replies import (
 from balance_exporter.targets import AccountTarget, Endpoint, ListedAccount
 
 DEFAULT_ACCOUNT_TYPE = "exchange"
+# How many accounts `BalanceStore.configuring` prepares between two pauses.
+CONFIGURE_STEP = 250
 
 
 def _no_errors() -> Mapping[str, int]:
@@ -115,6 +117,27 @@ class AccountSnapshot:
         state: PollState[Any] = getattr(self, endpoint.value)
         return state
 
+
+def _carried(previous: AccountSnapshot | None, target: AccountTarget) -> AccountSnapshot:
+    """`target`'s snapshot in a new plan, keeping what `previous` (its label's snapshot in the
+    last plan) knows that is still this target's."""
+    if previous is None:
+        return AccountSnapshot(target)
+    old = previous.target
+    if old is target or old == target:
+        return previous  # unchanged: nothing to render again
+    # Made directly (dataclasses.replace takes twice as long): a reload of 10,000 accounts
+    # does this for each of them.
+    old_ids, new_ids = old.identities, target.identities
+    return AccountSnapshot(
+        target,
+        # Each endpoint's rows stay unless they are another account's, label's or currency's
+        # now, or the poll was turned off.
+        previous.balances if old_ids[0] == new_ids[0] else PollState(),
+        previous.notional if old_ids[1] == new_ids[1] else PollState(),
+        previous.staking if old_ids[2] == new_ids[2] else PollState(),
+        previous.account_type if old.owner == target.owner else DEFAULT_ACCOUNT_TYPE,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,35 +281,39 @@ class BalanceStore:
         discovering: Mapping[str, float] | None = None,
         key_ids: Mapping[str, str] | None = None,
     ) -> None:
+        """`configuring` all at once."""
+        for _ in self.configuring(targets, key_names, discovering, key_ids):
+            pass
+
+    def configuring(
+        self, targets: Iterable[AccountTarget], key_names: Iterable[str],
+        discovering: Mapping[str, float] | None = None,
+        key_ids: Mapping[str, str] | None = None,
+    ) -> Iterator[None]:
         """Adopt a (new) set of accounts, keeping what is known of those that did not change;
         `discovering` gives each discovering key's listing interval, `key_ids` each key's API
-        key identity (by default its name)."""
-        old_accounts = self._accounts
-        self._accounts = {}
+        key identity (by default its name).
+
+        A generator that pauses every CONFIGURE_STEP accounts while it prepares the new set (at
+        10,000 accounts that takes tens of milliseconds), so that its caller can give the event
+        loop a turn. Readers and writers see the old set meanwhile; at the end the set is
+        adopted at once, each account from its snapshot as it is then."""
+        prepared: dict[str, tuple[AccountSnapshot | None, AccountSnapshot]] = {}
+        for count, target in enumerate(targets, start=1):
+            previous = self._accounts.get(target.label)
+            prepared[target.label] = (previous, _carried(previous, target))
+            if count % CONFIGURE_STEP == 0:
+                yield
+        accounts = {}
+        for label, (previous, snapshot) in prepared.items():
+            current = self._accounts.get(label)
+            # Changed while the rest was prepared: made again from what it is now.
+            accounts[label] = snapshot if current is previous else _carried(current,
+                                                                           snapshot.target)
+        self._accounts = accounts
         self.accounts_version += 1
         self._layout_version = self.accounts_version
         self._changes = {}
-        for target in targets:
-            previous = old_accounts.get(target.label)
-            if previous is None:
-                self._accounts[target.label] = AccountSnapshot(target)
-                continue
-            old = previous.target
-            if old is target or old == target:
-                self._accounts[target.label] = previous  # unchanged: nothing to render again
-                continue
-            # Made directly (dataclasses.replace takes twice as long): a reload of 10,000
-            # accounts does this on the event loop for each of them.
-            old_ids, new_ids = old.identities, target.identities
-            self._accounts[target.label] = AccountSnapshot(
-                target,
-                # Each endpoint's rows stay unless they are another account's, label's or
-                # currency's now, or the poll was turned off.
-                previous.balances if old_ids[0] == new_ids[0] else PollState(),
-                previous.notional if old_ids[1] == new_ids[1] else PollState(),
-                previous.staking if old_ids[2] == new_ids[2] else PollState(),
-                previous.account_type if old.owner == target.owner else DEFAULT_ACCOUNT_TYPE,
-            )
         discovering = discovering or {}
         keys = {}
         for name in key_names:

@@ -27,8 +27,9 @@ from typing import Any
 import yaml
 
 from balance_exporter.config import load_config
+from balance_exporter.heap import freeze_startup_heap
 from balance_exporter.server import ListenAddress, WebOptions
-from balance_exporter.service import Service, freeze_startup_heap
+from balance_exporter.service import Service
 
 TICK_SECONDS = 0.002
 SECRET = "bench-secret"  # noqa: S105  # the simulator's, not a real one

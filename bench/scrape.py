@@ -19,9 +19,9 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from balance_exporter.exposition import GZIP_LEVEL, ExpositionCache
+from balance_exporter.heap import collect_garbage_regularly, freeze_startup_heap
 from balance_exporter.metrics import build_registry
 from balance_exporter.server import build_app
-from balance_exporter.service import collect_garbage_regularly, freeze_startup_heap
 from bench.workload import make_store, record
 
 GZIP = {"Accept-Encoding": "gzip"}

@@ -4,10 +4,9 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
-import pytest
 import yaml
 
-from balance_exporter.service import Service, collect_garbage_regularly
+from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator
 from tests.helpers import (
     MASTER_KEY,
@@ -189,28 +188,3 @@ async def test_overlapping_reloads_leave_one_worker_per_key(
     workers = [task for task in asyncio.all_tasks() if task.get_name().startswith("poll-")]
     assert sorted(task.get_name() for task in workers) == ["poll-solo", "poll-treasury"]
     await all_polled(http, exporter)
-
-
-async def test_the_young_generations_are_collected_every_interval_and_the_heap_now_and_then(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr("balance_exporter.service.YOUNG_COLLECTION_SECONDS", 0.001)
-    monkeypatch.setattr("balance_exporter.service.FULL_COLLECTION_SECONDS", 0.02)
-    generations: list[int] = []
-
-    def collect(generation: int = 2) -> int:
-        generations.append(generation)
-        return 0
-
-    monkeypatch.setattr("balance_exporter.service.gc.collect", collect)
-    task = asyncio.create_task(collect_garbage_regularly())
-    async def two_full_collections() -> bool:
-        return generations.count(2) >= 2
-
-    await wait_until(two_full_collections, "two full collections")
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    # Mostly the young ones; the whole heap once its interval has passed, not every time.
-    assert generations.count(2) >= 2
-    assert generations.count(1) > generations.count(2)
-    assert set(generations) == {1, 2}

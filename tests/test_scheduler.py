@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+from collections import Counter
 from dataclasses import replace
 from itertools import pairwise
 
@@ -48,7 +49,7 @@ def key_plan(accounts: list[AccountTarget], listing: float | None = None) -> Key
 
 def schedule(count: int, rps: float = 2.0, interval: float = 10.0) -> KeySchedule:
     return KeySchedule(key_plan(targets(count, interval)), KeyPacing(rps), BACKOFFS, now=0.0,
-                       rng=random.Random(7))
+                       rng=random.Random(7), shift=0.0)
 
 
 def balances(label: str) -> Job:
@@ -235,7 +236,7 @@ async def run_worker(
     accounts = targets(count)
     store.configure(accounts, {"k"})
     plan = KeySchedule(key_plan(accounts), KeyPacing(rps), BACKOFFS, clock.now,
-                       random.Random(3))
+                       random.Random(3), shift=0.0)
     credentials = Credentials("master-k", SecretStr("s"))
     worker = KeyWorker("k", credentials, NonceSource("milliseconds"), plan, gemini, store,
                        ReplyRules(Precision({}, 8)), clock)
@@ -403,7 +404,7 @@ def treasury_target(label: str) -> AccountTarget:
 
 def test_every_request_stream_is_a_job_and_balances_go_first_when_several_are_due() -> None:
     plan = KeySchedule(key_plan([treasury_target("a0"), treasury_target("a1")], listing=300.0),
-                       KeyPacing(2.0), BACKOFFS, now=0.0, rng=random.Random(1))
+                       KeyPacing(2.0), BACKOFFS, now=0.0, rng=random.Random(1), shift=0.0)
     sent = [(job.label, job.endpoint and job.endpoint.value, at) for job, at in run_jobs(plan, 9)]
     # Every account's balances at once and the listing, then each endpoint's jobs spread evenly
     # over its interval (a1 half an interval after a0), balances first when several are due.
@@ -415,7 +416,7 @@ def test_every_request_stream_is_a_job_and_balances_go_first_when_several_are_du
 
 def test_each_stream_keeps_its_own_interval_and_a_failing_one_backs_off_alone() -> None:
     plan = KeySchedule(key_plan([treasury_target("a0")]), KeyPacing(10.0), BACKOFFS, now=0.0,
-                       rng=random.Random(1))
+                       rng=random.Random(1), shift=0.0)
     history: list[tuple[Job, float]] = []
     now = 0.0
     while now < 120.0:
@@ -640,3 +641,22 @@ async def test_a_plan_that_cannot_be_made_after_a_listing_is_logged_counted_and_
     assert [entry["log_level"] for entry in logs
             if entry["event"].startswith("planning after an account listing failed")] == [
         "error"]
+
+
+def test_keys_started_together_do_not_share_their_grids() -> None:
+    """A thousand keys' listings (and their first accounts' polls) would otherwise all come
+    due at the same moment: a burst that holds the event loop. Each key's grid is shifted by a
+    fraction of its own, the same at every start."""
+    def listing_after_first(name: str) -> float:
+        plan = KeySchedule(KeyPlan(name, (), 30.0, 1.0), KeyPacing(5.0), BACKOFFS, now=0.0)
+        job, at = next_job(plan)
+        plan.started(at)
+        plan.succeeded(job, at)
+        return plan.next_due[job]
+
+    names = [f"key-{index}" for index in range(200)]
+    second_listings = [listing_after_first(name) for name in names]
+    tenths = Counter(int(at / 3.0) for at in second_listings)  # of the 30 s interval
+    assert sorted(tenths) == list(range(1, 11))  # every tenth but the first 3 s (the gap)
+    assert max(tenths.values()) <= 40  # 20 each on average
+    assert [listing_after_first(name) for name in names] == second_listings

@@ -7,6 +7,7 @@ from balance_exporter.gemini.replies import (
     ParsedReply,
 )
 from balance_exporter.store import (
+    CONFIGURE_STEP,
     MAX_ABSENT_STAMP_OWNERS,
     STAMP_RETENTION_SECONDS,
     AccountSnapshot,
@@ -105,6 +106,26 @@ def test_reconfigure_keeps_unchanged_accounts_and_drops_changed_ones() -> None:
     assert amounts(store, "main") == {"BTC": 5}
     assert amounts(store, "side") == {}
     assert store.account_snapshots()[0].target.interval_seconds == 60.0
+
+
+def test_a_set_adopted_in_steps_keeps_the_replies_recorded_between_them() -> None:
+    """The old set serves readers and writers until the last step; an account that changed
+    meanwhile is carried over as it is then, with its new settings."""
+    accounts = [AccountTarget(f"a{index}", "treasury", f"a{index}", False, 30.0)
+                for index in range(CONFIGURE_STEP * 2 + 1)]
+    store = make_store(*accounts)
+    slower = [replace(target, interval_seconds=60.0) for target in accounts]
+    steps = store.configuring(slower, {"treasury"})
+    next(steps)  # the first accounts prepared, a0 among them
+    assert store.record_reply("a0", BAL, BalanceReply(balances(BTC=5), 1, None), 0.1, 10.0) \
+        is ReplyVerdict.ACCEPTED
+    assert {s.target.interval_seconds for s in store.account_snapshots()} == {30.0}
+    for _ in steps:
+        pass
+    assert amounts(store, "a0") == {"BTC": 5}
+    assert {s.target.interval_seconds for s in store.account_snapshots()} == {60.0}
+    assert store.record_reply("a0", BAL, BalanceReply(balances(BTC=1), 0, None), 0.1, 11.0) \
+        is ReplyVerdict.STALE
 
 
 def test_ready_once_every_account_was_attempted() -> None:
