@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages of the real tools the tests drive: promtool, amtool, docker-compose, openssl,
-# and tinyproxy as the egress proxy.
+# and tinyproxy as the egress proxy. Installed without recommends (those would add docker.io,
+# node-exporter and 200 more), and without starting their services: the tests start their own
+# processes, on ports of their own.
 packages=(prometheus prometheus-alertmanager docker-compose openssl tinyproxy)
 commands=(promtool amtool docker-compose openssl tinyproxy)
 missing=()
@@ -15,10 +17,24 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "== installing Debian packages the tests drive: ${missing[*]}"
+    echo "   (apt-get install --no-install-recommends; their services are not started)"
+    # policy-rc.d is Debian's switch for "do not start services from package scripts"
+    # (invoke-rc.d and deb-systemd-invoke both obey it); ours only if there is none already.
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' > "$policy"
+      chmod 755 "$policy"
+      trap 'rm -f "$policy"' EXIT
+    fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
+    if [ -n "$(trap -p EXIT)" ]; then
+      rm -f "$policy"
+      trap - EXIT
+    fi
   else
-    echo "missing Debian packages: ${missing[*]} (sudo apt-get install ${missing[*]})" >&2
+    echo "missing Debian packages: ${missing[*]} (as root: apt-get install --no-install-recommends ${missing[*]})" >&2
     exit 1
   fi
 fi
