@@ -17,6 +17,34 @@ from tests.helpers import exporter_document, simulator_document
 
 LOOPBACK_ANY_PORT = ListenAddress("127.0.0.1", 0)
 
+# Tests that take tens of seconds each (real Prometheus and Alertmanager, the benchmarks): each
+# is named when it starts, so that a quiet run shows what it is waiting for rather than a
+# minute on one dot.
+SLOW_MARKERS = ("e2e", "slow")
+
+
+class _SlowTestNames:
+    def __init__(self, reporter: pytest.TerminalReporter) -> None:
+        self._reporter = reporter
+        self._slow: set[str] = set()
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        self._slow = {item.nodeid for item in items
+                      if any(item.get_closest_marker(marker) for marker in SLOW_MARKERS)}
+
+    @pytest.hookimpl(trylast=True)  # after the reporter has named the test's file
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        if nodeid in self._slow:
+            self._reporter.ensure_newline()
+            self._reporter.write_line(f"   running {nodeid} (slow: tens of seconds)")
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal reporter is made
+def pytest_configure(config: pytest.Config) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and reporter.verbosity <= 0:  # -v names every test anyway
+        config.pluginmanager.register(_SlowTestNames(reporter), "slow-test-names")
+
 Serve = Callable[..., Awaitable[str]]
 
 

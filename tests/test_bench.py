@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.scrape import steal_seconds
 
 ROOT = Path(__file__).parent.parent
 
 
+@pytest.mark.slow
 def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(output)],

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
 from balance_exporter.config import build_config
@@ -60,6 +61,7 @@ async def capture(http: aiohttp.ClientSession, service: Service) -> list[tuple[f
     return captured
 
 
+@pytest.mark.slow
 async def test_notional_and_staking_that_never_succeed_reach_their_alerts(
     http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
