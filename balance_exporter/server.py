@@ -8,7 +8,7 @@ import logging
 import os
 import resource
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,8 +100,33 @@ def _total_value(snapshot: AccountSnapshot) -> float | None:
     return sum(row.amount for row in snapshot.notional.rows)
 
 
-def _value_text(value: float | None, currency: str | None) -> str:
-    return "" if value is None or currency is None else f"{value:,.2f} {currency}"
+def _value_text(value: float, currency: str) -> str:
+    return f"{value:,.2f} {currency}"
+
+
+def _value_cell(snapshot: AccountSnapshot) -> str:
+    currency = snapshot.target.notional_currency
+    if currency is None:
+        return "off"
+    value = _total_value(snapshot)
+    return "not yet" if value is None else _value_text(value, currency)
+
+
+def _totals_text(snapshots: Sequence[AccountSnapshot]) -> str:
+    """The total value per quote currency, saying how many of the accounts valued in it have
+    a value yet: a sum over some of them is not the team's total."""
+    totals: dict[str, list[float | None]] = {}
+    for snapshot in snapshots:
+        if snapshot.target.notional_currency is not None:
+            totals.setdefault(snapshot.target.notional_currency, []).append(
+                _total_value(snapshot))
+    parts = []
+    for currency, values in sorted(totals.items()):
+        known = [value for value in values if value is not None]
+        parts.append(f"<strong>{html.escape(_value_text(sum(known), currency))}</strong> "
+                     f"({len(known)} of {len(values)} accounts valued"
+                     + (", the others not yet" if len(known) < len(values) else "") + ")")
+    return f"<p>Total value: {'; '.join(parts)}.</p>" if parts else ""
 
 
 def _staked(snapshot: AccountSnapshot) -> str:
@@ -138,17 +163,12 @@ async def landing_handler(request: web.Request) -> web.Response:
             _age(snapshot, now),
             f"{snapshot.target.interval_seconds:g}s",
             str(len(snapshot.balances.rows)),
-            _value_text(_total_value(snapshot), snapshot.target.notional_currency),
+            _value_cell(snapshot),
             _staked(snapshot),
         )) + "</tr>"
         for snapshot in snapshots
     )
-    values = [value for snapshot in snapshots if (value := _total_value(snapshot)) is not None]
-    currency = next((s.target.notional_currency for s in snapshots
-                     if s.target.notional_currency), None)
-    total = (f"<p>Total value of {len(values)} accounts: "
-             f"<strong>{html.escape(_value_text(sum(values), currency))}</strong>.</p>"
-             if values else "")
+    total = _totals_text(snapshots)
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Gemini balance exporter</title>
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em 1em;text-align:left}}</style>

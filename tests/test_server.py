@@ -21,7 +21,7 @@ from balance_exporter.server import (
     build_app,
 )
 from tests.conftest import Serve
-from tests.helpers import fixed_store
+from tests.helpers import fixed_store, scrape
 
 
 @pytest.fixture
@@ -72,6 +72,25 @@ async def test_landing_page_lists_accounts_with_status_and_age(
     assert "treasury-primary" in page
     assert "down (RateLimit)" in page
     assert "waiting for first poll" in page
+
+
+async def test_landing_page_total_says_what_it_covers_and_agrees_with_the_metrics(
+    http: aiohttp.ClientSession, server: str
+) -> None:
+    async with http.get(f"{server}/") as response:
+        page = await response.text()
+    samples = await scrape(http, server)
+    valued = sum(value for (name, labels), value in samples.items()
+                 if name == "gemini_balance_amount_notional"
+                 and ("notional_currency", "USD") in labels)
+    assert valued == 340_000.0  # what sum(gemini_balance_amount_notional) gives
+    # Two accounts are valued in USD, one of them has no value yet; savings is not valued.
+    assert ("Total value: <strong>340,000.00 USD</strong> (1 of 2 accounts valued, the others "
+            "not yet).") in page
+    cells = {row.split("</td>")[0].removeprefix("<tr><td>"): row.split("<td>")[7]
+             for row in page.splitlines() if row.startswith("<tr><td>")}
+    assert cells == {"treasury-primary": "340,000.00 USD</td>", "savings": "off</td>",
+                     "never-polled": "not yet</td>"}
 
 
 async def test_health_and_readiness(http: aiohttp.ClientSession, server: str) -> None:
