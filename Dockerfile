@@ -1,6 +1,6 @@
 # balance-exporter: a slim image that runs as a fixed non-root user and has no compiler.
 #   docker build -t balance-exporter .
-#   docker run -p 8397:8397 balance-exporter demo          # against the built-in simulator
+#   docker run -p 8397:8397 balance-exporter demo --web.listen-address :8397   # the demo
 #   docker run -p 8397:8397 -v $PWD/config.yml:/etc/balance-exporter/config.yml:ro \
 #     -v $PWD/secrets:/run/secrets:ro balance-exporter
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm

@@ -32,6 +32,8 @@ from balance_exporter.targets import plan
 from balance_exporter.webconfig import WebConfig, load_web_config
 
 DEFAULT_SIMULATOR_ADDRESS = "127.0.0.1:8398"
+# The demo is local: it serves made-up balances to this machine only, unless told otherwise.
+DEFAULT_DEMO_ADDRESS = "127.0.0.1:8397"
 EXIT_BAD_CONFIG = 2
 EXIT_CANNOT_LISTEN = 3
 
@@ -66,10 +68,11 @@ def _listen_address(text: str) -> ListenAddress:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _add_web_flags(parser: argparse.ArgumentParser) -> None:
+def _add_web_flags(parser: argparse.ArgumentParser,
+                   listen_address: str = DEFAULT_LISTEN_ADDRESS) -> None:
     parser.add_argument("--web.listen-address", dest="listen_address", type=_listen_address,
-                        default=DEFAULT_LISTEN_ADDRESS,
-                        help=f"address to serve metrics on (default: {DEFAULT_LISTEN_ADDRESS})")
+                        default=listen_address,
+                        help=f"address to serve metrics on (default: {listen_address})")
     parser.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
                         type=_telemetry_path,
                         help="path under which to expose metrics (default: /metrics)")
@@ -80,8 +83,11 @@ def _add_web_flags(parser: argparse.ArgumentParser) -> None:
 def _exporter_parser() -> argparse.ArgumentParser:
     parser = _FlagParser(
         prog="balance-exporter",
-        description="Prometheus exporter for Gemini account balances. Subcommands: "
-        "`demo` (exporter + built-in simulator, no credentials), `simulate` (simulator alone).",
+        description="Prometheus exporter for Gemini account balances.",
+        epilog="subcommands (each with its own --help):\n"
+        "  demo      the exporter polling a built-in Gemini simulator: no credentials, local only\n"
+        "  simulate  the Gemini simulator alone, to point an exporter at (--write-config)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"balance-exporter {__version__}")
     parser.add_argument("--config.file", dest="config_file", type=Path,
@@ -99,9 +105,10 @@ def _exporter_parser() -> argparse.ArgumentParser:
 def _demo_parser() -> argparse.ArgumentParser:
     parser = _FlagParser(
         prog="balance-exporter demo",
-        description="Run the built-in Gemini simulator and the exporter polling it.",
+        description="Run the built-in Gemini simulator and the exporter polling it, on this "
+        "machine only by default.",
     )
-    _add_web_flags(parser)
+    _add_web_flags(parser, DEFAULT_DEMO_ADDRESS)
     _add_logging_flags(parser)
     parser.add_argument("--drift-seconds", type=float, default=5.0,
                         help="move the simulated balances this often (default: 5)")
@@ -120,7 +127,10 @@ def _simulate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drift-seconds", type=float, default=0.0,
                         help="move balances this often; 0 keeps them still (default: 0)")
     parser.add_argument("--write-config", type=Path,
-                        help="write an exporter config for this simulator to this file")
+                        help="write an exporter config for this simulator to this file, and "
+                        "each key's secret to a file beside it (mode 0600). The simulator keeps "
+                        "running; without --state its keys and secrets are made afresh at each "
+                        "start, so the config is good only while this run lasts")
     _add_logging_flags(parser)
     return parser
 

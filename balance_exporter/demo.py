@@ -58,6 +58,18 @@ def generic_exporter_document(state: SimState, base_url: str) -> dict[str, Any]:
     return {"gemini": {"base_url": base_url}, "keys": keys, "accounts": accounts}
 
 
+def with_secret_files(document: dict[str, Any], config_path: Path) -> dict[str, Any]:
+    """`document` with each key's inline secret moved to a file of its own beside
+    `config_path` (mode 0600), named in `api_secret_file` relative to the config."""
+    keys = []
+    for key in document["keys"]:
+        key = dict(key)
+        secret_file = config_path.with_name(f"{config_path.stem}.{key['name']}.secret")
+        write_private_file(secret_file, key.pop("api_secret") + "\n")
+        keys.append({**key, "api_secret_file": secret_file.name})
+    return {**document, "keys": keys}
+
+
 async def run_demo(web_options: WebOptions, drift_seconds: float) -> None:
     simulator = await start_simulator(SimState.from_document(demo_document()),
                                       drift_seconds=drift_seconds)
@@ -90,8 +102,10 @@ async def run_simulator(
         if write_config:
             exporter_document = (generic_exporter_document(state, simulator.url) if state_document
                                  else demo_exporter_document(state, simulator.url))
-            write_private_file(write_config,
-                               yaml.safe_dump(exporter_document, sort_keys=False))
+            write_private_file(write_config, yaml.safe_dump(
+                with_secret_files(exporter_document, write_config), sort_keys=False))
+            print(f"Exporter config for this simulator run written to {write_config}",
+                  flush=True)
         print(f"Gemini simulator at {simulator.url}", flush=True)
         await wait_for_stop_signal()
     finally:

@@ -3,6 +3,7 @@
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import stat
@@ -198,6 +199,42 @@ def test_version_flag() -> None:
     assert result.stdout.startswith("balance-exporter ")
 
 
+EXAMPLE_CONFIG = Path(__file__).parent.parent / "deploy" / "config.example.yml"
+
+
+def test_the_example_config_passes_the_check_once_its_secret_files_exist(tmp_path: Path) -> None:
+    config = tmp_path / "config.yml"
+    shutil.copy(EXAMPLE_CONFIG, config)
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(console_script("--config.file", str(config), "--config.check"),
+                              capture_output=True, text=True, check=False, timeout=30)
+    missing = check()
+    assert missing.returncode == 2
+    assert "keys[0].api_key_file" in missing.stderr  # the step the user has left to do
+    (tmp_path / "treasury.api_key").write_text("master-0123456789abcdef\n")
+    (tmp_path / "treasury.api_secret").write_text("an-example-secret-of-some-length\n")
+    checked = check()
+    assert checked.returncode == 0, checked.stderr
+    assert "treasury: api_key master-012…, secret file treasury.api_secret" in checked.stdout
+    assert "Config is valid." in checked.stdout
+
+
+def test_help_lists_the_subcommands_one_line_each() -> None:
+    result = subprocess.run(console_script("--help"), capture_output=True, text=True,
+                            check=False, timeout=30)
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines if line.startswith(("  demo ", "  simulate "))] \
+        == ["demo", "simulate"]
+
+
+def test_the_demo_serves_this_machine_only_unless_told_otherwise() -> None:
+    result = subprocess.run(command("demo", "--help"), capture_output=True, text=True,
+                            check=False, timeout=30)
+    assert "(default: 127.0.0.1:8397)" in " ".join(result.stdout.split())
+
+
 def test_demo_serves_live_balances_without_credentials(tmp_path: Path) -> None:
     port = free_port()
     env = {key: value for key, value in os.environ.items()
@@ -257,7 +294,7 @@ def test_a_malformed_listen_address_is_a_bad_flag_exit_2(
     assert "Traceback" not in result.stderr
 
 
-def test_simulate_writes_its_config_with_secrets_readable_by_the_owner_only(
+def test_simulate_writes_its_config_and_secret_files_readable_by_the_owner_only(
     tmp_path: Path,
 ) -> None:
     written = tmp_path / "exporter.yml"
@@ -268,10 +305,20 @@ def test_simulate_writes_its_config_with_secrets_readable_by_the_owner_only(
                                        "--write-config", str(written)),
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: "api_secret" in written.read_text(), "the written config")
+        wait_for(lambda: "api_secret_file" in written.read_text(), "the written config")
         assert stat.S_IMODE(written.stat().st_mode) == 0o600
         document = yaml.safe_load(written.read_text())
         assert {key["name"] for key in document["keys"]} == {"treasury", "savings"}
+        # No secret inline: each is a file of its own beside the config, for the owner only.
+        assert all("api_secret" not in key for key in document["keys"])
+        secret_files = {key["api_secret_file"] for key in document["keys"]}
+        assert secret_files == {"exporter.treasury.secret", "exporter.savings.secret"}
+        for name in secret_files:
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+        checked = subprocess.run(console_script("--config.file", str(written), "--config.check"),
+                                 capture_output=True, text=True, check=False, timeout=30)
+        assert checked.returncode == 0, checked.stderr
+        assert "secret file exporter.treasury.secret" in checked.stdout
     finally:
         process.terminate()
         process.wait(timeout=10)
