@@ -1,15 +1,20 @@
 """The Grafana dashboard: its structure, and every PromQL expression parsed by promtool."""
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import Dashboard
 
 from tests.deploy.tools import DEPLOY, exported_metric_names, metric_names_in, run, tool
 
-DASHBOARD = json.loads((DEPLOY / "grafana/dashboards/gemini-balances.json").read_text())
+DASHBOARD_FILE = DEPLOY / "grafana/dashboards/gemini-balances.json"
+DASHBOARD = json.loads(DASHBOARD_FILE.read_text())
 PANELS = [panel for panel in DASHBOARD["panels"] if panel["type"] != "row"]
 # Grafana's variables, as a query would see them after substitution.
 SUBSTITUTIONS = {"$__rate_interval": "1m", "$account": ".*", "$currency": ".*"}
@@ -26,6 +31,48 @@ def substituted(expr: str) -> str:
     for variable, value in SUBSTITUTIONS.items():
         expr = expr.replace(variable, value)
     return expr
+
+
+def generator() -> ModuleType:
+    """deploy/grafana/dashboard.py, which is a script of the deploy kit, not a package."""
+    spec = importlib.util.spec_from_file_location("dashboard", DEPLOY / "grafana/dashboard.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_committed_dashboard_is_what_its_code_builds() -> None:
+    built = generator()
+    assert built.OUTPUT.resolve() == DASHBOARD_FILE.resolve()
+    assert DASHBOARD_FILE.read_text() == built.rendered(), (
+        "run: python deploy/grafana/dashboard.py")
+    assert built.main(["--check"]) == 0
+
+
+def test_the_check_fails_when_the_committed_file_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built = generator()
+    edited = tmp_path / "dashboard.json"
+    edited.write_text(DASHBOARD_FILE.read_text().replace("Accounts up", "Accounts upp"))
+    monkeypatch.setattr(built, "OUTPUT", edited)
+    assert built.main(["--check"]) == 1
+
+
+def test_grafanas_model_of_a_dashboard_reads_every_field_back() -> None:
+    """Read into the SDK's model of a Grafana dashboard and written out again, the file is the
+    same: it has no field that Grafana's model does not know (the model drops those)."""
+    again = json.loads(json.dumps(Dashboard.from_json(DASHBOARD), cls=JSONEncoder))
+    assert again == DASHBOARD
+
+
+def test_timeseries_legends_are_shown() -> None:
+    # The builders' legend hides itself unless told (showLegend false).
+    legends = [panel["options"]["legend"] for panel in PANELS if panel["type"] == "timeseries"]
+    assert legends
+    assert all(legend["showLegend"] for legend in legends)
 
 
 def test_dashboard_is_current_and_has_the_variables() -> None:
