@@ -35,7 +35,7 @@ ensure_venv() {
   local problem
   problem=$(venv_problem)
   if [ -n "$problem" ]; then
-    echo "== .venv is unusable ($problem): removing it and making it again"
+    echo "== .venv is unusable: $problem. Removing it and making it again."
     rm -rf .venv
   fi
   if [ ! -e .venv ]; then

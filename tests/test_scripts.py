@@ -80,7 +80,7 @@ def test_a_half_made_venv_is_removed_and_made_again(tmp_path: Path) -> None:
                 'case "$1" in -c) echo 3.11;; -m) mkdir -p .venv/bin; echo made > .venv/marker;'
                 ' exit 1;; esac')
     result = in_bash("ensure_venv", tmp_path, tmp_path / "bin")
-    assert ".venv is unusable (its pip does not work" in result.stdout
+    assert ".venv is unusable: its pip does not work" in result.stdout
     assert "making a virtual environment in .venv" in result.stdout
 
 
