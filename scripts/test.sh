@@ -46,5 +46,5 @@ echo "== ruff"
 "$VENV_BIN/ruff" check .
 echo "== mypy --strict"
 "$VENV_BIN/mypy"
-echo "== pytest (about 4 minutes; the live Prometheus/Alertmanager chain is the slowest part)"
+echo "== pytest (about 6 minutes; the live Prometheus/Alertmanager chain and the quick bench are the slowest parts, each named as it starts)"
 "$VENV_BIN/pytest" "$@"
