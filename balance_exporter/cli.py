@@ -156,7 +156,8 @@ def config_summary(config: Config) -> str:
             lines.append(f"  {key.name} discovers its group's accounts: include "
                          f"{', '.join(discover.include)}"
                          + (f", exclude {', '.join(discover.exclude)}" if discover.exclude else "")
-                         + f", listed every {discover.refresh_seconds:g}s")
+                         + f", listed every {discover.refresh_seconds:g}s, "
+                         f"at most {discover.max_pages} pages of 500")
     if settings.notional is not None:
         lines.append(f"Notional values in {settings.notional.currency}, every "
                      f"{settings.notional.interval_seconds:g}s unless an account says otherwise")

@@ -66,6 +66,10 @@ Interval = Annotated[float, Field(ge=1, le=MAX_DURATION_SECONDS)]
 # A shell-style pattern on account short names (`*`, `?`, `[...]`).
 AccountPattern = Annotated[str, Field(min_length=1, max_length=128)]
 MAX_DISCOVERY_PATTERNS = 64
+# Pages of a group's listing (500 accounts each) read at most: by default 10,000 accounts, and
+# 100,000 at the most one may set.
+DEFAULT_LISTING_PAGES = 20
+MAX_LISTING_PAGES = 200
 
 
 def _off_or_interval(value: float | None) -> float | None:
@@ -182,6 +186,9 @@ class DiscoverSettings(_Strict):
                                                    max_length=MAX_DISCOVERY_PATTERNS)] = ["*"]
     exclude: Annotated[list[AccountPattern], Field(max_length=MAX_DISCOVERY_PATTERNS)] = []
     refresh_seconds: Interval = 900.0
+    # A listing longer than this many pages counts as cut short.
+    max_pages: Annotated[int, Field(ge=1, le=MAX_LISTING_PAGES, strict=True)] = (
+        DEFAULT_LISTING_PAGES)
     defaults: AccountOptions = AccountOptions()
 
 

@@ -368,8 +368,8 @@ def _discovery_families(keys: tuple[KeyCounters, ...]) -> Iterator[Metric]:
         discovering, lambda k: of(k).refresh_seconds)
     yield _key_gauge(
         "gemini_key_discovery_listing_full",
-        "1 if the key's last listing had 500 rows, all one call can list (Gemini documents no "
-        "paging): accounts past them are not polled.",
+        "1 if the key's last listing was cut short (it filled discover.max_pages pages of 500, "
+        "or a full page could not be paged past): accounts past them are not polled.",
         discovering, lambda k: float(of(k).full))
     errors = CounterMetricFamily(
         "gemini_key_discovery_errors",

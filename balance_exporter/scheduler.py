@@ -420,7 +420,7 @@ class KeyWorker:
         target = self.schedule.targets.get(job.label) if job.endpoint is not None else None
         try:
             if job.endpoint is None:
-                listing = await self._fetch(account_list_request(), _parse_listing)
+                listed, complete = await self._list_accounts()
             else:
                 assert target is not None  # a job of the plan is one of its targets'
                 request, parse = _request_for(target, job.endpoint, self._rules)
@@ -437,7 +437,7 @@ class KeyWorker:
             self.schedule.finished(job, started, self._clock.monotonic())
         self.schedule.succeeded(job, started)
         if job.endpoint is None:
-            self._adopt_listing(listing)
+            self._adopt_listing(listed, complete)
             return
         duration = self._clock.monotonic() - started
         verdict = self._store.record_reply(job.label, job.endpoint, reply, duration,
@@ -461,15 +461,47 @@ class KeyWorker:
             return await asyncio.to_thread(parse, body, now_ns)
         return parse(body, now_ns)
 
-    def _adopt_listing(self, listing: AccountListing) -> None:
-        full = len(listing.accounts) >= LIST_ACCOUNTS_LIMIT
-        if full:
-            log.warning("account listing is full: Gemini lists at most this many accounts in "
-                        "one call and documents no paging, so some may be missing",
-                        key=self.key_name, accounts=len(listing.accounts))
-        self._store.record_listing(self.key_name, listing.accounts, full, self._clock.wall())
+    async def _list_accounts(self) -> tuple[tuple[ListedAccount, ...], bool]:
+        """The group's accounts, page after page (newest first), and whether the listing is
+        complete. Each next page asks for the accounts created at or before the oldest of the
+        page before; the rows of that millisecond come on both, so rows count once by short
+        name. A page that fails fails the whole listing: half of one is never used."""
+        listed: dict[str, ListedAccount] = {}
+        created_at_or_before: int | None = None
+        max_pages = self.schedule.key_plan.listing_max_pages if self.schedule.key_plan else 1
+        for page in range(max_pages):
+            if page:
+                await self._wait_for_turn()
+            reply = await self._fetch(account_list_request(created_at_or_before), _parse_listing)
+            new_rows = {row.short_name: row for row in reply.accounts
+                        if row.short_name not in listed}
+            listed.update(new_rows)
+            if len(reply.accounts) < LIST_ACCOUNTS_LIMIT:
+                return tuple(listed.values()), True
+            if reply.oldest_created_ms is None or not new_rows:
+                break  # no time to page from, or a page of one millisecond: no way further
+            created_at_or_before = reply.oldest_created_ms
+        return tuple(listed.values()), False
+
+    async def _wait_for_turn(self) -> None:
+        """Wait until the key may send again, as a job would (its spacing, a 429's pause and
+        the shared budget), and count the request."""
+        while (delay := self.schedule.pacing.earliest_start() - self._clock.monotonic()) > 0:
+            await self._clock.sleep(delay)
+        if self._shared_budget is not None:
+            slot = self._shared_budget.reserve(self._clock.monotonic())
+            await self._clock.sleep(slot - self._clock.monotonic())
+        self.schedule.started(self._clock.monotonic())
+        self._store.record_request(self.key_name)
+
+    def _adopt_listing(self, listed: tuple[ListedAccount, ...], complete: bool) -> None:
+        if not complete:
+            log.warning("account listing cut short: more accounts than discover.max_pages "
+                        "pages of 500 hold (or a page Gemini cannot page past), so some may be "
+                        "missing", key=self.key_name, accounts=len(listed))
+        self._store.record_listing(self.key_name, listed, not complete, self._clock.wall())
         if self._on_listing is not None:
-            self._on_listing(self._credentials.api_key, listing.accounts)
+            self._on_listing(self._credentials.api_key, listed)
 
     def _record_error(
         self, job: Job, target: AccountTarget | None, error: GeminiError, started: float,

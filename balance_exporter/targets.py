@@ -36,6 +36,8 @@ _ENDPOINT_INDEX = {endpoint: index for index, endpoint in enumerate(Endpoint)}
 # failures, a listing that adds accounts, requests that had to wait for a slow one), so that
 # waits drain instead of piling up behind a schedule with no slack.
 PLANNED_SHARE = 0.97
+# Gemini's /v1/account/list gives at most this many accounts a page (`limit_accounts`).
+LISTING_PAGE_ROWS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +137,8 @@ class KeyPlan:
     listing_interval_seconds: float | None
     # What every configured interval of the key was multiplied by (1: none stretched).
     stretch: float
+    # How many pages of its listing the key reads at most (see LISTING_PAGE_ROWS).
+    listing_max_pages: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +189,17 @@ def _target(
     )
 
 
-def _demand(targets: Iterable[AccountTarget], listing_interval: float | None) -> float:
-    """Requests per second the targets (and the listing) ask for at their intervals."""
-    total = 1 / listing_interval if listing_interval else 0.0
+def listing_pages(listed: int, max_pages: int) -> int:
+    """The pages a listing of `listed` accounts takes to read: a full page is followed by one
+    more, which may come back short or empty."""
+    return min(max_pages, listed // LISTING_PAGE_ROWS + 1)
+
+
+def _demand(targets: Iterable[AccountTarget], listing_interval: float | None,
+            pages: int = 1) -> float:
+    """Requests per second the targets (and the listing, of so many pages) ask for at their
+    intervals."""
+    total = pages / listing_interval if listing_interval else 0.0
     for target in targets:
         for endpoint in Endpoint:
             interval = target.interval_for(endpoint)
@@ -246,6 +258,7 @@ def planning(
     listings = listings or {}
     taken = {account.label: account.key for account in settings.accounts}
     unstretched: dict[str, tuple[list[AccountTarget], float | None]] = {}
+    pages: dict[str, int] = {}
     skipped: list[SkippedAccount] = []
     # Each key's accounts, in one pass: planning is linear in the accounts, whatever the keys.
     accounts_of: dict[str, list[AccountSettings]] = {}
@@ -275,9 +288,13 @@ def planning(
                 taken[row.short_name] = key.name
                 targets.append(_target(row.short_name, key.name, row.short_name, defaults,
                                        config, row, discovered=True))
+        pages[key.name] = (listing_pages(len(listed), discover.max_pages) if discover
+                           else 1)
         unstretched[key.name] = (targets, discover.refresh_seconds if discover else None)
     rates = {key.name: key.requests_per_second * PLANNED_SHARE for key in settings.keys}
-    demands = {name: _demand(targets, listing) for name, (targets, listing) in
+    max_pages = {key.name: key.discover.max_pages if key.discover else 1
+                 for key in settings.keys}
+    demands = {name: _demand(targets, listing, pages[name]) for name, (targets, listing) in
                unstretched.items()}
     shared = settings.gemini.requests_per_second
     shared_factor = (max(1.0, sum(demands.values()) / (shared * PLANNED_SHARE))
@@ -291,6 +308,7 @@ def planning(
             targets=tuple(_stretched(target, factor) for target in targets),
             listing_interval_seconds=_times(listing, factor) if listing is not None else None,
             stretch=factor,
+            listing_max_pages=max_pages[name],
         )
         old = previous.keys.get(name) if previous is not None else None
         keys[name] = _reused(key_plan, old) if old is not None else key_plan

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from balance_exporter.gemini.errors import MalformedReply
 from balance_exporter.gemini.replies import (
+    MAX_CREATED_MS,
     BalanceReply,
     ReplyRules,
     parse_account_list,
@@ -126,3 +127,22 @@ def test_staked_amounts_are_never_above_what_was_sent(
     assert len(parsed.by_provider) == len(providers)
     for provider, amount in parsed.by_provider:
         assert amount <= float(providers[provider])
+
+
+created_values = (st.integers(min_value=-5, max_value=MAX_CREATED_MS + 5)
+                  | st.floats(allow_nan=False, allow_infinity=False)
+                  | st.text(max_size=12) | st.none() | st.booleans())
+
+
+@given(st.lists(created_values, max_size=8))
+def test_a_listing_pages_from_the_oldest_whole_millisecond_it_was_sent(
+    created: list[object],
+) -> None:
+    rows = [{"account": f"a{index}", "type": "exchange", "status": "open", "created": value}
+            for index, value in enumerate(created)]
+    listing = parse_account_list(json.dumps(rows).encode())
+    times = [value for value in created if isinstance(value, int | float)
+             and not isinstance(value, bool) and float(value).is_integer()
+             and 0 <= value <= MAX_CREATED_MS]
+    assert listing.oldest_created_ms == (int(min(times)) if times else None)
+    assert len(listing.accounts) == len(created)

@@ -1,6 +1,7 @@
 """The scheduler's decisions with plain numbers, and its loop with a fake clock."""
 
 import asyncio
+import json
 import random
 from collections import Counter
 from dataclasses import replace
@@ -22,6 +23,7 @@ from balance_exporter.gemini.nonce import NonceSource
 from balance_exporter.gemini.replies import ReplyRules
 from balance_exporter.precision import Precision
 from balance_exporter.scheduler import (
+    LISTING,
     Backoffs,
     Clock,
     Job,
@@ -660,3 +662,80 @@ def test_keys_started_together_do_not_share_their_grids() -> None:
     assert sorted(tenths) == list(range(1, 11))  # every tenth but the first 3 s (the gap)
     assert max(tenths.values()) <= 40  # 20 each on average
     assert [listing_after_first(name) for name in names] == second_listings
+
+
+class PagedGroup:
+    """A group's /v1/account/list, paged as Gemini pages it: newest first, 500 at most, at or
+    before `timestamp`; records each request's time and `timestamp`."""
+
+    def __init__(self, clock: FakeClock, accounts: int, fail_page: int | None = None) -> None:
+        self._clock = clock
+        self._created = {f"a{index:04d}": 1_600_000_000_000 + index // 2  # two per millisecond
+                         for index in range(accounts)}
+        self._fail_page = fail_page
+        self.pages: list[tuple[float, object]] = []
+
+    async def post(
+        self, credentials: Credentials, nonces: NonceSource, request: PrivateRequest
+    ) -> bytes:
+        at_or_before = request.params.get("timestamp")
+        self.pages.append((self._clock.monotonic(), at_or_before))
+        if len(self.pages) == self._fail_page:
+            raise TransientError("HTTP503", "a page failed")
+        rows = sorted(((created, name) for name, created in self._created.items()
+                       if not isinstance(at_or_before, int) or created <= at_or_before),
+                      reverse=True)[:500]
+        return json.dumps([{"account": name, "type": "exchange", "status": "open",
+                            "created": created} for created, name in rows]).encode()
+
+
+async def list_group(group: PagedGroup, clock: FakeClock, rps: float = 2.0,
+                     max_pages: int = 20) -> tuple[BalanceStore, list[tuple[ListedAccount, ...]]]:
+    store = BalanceStore()
+    store.configure([], {"k"}, discovering={"k": 900.0})
+    adopted: list[tuple[ListedAccount, ...]] = []
+    plan = KeySchedule(KeyPlan("k", (), 900.0, 1.0, max_pages), KeyPacing(rps), BACKOFFS,
+                       clock.now, random.Random(3), shift=0.0)
+    worker = KeyWorker("k", Credentials("master-k", SecretStr("s")), NonceSource("milliseconds"),
+                       plan, group, store, ReplyRules(Precision({}, 8)), clock,
+                       on_listing=lambda _key, rows: adopted.append(rows))
+    await worker.poll(LISTING)
+    return store, adopted
+
+
+async def test_a_long_listing_is_read_page_by_page_each_in_the_keys_budget() -> None:
+    clock = FakeClock()
+    group = PagedGroup(clock, 1201)
+    store, adopted = await list_group(group, clock, rps=2.0)
+    (rows,) = adopted
+    assert len(rows) == len({row.short_name for row in rows}) == 1201
+    times = [at for at, _ in group.pages]
+    assert len(times) == 3
+    assert all(later - earlier >= 0.5 for earlier, later in pairwise(times))  # 2 a second
+    # Each page after the first asks from the oldest `created` of the page before.
+    assert [at_or_before for _, at_or_before in group.pages] == [
+        None, 1_600_000_000_000 + 350, 1_600_000_000_000 + 101]
+    (key,) = store.key_counters()
+    assert key.requests == 3
+    assert key.discovery is not None
+    assert not key.discovery.full
+
+
+async def test_a_failed_page_fails_the_whole_listing() -> None:
+    clock = FakeClock()
+    store, adopted = await list_group(PagedGroup(clock, 1201, fail_page=2), clock)
+    assert adopted == []  # the first page alone is never taken for the group
+    (key,) = store.key_counters()
+    assert key.discovery is not None
+    assert not key.discovery.up
+    assert key.discovery.listed == ()
+
+
+async def test_a_listing_past_max_pages_is_cut_short() -> None:
+    clock = FakeClock()
+    store, adopted = await list_group(PagedGroup(clock, 1201), clock, max_pages=2)
+    (rows,) = adopted
+    assert len(rows) == 999  # 500, then 499 more and the one both pages share
+    (key,) = store.key_counters()
+    assert key.discovery is not None
+    assert key.discovery.full

@@ -230,10 +230,16 @@ async def test_notional_balances_and_account_list(caller: Caller) -> None:
                    "availableForWithdrawalNotional": "42.0000000000"}
     status, body, _ = await caller.post("/v1/notionalbalances/USD", account="gamma")
     assert (status, body["reason"]) == (400, "InvalidCurrency")  # the path is lower case
+    # Newest first; the next page by `timestamp`: the accounts created at or before it.
     status, accounts, _ = await caller.post("/v1/account/list", limit_accounts=2)
     assert status == 200
-    assert [row["account"] for row in accounts] == ["alpha", "beta"]
+    assert [row["account"] for row in accounts] == ["gamma", "beta"]
     assert {(row["type"], row["status"]) for row in accounts} == {("exchange", "open")}
+    status, older, _ = await caller.post("/v1/account/list", limit_accounts=2,
+                                         timestamp=accounts[-1]["created"])
+    assert [row["account"] for row in older] == ["beta", "alpha"]
+    status, body, _ = await caller.post("/v1/account/list", timestamp="yesterday")
+    assert (status, body["reason"]) == (400, "InvalidParameter")
     status, body, _ = await caller.post("/v1/account/list", key=ACCOUNT_KEY,
                                         secret=ACCOUNT_SECRET)
     assert (status, body["reason"]) == (400, "InvalidApiKey")
@@ -263,11 +269,11 @@ async def test_prices_staking_and_accounts_are_set_through_the_control_api(
             "USD": {"amount": "5"}}}) as response:
         assert response.status == 200
     _, accounts, _ = await caller.post("/v1/account/list")
-    assert accounts[-1]["account"] == "new-desk"
+    assert accounts[0]["account"] == "new-desk"  # the newest first
     async with http.patch(f"{control}/accounts/new-desk", json={"status": "closed"}) as response:
         assert response.status == 200
     _, accounts, _ = await caller.post("/v1/account/list")
-    assert accounts[-1]["status"] == "closed"
+    assert accounts[0]["status"] == "closed"
     status, body, _ = await caller.post("/v1/balances", account="new-desk")
     assert (status, body["reason"]) == (400, "InvalidAccountName")
 

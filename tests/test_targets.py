@@ -7,6 +7,7 @@ from balance_exporter.config import Config, build_config
 from balance_exporter.targets import (
     PLANNED_SHARE,
     ListedAccount,
+    listing_pages,
     matches,
     plan,
     plan_targets,
@@ -119,6 +120,26 @@ def test_a_discovered_account_whose_label_is_taken_is_skipped() -> None:
         ("t", "desk"), ("solo", "ops")]
     assert [(skipped.short_name, skipped.taken_by) for skipped in current.skipped] == [
         ("ops", "solo")]
+
+
+@pytest.mark.parametrize(("accounts", "max_pages", "pages"), [
+    (0, 20, 1), (499, 20, 1), (500, 20, 2), (1200, 20, 3), (1200, 2, 2), (10_000, 20, 20)])
+def test_a_listing_takes_a_page_per_500_accounts_and_one_after_a_full_page(
+    accounts: int, max_pages: int, pages: int,
+) -> None:
+    assert listing_pages(accounts, max_pages) == pages
+
+
+def test_each_page_of_a_long_listing_counts_against_the_budget() -> None:
+    # 1,200 accounts listed every second take three requests a second of the 2 a key may
+    # send; discovery polls none of them here.
+    document = {"keys": [{"name": "t", "api_key": "master-t", "api_secret": SECRET,
+                          "requests_per_second": 2,
+                          "discover": {"include": ["nothing-*"], "refresh_seconds": 1}}]}
+    config = build_config(document, {})
+    key_plan = plan(config, {"t": [listed(f"a{i:04d}") for i in range(1200)]}).keys["t"]
+    assert key_plan.listing_max_pages == 20
+    assert key_plan.stretch == pytest.approx(3 / (2 * PLANNED_SHARE))
 
 
 def test_every_request_stream_of_a_key_counts_against_its_budget() -> None:

@@ -256,28 +256,99 @@ async def test_reloads_more_often_than_an_interval_starve_no_endpoint(
         await service.stop()
 
 
-@pytest.mark.parametrize(("rows", "full"), [(499, 0), (500, 1)])
-async def test_a_full_listing_warns_and_shows(
-    http: aiohttp.ClientSession, rows: int, full: int
-) -> None:
+def group_of(total: int, same_millisecond: range = range(0)) -> dict[str, object]:
+    """The treasury group grown to `total` accounts; those at the indexes of
+    `same_millisecond` (newest first, as the listing pages them) created in one millisecond."""
     document = treasury_simulator_document()
-    names = [f"sub{index:03d}" for index in range(rows)]
-    document["keys"][0]["accounts"] = names
-    document["accounts"] += [{"name": name} for name in names]
-    simulator = await start_simulator(SimState.from_document(document))
+    group = document["keys"][0]["accounts"]
+    names = [f"sub{index:04d}" for index in range(total - len(group))]
+    group += names
+    created = {name: 1_700_000_000_000 + index for index, name in enumerate(names)}
+    newest_first = sorted(names, key=created.__getitem__, reverse=True)
+    for index in same_millisecond:
+        created[newest_first[index]] = created[newest_first[same_millisecond.start]]
+    document["accounts"] += [{"name": name, "created_ms": created[name]} for name in names]
+    return document
+
+
+async def listing_exporter(simulator: RunningSimulator, max_pages: int | None = None) -> Service:
     exporter_document = treasury_exporter_document(simulator.url)
-    exporter_document["keys"][0]["discover"]["include"] = ["nothing-*"]
+    discover = exporter_document["keys"][0]["discover"]
+    discover["include"] = ["nothing-*"]  # list the group, poll none of it
+    if max_pages is not None:
+        discover["max_pages"] = max_pages
     service = Service(build_config(exporter_document, {}), None,
                       WebOptions(listen_address=LOOPBACK_ANY_PORT))
+    await service.start()
+    return service
+
+
+def listed(samples: Samples) -> float:
+    return sum(value for (name, labels), value in samples.items()
+               if name == "gemini_key_discovered_accounts" and ("key", "treasury") in labels)
+
+
+@pytest.mark.parametrize(("total", "full"), [(998, 0), (999, 1)])
+async def test_a_listing_longer_than_max_pages_is_cut_short_and_says_so(
+    http: aiohttp.ClientSession, total: int, full: int
+) -> None:
+    # Two pages of 500 at most, the second starting with the last account of the first: 998
+    # accounts end on a short page; 999 fill it, and a third page might hold more.
+    simulator = await start_simulator(SimState.from_document(group_of(total)))
     try:
         with structlog.testing.capture_logs() as logs:
-            await service.start()
-            samples = await until(http, service, "a listing", lambda s: sample(
-                s, "gemini_key_discovery_up", key="treasury") == 1)
+            service = await listing_exporter(simulator, max_pages=2)
+            try:
+                samples = await until(http, service, "a listing", lambda s: sample(
+                    s, "gemini_key_discovery_up", key="treasury") == 1)
+            finally:
+                await service.stop()
     finally:
-        await service.stop()
         await simulator.close()
     assert sample(samples, "gemini_key_discovery_listing_full", key="treasury") == full
+    assert listed(samples) == total
     assert sample(samples, "gemini_key_discovery_polled_accounts", key="treasury") == 0
-    warned = any(entry["event"].startswith("account listing is full") for entry in logs)
+    warned = any(entry["event"].startswith("account listing cut short") for entry in logs)
     assert warned == bool(full)
+
+
+async def test_a_group_of_1200_accounts_is_listed_whole_page_by_page(
+    http: aiohttp.ClientSession,
+) -> None:
+    # Sixty accounts of one millisecond straddle the end of the first page: they come on the
+    # first page and the second, and count once.
+    simulator = await start_simulator(SimState.from_document(
+        group_of(1200, same_millisecond=range(470, 530))))
+    try:
+        service = await listing_exporter(simulator)
+        try:
+            samples = await until(http, service, "a listing", lambda s: sample(
+                s, "gemini_key_discovery_up", key="treasury") == 1)
+        finally:
+            await service.stop()
+    finally:
+        await simulator.close()
+    assert listed(samples) == 1200
+    assert sample(samples, "gemini_key_discovery_listing_full", key="treasury") == 0
+
+
+async def test_a_failed_later_page_keeps_the_last_complete_listing(
+    http: aiohttp.ClientSession,
+) -> None:
+    simulator = await start_simulator(SimState.from_document(group_of(1200)))
+    try:
+        service = await listing_exporter(simulator)
+        try:
+            await until(http, service, "a listing", lambda s: listed(s) == 1200)
+            async with http.post(f"{simulator.url}/_sim/keys/{MASTER_KEY}/faults", json={
+                    "kind": "status", "status": 503, "endpoint": "account_list_page"}) as reply:
+                assert reply.status == 200
+            samples = await until(http, service, "a listing whose second page failed",
+                                  lambda s: sample(s, "gemini_key_discovery_up",
+                                                   key="treasury") == 0)
+            # Its first page alone (500 accounts) is never taken for the group.
+            assert listed(samples) == 1200
+        finally:
+            await service.stop()
+    finally:
+        await simulator.close()

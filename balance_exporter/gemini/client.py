@@ -29,12 +29,13 @@ from balance_exporter.gemini.errors import (
 )
 from balance_exporter.gemini.nonce import NonceSource
 from balance_exporter.gemini.signing import PayloadValue, encode_payload, signed_headers
+from balance_exporter.targets import LISTING_PAGE_ROWS
 
 BALANCES_PATH = "/v1/balances"
 STAKING_PATH = "/v1/balances/staking"
 ACCOUNT_LIST_PATH = "/v1/account/list"
 # Gemini's maximum, and all one call can list: no paging is documented.
-LIST_ACCOUNTS_LIMIT = 500
+LIST_ACCOUNTS_LIMIT = LISTING_PAGE_ROWS
 DEFAULT_MAX_REPLY_BYTES = 4 * 1024 * 1024
 _READ_CHUNK_BYTES = 64 * 1024
 _INFLATE_STEP_BYTES = 256 * 1024
@@ -72,8 +73,12 @@ def staking_request(account: str | None) -> PrivateRequest:
     return _for_account(STAKING_PATH, account)
 
 
-def account_list_request() -> PrivateRequest:
-    return PrivateRequest(ACCOUNT_LIST_PATH, {"limit_accounts": LIST_ACCOUNTS_LIMIT})
+def account_list_request(created_at_or_before_ms: int | None = None) -> PrivateRequest:
+    """A page of the group's accounts: the newest, or those created at or before a time."""
+    params: dict[str, PayloadValue] = {"limit_accounts": LIST_ACCOUNTS_LIMIT}
+    if created_at_or_before_ms is not None:
+        params["timestamp"] = created_at_or_before_ms
+    return PrivateRequest(ACCOUNT_LIST_PATH, params)
 
 
 def new_session(user_agent: str) -> aiohttp.ClientSession:

@@ -114,7 +114,12 @@ BalanceReply = ParsedReply[CurrencyBalance]
 
 @dataclass(frozen=True, slots=True)
 class AccountListing:
+    """One page of a key's /v1/account/list."""
+
     accounts: tuple[ListedAccount, ...]
+    # The oldest `created` (ms) of the page's rows, where the next page starts; None when no
+    # row has a usable one (so no next page can be asked for).
+    oldest_created_ms: int | None = None
 
 
 def _shown(value: object) -> str:
@@ -125,6 +130,10 @@ def _shown(value: object) -> str:
 
 def _reject_constant(name: str) -> Decimal:
     raise MalformedReply(f"JSON constant {name} is not a number Gemini sends")
+
+
+# A listing row's `created` past this (the year 5138) is not a time.
+MAX_CREATED_MS = 10**14
 
 
 def _json_number(text: str) -> Decimal:
@@ -383,6 +392,7 @@ def parse_account_list(body: bytes) -> AccountListing:
     listing is used whole or not at all, as a balances reply is."""
     accounts: list[ListedAccount] = []
     seen: set[str] = set()
+    oldest: int | None = None
     for index, row in enumerate(_array(body, "accounts")):
         if not isinstance(row, dict):
             raise MalformedReply(f"row {index} is {type(row).__name__}, expected an object")
@@ -399,4 +409,16 @@ def parse_account_list(body: bytes) -> AccountListing:
             account_type=_known(row.get("type"), ACCOUNT_TYPES),
             status=_known(row.get("status"), ACCOUNT_STATUSES),
         ))
-    return AccountListing(tuple(accounts))
+        created = _created_ms(row.get("created"))
+        if created is not None:
+            oldest = created if oldest is None else min(oldest, created)
+    return AccountListing(tuple(accounts), oldest)
+
+
+def _created_ms(value: object) -> int | None:
+    """A listing row's `created`, whole milliseconds (a JSON number); None for anything else:
+    it matters only to ask for the next page, and a page without it cannot be paged past."""
+    if (isinstance(value, Decimal) and value.is_finite()
+            and 0 <= value <= MAX_CREATED_MS and value == value.to_integral_value()):
+        return int(value)
+    return None

@@ -106,13 +106,15 @@ async def control_add_fault(request: web.Request) -> web.Response:
 
 
 async def control_add_key_fault(request: web.Request) -> web.Response:
-    """A fault on the key's /v1/account/list."""
+    """A fault on the key's /v1/account/list (`"endpoint": "account_list_page"`: on its later
+    pages only)."""
     key = request.app[STATE_KEY].keys.get(request.match_info["api_key"])
     if key is None:
         raise web.HTTPNotFound(text="no such API key")
     body = await _json_body(request)
-    return _queue_fault(key.faults, {**body, "endpoint": "account_list"}
-                        if isinstance(body, dict) else body)
+    if isinstance(body, dict) and body.get("endpoint") != "account_list_page":
+        body = {**body, "endpoint": "account_list"}
+    return _queue_fault(key.faults, body)
 
 
 async def control_clear_faults(request: web.Request) -> web.Response:

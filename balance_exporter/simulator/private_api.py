@@ -318,16 +318,28 @@ async def account_list_handler(request: web.Request) -> web.StreamResponse:
     limit = payload.get("limit_accounts", 500)
     if not isinstance(limit, int) or not 1 <= limit <= 500:
         raise SimError(400, "InvalidParameter", "limit_accounts must be 1 to 500")
-    fault = key.faults.take("account_list")
+    created_at_or_before = payload.get("timestamp")
+    if created_at_or_before is not None and (
+            not isinstance(created_at_or_before, int) or isinstance(created_at_or_before, bool)
+            or created_at_or_before < 0):
+        raise SimError(400, "InvalidParameter", "timestamp must be milliseconds")
+    fault = ((key.faults.take("account_list_page") if created_at_or_before is not None
+              else None) or key.faults.take("account_list"))
     if fault is not None and fault.kind not in ("stale", "future") and (
             replaced := await _apply_fault(request, fault)) is not None:
         return replaced
     state = request.app[STATE_KEY]
+    # Newest first, as Gemini pages backwards from `timestamp`: the accounts created at or
+    # before it.
+    group = sorted((state.accounts[name] for name in key.accounts
+                    if created_at_or_before is None
+                    or state.accounts[name].created_ms <= created_at_or_before),
+                   key=lambda account: (-account.created_ms, account.name))
     rows = [
         {"name": account.display_name, "account": account.name, "type": account.type,
          "counterparty_id": f"EMONNYXH{index:04d}", "created": account.created_ms,
          "status": account.status}
-        for index, account in enumerate(state.accounts[name] for name in key.accounts[:limit])
+        for index, account in enumerate(group[:limit])
     ]
     return web.json_response(rows)
 

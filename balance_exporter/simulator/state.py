@@ -23,10 +23,12 @@ BALANCE_FIELDS = ("amount", "available", "availableForWithdrawal", "pendingWithd
 # Prices in USD for /v1/notionalbalances, set through the control API (no market moves them).
 DEFAULT_USD_PRICES = {"USD": Decimal(1), "BTC": Decimal(65000), "ETH": Decimal(3200),
                       "SOL": Decimal(150), "GUSD": Decimal(1), "EUR": Decimal("1.08")}
-# Which endpoint a fault is served on: every private endpoint of the exporter, or any of them.
-FaultEndpoint = Literal["balances", "notional", "staking", "account_list", "any"]
+# Which endpoint a fault is served on: every private endpoint of the exporter, or any of them;
+# account_list_page: only the listing's later pages (those asked for with `timestamp`).
+FaultEndpoint = Literal["balances", "notional", "staking", "account_list", "account_list_page",
+                        "any"]
 FAULT_ENDPOINTS: tuple[FaultEndpoint, ...] = ("balances", "notional", "staking", "account_list",
-                                              "any")
+                                              "account_list_page", "any")
 ProviderFormat = Literal["amount", "object"]
 STAKING_FIELDS = ("balance", "available", "availableForWithdrawal")
 
@@ -249,9 +251,12 @@ def account_from_document(entry: dict[str, Any], created_ms: int) -> SimAccount:
         raise ValueError("name: an account needs a name (its short name)")
     if entry.get("type", "exchange") not in ("exchange", "custody"):
         raise ValueError(f"type: expected exchange or custody, got {entry.get('type')!r}")
+    created = entry.get("created_ms", created_ms)
+    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+        raise ValueError(f"created_ms: expected milliseconds, got {created!r}")
     account = SimAccount(name=entry["name"], type=entry.get("type", "exchange"),
                          display_name=str(entry.get("display_name", entry["name"].title())),
-                         created_ms=created_ms)
+                         created_ms=created)
     account.patch(entry)
     account.set_balances(entry.get("balances", {}))
     account.set_staking(entry.get("staking", {}))
