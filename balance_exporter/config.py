@@ -232,6 +232,8 @@ class PollingSettings(_Strict):
     # Auth and configuration errors will not fix themselves: retry rarely.
     rejected_retry_seconds: Annotated[float, Field(ge=1, le=MAX_DURATION_SECONDS)] = 300.0
     max_backoff_seconds: Annotated[float, Field(ge=1, le=MAX_DURATION_SECONDS)] = 300.0
+    # How often each key asks for its roles (besides at start and after each reload).
+    roles_refresh_seconds: Annotated[float, Field(ge=60, le=MAX_DURATION_SECONDS)] = 3600.0
 
 
 class ExporterSettings(_Strict):

@@ -381,6 +381,35 @@ def _discovery_families(keys: tuple[KeyCounters, ...]) -> Iterator[Metric]:
     yield errors
 
 
+def _roles_families(keys: tuple[KeyCounters, ...]) -> Iterator[Metric]:
+    read = [key for key in keys if key.roles.roles is not None]
+    role = GaugeMetricFamily(
+        "gemini_key_role",
+        "1 if the API key holds the role, by Gemini's /v1/roles (account_admin: master keys "
+        "only); a monitoring key needs auditor only: any other role can trade or move funds.",
+        labels=["key", "role"])
+    for key in read:
+        assert key.roles.roles is not None
+        for name, held in key.roles.roles.held().items():
+            role.add_metric([key.name, name], float(held))
+    yield role
+    yield _key_gauge(
+        "gemini_key_roles_up",
+        "1 if the key's last ask for its roles succeeded, else 0 (also before the first one); "
+        "the last roles read stay shown.", keys, lambda k: float(k.roles.up))
+    yield _key_gauge(
+        "gemini_key_roles_last_success_timestamp_seconds",
+        "Unix time of the key's last successful ask for its roles.",
+        keys, lambda k: k.roles.last_success_seconds)
+    errors = CounterMetricFamily(
+        "gemini_key_roles_errors",
+        f"Asks for the key's roles that failed, {_REASONS}.", labels=["key", "reason"])
+    for key in keys:
+        for reason, count in sorted(key.roles.errors.items()):
+            errors.add_metric([key.name, reason], count)
+    yield errors
+
+
 def exporter_families(store: BalanceStore, counters: ExporterCounters) -> Iterator[Metric]:
     """The families that are not per account: keys, build, and the collector's own errors."""
     keys = store.key_counters()
@@ -401,6 +430,7 @@ def exporter_families(store: BalanceStore, counters: ExporterCounters) -> Iterat
         "restart, or for good): nothing is polled with the key then.",
         keys, lambda k: float(k.worker_running))
     yield from _discovery_families(keys)
+    yield from _roles_families(keys)
     build = InfoMetricFamily("gemini_exporter_build", "The exporter's version.", labels=["version"])
     build.add_metric([__version__], {})
     yield build

@@ -13,6 +13,7 @@ key polls makes the `Scheduler` plan every key again (a shared budget ties them 
 """
 
 import asyncio
+import enum
 import hashlib
 import math
 import random
@@ -33,6 +34,7 @@ from balance_exporter.gemini.client import (
     account_list_request,
     balances_request,
     notional_request,
+    roles_request,
     staking_request,
 )
 from balance_exporter.gemini.errors import (
@@ -45,11 +47,13 @@ from balance_exporter.gemini.errors import (
 from balance_exporter.gemini.nonce import NonceSource
 from balance_exporter.gemini.replies import (
     AccountListing,
+    KeyRoles,
     ParsedReply,
     ReplyRules,
     parse_account_list,
     parse_balances_reply,
     parse_notional_reply,
+    parse_roles,
     parse_staking_reply,
 )
 from balance_exporter.heap import burst_frozen
@@ -102,23 +106,32 @@ class PrivateApi(Protocol):
     ) -> bytes: ...
 
 
+class KeyRequest(enum.Enum):
+    """The requests of a key rather than of one of its accounts."""
+
+    ACCOUNT_LIST = "account_list"
+    ROLES = "roles"
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One request stream of a key: an account's endpoint, or the key's listing."""
+    """One request stream of a key: an account's endpoint, or a request of the key's own."""
 
-    label: str  # the account's label; "" for the listing
-    endpoint: Endpoint | None  # None: the key's /v1/account/list
+    label: str  # the account's label; "" for a key's own request
+    endpoint: Endpoint | KeyRequest
 
     @property
     def log_fields(self) -> dict[str, str]:
-        if self.endpoint is None:
-            return {"endpoint": "account_list"}
+        if isinstance(self.endpoint, KeyRequest):
+            return {"endpoint": self.endpoint.value}
         return {"account": self.label, "endpoint": self.endpoint.value}
 
 
-LISTING = Job("", None)
+LISTING = Job("", KeyRequest.ACCOUNT_LIST)
+ROLES = Job("", KeyRequest.ROLES)
 # When several jobs are due, the balances go first: no other endpoint delays them.
-_PRIORITY = {Endpoint.BALANCES: 0, None: 1, Endpoint.NOTIONAL: 2, Endpoint.STAKING: 2}
+_PRIORITY = {Endpoint.BALANCES: 0, KeyRequest.ACCOUNT_LIST: 1, KeyRequest.ROLES: 1,
+             Endpoint.NOTIONAL: 2, Endpoint.STAKING: 2}
 
 
 class SystemClock:
@@ -209,7 +222,7 @@ class KeySchedule:
         self._phases: dict[Job, float] = {}
         self._failures: dict[Job, int] = {}
         # When each endpoint but the balances may send again (see `finished`).
-        self._endpoint_free_at: dict[Endpoint | None, float] = {}
+        self._endpoint_free_at: dict[Endpoint | KeyRequest, float] = {}
         self.key_plan: KeyPlan | None = None
         self.update(key_plan, now)
 
@@ -226,6 +239,8 @@ class KeySchedule:
         intervals: dict[Job, float] = {}
         if key_plan.listing_interval_seconds is not None:
             intervals[LISTING] = key_plan.listing_interval_seconds
+        if key_plan.roles_interval_seconds is not None:
+            intervals[ROLES] = key_plan.roles_interval_seconds
         for target in key_plan.targets:
             for endpoint in Endpoint:
                 interval = target.interval_for(endpoint)
@@ -236,10 +251,18 @@ class KeySchedule:
         self._phases = {job: self._phases.get(job, phase)
                         for job, phase in _even_phases(list(intervals)).items()}
         self.next_due = {job: self.next_due[job] if job in self.next_due
-                         else now if job.endpoint in (Endpoint.BALANCES, None)
+                         else now if job.endpoint is Endpoint.BALANCES
+                         or isinstance(job.endpoint, KeyRequest)
                          else self._grid_at_or_after(job, now)
                          for job in intervals}
         self._failures = {job: self._failures.get(job, 0) for job in intervals}
+        return True
+
+    def due_now(self, job: Job, now: float) -> bool:
+        """Make a job of the plan due now (unless it is already); False if it is not one."""
+        if job not in self._intervals:
+            return False
+        self.next_due[job] = min(self.next_due[job], now)
         return True
 
     def _grid_at_or_after(self, job: Job, moment: float) -> float:
@@ -325,7 +348,7 @@ def _key_shift(key_name: str) -> float:
 
 def _even_phases(jobs: list[Job]) -> dict[Job, float]:
     """Each job's phase, a fraction of its interval: one endpoint's jobs spread evenly."""
-    by_endpoint: dict[Endpoint | None, list[Job]] = {}
+    by_endpoint: dict[Endpoint | KeyRequest, list[Job]] = {}
     for job in jobs:
         by_endpoint.setdefault(job.endpoint, []).append(job)
     return {job: index / len(group) for group in by_endpoint.values()
@@ -417,13 +440,17 @@ class KeyWorker:
         fields = {"key": self.key_name, **job.log_fields}
         # What the request is for, as planned when it is sent: its reply or failure is this
         # target's only, whatever a new plan makes of the label meanwhile.
-        target = self.schedule.targets.get(job.label) if job.endpoint is not None else None
+        endpoint = job.endpoint
+        target = (self.schedule.targets.get(job.label) if isinstance(endpoint, Endpoint)
+                  else None)
         try:
-            if job.endpoint is None:
+            if endpoint is KeyRequest.ACCOUNT_LIST:
                 listed, complete = await self._list_accounts()
+            elif endpoint is KeyRequest.ROLES:
+                roles = await self._fetch(roles_request(), _parse_roles)
             else:
                 assert target is not None  # a job of the plan is one of its targets'
-                request, parse = _request_for(target, job.endpoint, self._rules)
+                request, parse = _request_for(target, endpoint, self._rules)
                 reply = await self._fetch(request, parse)
         except GeminiError as error:
             self._record_error(job, target, error, started, fields)
@@ -436,11 +463,15 @@ class KeyWorker:
         finally:
             self.schedule.finished(job, started, self._clock.monotonic())
         self.schedule.succeeded(job, started)
-        if job.endpoint is None:
+        if endpoint is KeyRequest.ACCOUNT_LIST:
             self._adopt_listing(listed, complete)
             return
+        if endpoint is KeyRequest.ROLES:
+            self._adopt_roles(roles)
+            return
+        assert isinstance(endpoint, Endpoint)
         duration = self._clock.monotonic() - started
-        verdict = self._store.record_reply(job.label, job.endpoint, reply, duration,
+        verdict = self._store.record_reply(job.label, endpoint, reply, duration,
                                            self._clock.wall(), sent=target)
         if verdict is ReplyVerdict.STALE:
             log.debug("stale reply ignored", **fields, stamp_ns=reply.server_timestamp_ns)
@@ -503,13 +534,22 @@ class KeyWorker:
         if self._on_listing is not None:
             self._on_listing(self._credentials.api_key, listed)
 
+    def _adopt_roles(self, roles: KeyRoles) -> None:
+        self._store.record_roles(self.key_name, roles, self._clock.wall())
+        if roles.beyond_auditor:
+            log.warning("API key holds roles beyond Auditor: a monitoring key needs Auditor "
+                        "only, and any other role can trade or move funds; give the exporter "
+                        "an Auditor-only key", key=self.key_name, roles=roles.beyond_auditor)
+
     def _record_error(
         self, job: Job, target: AccountTarget | None, error: GeminiError, started: float,
         fields: dict[str, str],
     ) -> None:
         now = self._clock.monotonic()
-        if job.endpoint is None:
+        if job.endpoint is KeyRequest.ACCOUNT_LIST:
             self._store.record_listing_failure(self.key_name, error.reason)
+        elif job.endpoint is KeyRequest.ROLES:
+            self._store.record_roles_failure(self.key_name, error.reason)
         else:
             self._store.record_failure(job.label, job.endpoint, error.reason, now - started,
                                        sent=target)
@@ -537,6 +577,10 @@ class KeyWorker:
 
 def _parse_listing(body: bytes, now_ns: int) -> AccountListing:
     return parse_account_list(body)
+
+
+def _parse_roles(body: bytes, now_ns: int) -> KeyRoles:
+    return parse_roles(body)
 
 
 def _request_for(
@@ -611,8 +655,14 @@ class Scheduler:
         return nonces, pacing
 
     async def apply(self, config: Config) -> None:
+        """Adopt a config (at start, and at each reload): every key asks for its roles again
+        at once, since a reload is when a key may have changed."""
         async with self._planning:
             await self._plan_and_install(config)
+            now = self._clock.monotonic()
+            for runtime in self._runtimes.values():
+                if runtime.worker.schedule.due_now(ROLES, now):
+                    runtime.worker.wake()
 
     async def _plan_and_install(self, config: Config) -> None:
         with burst_frozen():  # planning makes a burst of objects (see heap)

@@ -150,6 +150,25 @@ def _discovery_text(store: BalanceStore, now: float) -> str:
     return "".join(f"<p>{html.escape(line)}.</p>" for line in lines)
 
 
+def _roles_text(store: BalanceStore) -> str:
+    """Each key's roles, with a warning beside a key that can trade or move funds."""
+    lines = []
+    for key in store.key_counters():
+        state = key.roles
+        failed = " (the last ask failed)" if state.attempted and not state.up else ""
+        if state.roles is None:
+            lines.append(f"<p>Key {html.escape(key.name)}: roles not read yet{failed}.</p>")
+            continue
+        held = [role for role, has in state.roles.held().items() if has] or ["none"]
+        text = f"Key {key.name}: roles {', '.join(held)}{failed}"
+        if state.roles.beyond_auditor:
+            lines.append(f'<p class="warning">&#9888; {html.escape(text)}: this key can trade '
+                         "or move funds; a monitoring key needs Auditor only.</p>")
+        else:
+            lines.append(f"<p>{html.escape(text)}.</p>")
+    return "".join(lines)
+
+
 async def landing_handler(request: web.Request) -> web.Response:
     now = time.time()
     path = html.escape(request.app[TELEMETRY_PATH_KEY])
@@ -171,12 +190,13 @@ async def landing_handler(request: web.Request) -> web.Response:
     total = _totals_text(snapshots)
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Gemini balance exporter</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em 1em;text-align:left}}</style>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em 1em;text-align:left}}
+.warning{{color:#a40000;font-weight:bold}}</style>
 </head><body>
 <h1>Gemini balance exporter</h1>
 <p>Version {html.escape(__version__)}. Metrics: <a href="{path}">{path}</a>.
 Health: <a href="/-/healthy">/-/healthy</a>, readiness: <a href="/-/ready">/-/ready</a>.</p>
-{total}{_discovery_text(store, now)}
+{total}{_discovery_text(store, now)}{_roles_text(store)}
 <table><thead><tr><th>Account</th><th>Key</th><th>Status</th><th>Data age</th>
 <th>Poll interval</th><th>Currencies</th><th>Total value</th><th>Staked</th></tr></thead>
 <tbody>

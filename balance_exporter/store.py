@@ -16,6 +16,7 @@ from typing import Any, Generic
 
 from balance_exporter.gemini.replies import (
     CurrencyBalance,
+    KeyRoles,
     NotionalBalance,
     ParsedReply,
     RowT,
@@ -159,17 +160,31 @@ class DiscoveryState:
 
 
 @dataclass(frozen=True, slots=True)
+class RolesState:
+    """What the key's /v1/roles said last, and how its asks went."""
+
+    roles: KeyRoles | None = None  # None: never read
+    attempted: bool = False
+    up: bool = False
+    last_success_seconds: float | None = None
+    errors: Mapping[str, int] = field(default_factory=_no_errors)
+
+
+@dataclass(frozen=True, slots=True)
 class KeyCounters:
     """What was sent with one key, for the `gemini_key_*` counters."""
 
     name: str
     requests: int = 0
     rate_limited: int = 0
+    # The API key's identity (Credentials.key_id), or its name where none was given.
+    key_id: str = ""
     # Whether the key's poll worker is running (False between a crash and its restart).
     worker_running: bool = False
     worker_restarts: int = 0
     # None: the key does not discover its accounts.
     discovery: DiscoveryState | None = None
+    roles: RolesState = RolesState()
 
 
 # Who a stamp belongs to: (API key identity, Gemini account). Stamps are Gemini's, of one
@@ -323,7 +338,11 @@ class BalanceStore:
             else:
                 discovery = replace(counters.discovery or DiscoveryState(),
                                     refresh_seconds=discovering[name])
-            keys[name] = replace(counters, discovery=discovery)
+            key_id = (key_ids or {}).get(name, name)
+            # Roles are the API key's: a name given to another API key shows none until that
+            # key has been asked.
+            roles = counters.roles if counters.key_id == key_id else RolesState()
+            keys[name] = replace(counters, discovery=discovery, key_id=key_id, roles=roles)
         self._keys = keys
         self.keys_version += 1
 
@@ -425,6 +444,20 @@ class BalanceStore:
         if key is not None and key.discovery is not None:
             self._update_discovery(key_name, attempted=True, up=False,
                                    errors=_counted(key.discovery.errors, reason))
+
+    def record_roles(self, key_name: str, roles: KeyRoles, wall_seconds: float) -> None:
+        key = self._keys.get(key_name)
+        if key is not None:
+            self._update_key(key_name, roles=replace(
+                key.roles, roles=roles, attempted=True, up=True,
+                last_success_seconds=wall_seconds))
+
+    def record_roles_failure(self, key_name: str, reason: str) -> None:
+        """The last roles read stay: a failed ask does not make a key harmless."""
+        key = self._keys.get(key_name)
+        if key is not None:
+            self._update_key(key_name, roles=replace(
+                key.roles, attempted=True, up=False, errors=_counted(key.roles.errors, reason)))
 
     def record_discovered_polled(self, key_name: str, polled: int, label_conflicts: int) -> None:
         key = self._keys.get(key_name)

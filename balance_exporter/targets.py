@@ -139,6 +139,8 @@ class KeyPlan:
     stretch: float
     # How many pages of its listing the key reads at most (see LISTING_PAGE_ROWS).
     listing_max_pages: int = 1
+    # How often the key asks for its roles; None: never (plans made by hand in tests).
+    roles_interval_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,10 +198,11 @@ def listing_pages(listed: int, max_pages: int) -> int:
 
 
 def _demand(targets: Iterable[AccountTarget], listing_interval: float | None,
-            pages: int = 1) -> float:
-    """Requests per second the targets (and the listing, of so many pages) ask for at their
-    intervals."""
+            pages: int = 1, roles_interval: float | None = None) -> float:
+    """Requests per second the targets (and the listing, of so many pages, and the roles) ask
+    for at their intervals."""
     total = pages / listing_interval if listing_interval else 0.0
+    total += 1 / roles_interval if roles_interval else 0.0
     for target in targets:
         for endpoint in Endpoint:
             interval = target.interval_for(endpoint)
@@ -294,8 +297,9 @@ def planning(
     rates = {key.name: key.requests_per_second * PLANNED_SHARE for key in settings.keys}
     max_pages = {key.name: key.discover.max_pages if key.discover else 1
                  for key in settings.keys}
-    demands = {name: _demand(targets, listing, pages[name]) for name, (targets, listing) in
-               unstretched.items()}
+    roles = settings.polling.roles_refresh_seconds
+    demands = {name: _demand(targets, listing, pages[name], roles)
+               for name, (targets, listing) in unstretched.items()}
     shared = settings.gemini.requests_per_second
     shared_factor = (max(1.0, sum(demands.values()) / (shared * PLANNED_SHARE))
                      if shared is not None else 1.0)
@@ -309,6 +313,7 @@ def planning(
             listing_interval_seconds=_times(listing, factor) if listing is not None else None,
             stretch=factor,
             listing_max_pages=max_pages[name],
+            roles_interval_seconds=_times(roles, factor),
         )
         old = previous.keys.get(name) if previous is not None else None
         keys[name] = _reused(key_plan, old) if old is not None else key_plan

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from balance_exporter.gemini.errors import MalformedReply
@@ -18,6 +18,7 @@ from balance_exporter.gemini.replies import (
     parse_account_list,
     parse_balances_reply,
     parse_notional_reply,
+    parse_roles,
     parse_staking_reply,
 )
 from balance_exporter.precision import Precision
@@ -146,3 +147,29 @@ def test_a_listing_pages_from_the_oldest_whole_millisecond_it_was_sent(
              and 0 <= value <= MAX_CREATED_MS]
     assert listing.oldest_created_ms == (int(min(times)) if times else None)
     assert len(listing.accounts) == len(created)
+
+
+ROLE_FIELDS = ("isAuditor", "isFundManager", "isTrader", "isAccountAdmin")
+
+
+@given(st.dictionaries(st.sampled_from([*ROLE_FIELDS, "counterparty_id", "other"]),
+                       json_values, max_size=6))
+def test_a_role_is_held_only_when_the_reply_says_true(reply: dict[str, object]) -> None:
+    """Never more read than sent: a role counts as held only for a JSON `true`, a required
+    field that is not a boolean makes the reply malformed, and isAccountAdmin may be absent."""
+    try:
+        body = json.dumps(reply, allow_nan=False).encode()
+    except ValueError:  # an infinity: not JSON at all, and malformed for that alone
+        assume(False)
+    required_ok = all(isinstance(reply.get(name), bool) for name in ROLE_FIELDS[:3])
+    admin = reply.get("isAccountAdmin")
+    if not required_ok or not (admin is None or isinstance(admin, bool)):
+        with pytest.raises(MalformedReply):
+            parse_roles(body)
+        return
+    roles = parse_roles(body)
+    assert roles.held() == {
+        "auditor": reply["isAuditor"], "fund_manager": reply["isFundManager"],
+        "trader": reply["isTrader"], **({} if admin is None else {"account_admin": admin})}
+    assert set(roles.beyond_auditor) == {role for role, held in roles.held().items()
+                                         if held and role != "auditor"}

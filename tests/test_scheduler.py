@@ -407,10 +407,10 @@ def treasury_target(label: str) -> AccountTarget:
 def test_every_request_stream_is_a_job_and_balances_go_first_when_several_are_due() -> None:
     plan = KeySchedule(key_plan([treasury_target("a0"), treasury_target("a1")], listing=300.0),
                        KeyPacing(2.0), BACKOFFS, now=0.0, rng=random.Random(1), shift=0.0)
-    sent = [(job.label, job.endpoint and job.endpoint.value, at) for job, at in run_jobs(plan, 9)]
+    sent = [(job.label, job.endpoint.value, at) for job, at in run_jobs(plan, 9)]
     # Every account's balances at once and the listing, then each endpoint's jobs spread evenly
     # over its interval (a1 half an interval after a0), balances first when several are due.
-    assert sent == [("a0", "balances", 0.0), ("a1", "balances", 0.5), ("", None, 1.0),
+    assert sent == [("a0", "balances", 0.0), ("a1", "balances", 0.5), ("", "account_list", 1.0),
                     ("a0", "notional", 1.5), ("a0", "staking", 2.0), ("a1", "balances", 5.0),
                     ("a0", "balances", 10.0), ("a1", "balances", 15.0), ("a1", "notional", 15.5)]
 
@@ -449,7 +449,7 @@ def test_a_new_plan_adds_jobs_due_at_once_drops_gone_ones_and_keeps_the_rest() -
     plan.update(key_plan([treasury_target("a0"), treasury_target("new")], listing=60.0), 50.0)
     assert plan.next_due[balances("a0")] == kept
     assert plan.next_due[balances("new")] == 50.0
-    assert plan.next_due[Job("", None)] == 50.0
+    assert plan.next_due[LISTING] == 50.0
     assert not any(job.label == "a1" for job in plan.next_due)
     assert set(plan.targets) == {"a0", "new"}
     plan.succeeded(balances("a1"), 51.0)  # a poll that was running when a1 went: ignored
@@ -472,7 +472,7 @@ def test_a_slow_endpoint_takes_at_most_a_quarter_of_the_keys_time() -> None:
     while now < 600.0:
         job, start = next_job(plan, now)
         plan.started(start)
-        assert job.endpoint is not None
+        assert isinstance(job.endpoint, Endpoint)
         duration = 8.0 if job.endpoint is Endpoint.STAKING else 0.01
         plan.finished(job, start, start + duration)
         plan.succeeded(job, start)

@@ -11,6 +11,7 @@ import pytest
 import structlog
 
 from balance_exporter.exposition import ExpositionCache
+from balance_exporter.gemini.replies import KeyRoles
 from balance_exporter.metrics import ExporterCounters
 from balance_exporter.server import (
     ListenAddress,
@@ -91,6 +92,22 @@ async def test_landing_page_total_says_what_it_covers_and_agrees_with_the_metric
              for row in page.splitlines() if row.startswith("<tr><td>")}
     assert cells == {"treasury-primary": "340,000.00 USD</td>", "savings": "off</td>",
                      "never-polled": "not yet</td>"}
+
+
+async def test_landing_page_shows_each_keys_roles_and_warns_of_a_key_that_can_move_funds(
+    http: aiohttp.ClientSession, serve: Serve
+) -> None:
+    store = fixed_store()
+    store.record_roles("treasury", KeyRoles(True, False, False, False), 1_710_547_200.0)
+    store.record_roles("savings", KeyRoles(False, True, True), 1_710_547_200.0)
+    store.record_roles_failure("savings", "Timeout")
+    url = await serve(build_app(ExpositionCache(store)))
+    async with http.get(f"{url}/") as response:
+        page = await response.text()
+    assert "<p>Key treasury: roles auditor.</p>" in page
+    assert ('<p class="warning">&#9888; Key savings: roles fund_manager, trader (the last ask '
+            "failed): this key can trade or move funds; a monitoring key needs Auditor "
+            "only.</p>") in page
 
 
 async def test_health_and_readiness(http: aiohttp.ClientSession, server: str) -> None:

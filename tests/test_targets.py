@@ -15,6 +15,8 @@ from balance_exporter.targets import (
 )
 
 SECRET = "TOPSECRET-targets"
+# What each key's roles ask for: once an hour by default.
+ROLES = 1 / 3600
 
 
 def test_interval_is_stretched_to_fit_the_key_budget() -> None:
@@ -27,8 +29,9 @@ def test_interval_is_stretched_to_fit_the_key_budget() -> None:
         + [{"key": "j", "account": "b", "interval_seconds": 10}],
     }, {})
     planned = {target.label: target.interval_seconds for target in plan_targets(config)}
-    # 50 accounts in 97 % of 2 requests a second (the rest is kept for retries).
-    assert planned["a0"] == pytest.approx(50 / (2 * PLANNED_SHARE))
+    # 50 accounts and the key's roles (hourly) in 97 % of 2 requests a second (the rest is
+    # kept for retries).
+    assert planned["a0"] == pytest.approx(10 * (5 + ROLES) / (2 * PLANNED_SHARE))
     assert planned["b"] == 10.0
 
 
@@ -40,7 +43,7 @@ def test_a_global_budget_stretches_every_account() -> None:
         "accounts": [{"key": "k", "account": f"a{i}", "interval_seconds": 5} for i in range(20)],
     }, {})
     intervals = [target.interval_seconds for target in plan_targets(config)]
-    assert intervals == [pytest.approx(20 / PLANNED_SHARE)] * 20
+    assert intervals == [pytest.approx(5 * (4 + ROLES) / PLANNED_SHARE)] * 20
 
 
 def test_targets_keep_the_gemini_account_label_and_thresholds() -> None:
@@ -139,7 +142,7 @@ def test_each_page_of_a_long_listing_counts_against_the_budget() -> None:
     config = build_config(document, {})
     key_plan = plan(config, {"t": [listed(f"a{i:04d}") for i in range(1200)]}).keys["t"]
     assert key_plan.listing_max_pages == 20
-    assert key_plan.stretch == pytest.approx(3 / (2 * PLANNED_SHARE))
+    assert key_plan.stretch == pytest.approx((3 + ROLES) / (2 * PLANNED_SHARE))
 
 
 def test_every_request_stream_of_a_key_counts_against_its_budget() -> None:
@@ -148,7 +151,7 @@ def test_every_request_stream_of_a_key_counts_against_its_budget() -> None:
     config = build_config(TREASURY, {})
     current = plan(config, {"t": [listed(f"a{i:03d}") for i in range(200)]})
     key_plan = current.keys["t"]
-    demand = 201 * (1 / 30 + 2 / 300) + (1 / 60 - 1 / 300) + 1 / 900
+    demand = 201 * (1 / 30 + 2 / 300) + (1 / 60 - 1 / 300) + 1 / 900 + ROLES
     budget = 5 * PLANNED_SHARE
     assert key_plan.stretch == pytest.approx(demand / budget)
     target = current.targets[1]
@@ -156,10 +159,12 @@ def test_every_request_stream_of_a_key_counts_against_its_budget() -> None:
     assert target.staking_interval_seconds == pytest.approx(300 * demand / budget)
     assert key_plan.listing_interval_seconds == pytest.approx(900 * demand / budget)
     assert key_plan.listing_interval_seconds is not None
+    assert key_plan.roles_interval_seconds == pytest.approx(3600 * demand / budget)
     used = sum(1 / interval for t in current.targets
                for interval in (t.interval_seconds, t.notional_interval_seconds,
                                 t.staking_interval_seconds) if interval)
-    assert used + 1 / key_plan.listing_interval_seconds == pytest.approx(budget, rel=1e-5)
+    assert used + 1 / key_plan.listing_interval_seconds + (
+        1 / (3600 * demand / budget)) == pytest.approx(budget, rel=1e-5)
 
 
 def test_matches_uses_case_sensitive_shell_patterns() -> None:

@@ -34,7 +34,8 @@ from balance_exporter.targets import LISTING_PAGE_ROWS
 BALANCES_PATH = "/v1/balances"
 STAKING_PATH = "/v1/balances/staking"
 ACCOUNT_LIST_PATH = "/v1/account/list"
-# Gemini's maximum, and all one call can list: no paging is documented.
+ROLES_PATH = "/v1/roles"
+# Gemini's maximum a page.
 LIST_ACCOUNTS_LIMIT = LISTING_PAGE_ROWS
 DEFAULT_MAX_REPLY_BYTES = 4 * 1024 * 1024
 _READ_CHUNK_BYTES = 64 * 1024
@@ -71,6 +72,11 @@ def notional_request(account: str | None, quote_currency: str) -> PrivateRequest
 
 def staking_request(account: str | None) -> PrivateRequest:
     return _for_account(STAKING_PATH, account)
+
+
+def roles_request() -> PrivateRequest:
+    """The calling key's roles (no `account`: they are the key's, not an account's)."""
+    return PrivateRequest(ROLES_PATH)
 
 
 def account_list_request(created_at_or_before_ms: int | None = None) -> PrivateRequest:

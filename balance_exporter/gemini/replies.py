@@ -113,6 +113,30 @@ BalanceReply = ParsedReply[CurrencyBalance]
 
 
 @dataclass(frozen=True, slots=True)
+class KeyRoles:
+    """What /v1/roles says the calling key may do."""
+
+    auditor: bool
+    fund_manager: bool
+    trader: bool
+    # Master keys only; None when the reply leaves it out (account-scoped keys).
+    account_admin: bool | None = None
+
+    def held(self) -> dict[str, bool]:
+        """Each role the reply named, by the name of the `role` label."""
+        roles = {"auditor": self.auditor, "fund_manager": self.fund_manager,
+                 "trader": self.trader}
+        if self.account_admin is not None:
+            roles["account_admin"] = self.account_admin
+        return roles
+
+    @property
+    def beyond_auditor(self) -> list[str]:
+        """The roles held that can trade or move funds (any but Auditor)."""
+        return [role for role, held in self.held().items() if held and role != "auditor"]
+
+
+@dataclass(frozen=True, slots=True)
 class AccountListing:
     """One page of a key's /v1/account/list."""
 
@@ -385,6 +409,26 @@ def _display_name(value: object) -> str:
     # A label value of the info metric: printable and short, whatever was sent.
     text = "".join(c for c in value if c.isprintable()) if isinstance(value, str) else ""
     return text[:MAX_DISPLAY_NAME_CHARACTERS]
+
+
+def parse_roles(body: bytes) -> KeyRoles:
+    """A /v1/roles reply: an object with `isAuditor`, `isFundManager` and `isTrader` as JSON
+    booleans, and `isAccountAdmin` for master keys. Anything else is malformed: a role read
+    wrongly would hide a key that can move funds."""
+    document = _load_json(body)
+    if not isinstance(document, dict):
+        raise MalformedReply(f"expected a JSON object of roles, got {type(document).__name__}")
+    admin = document.get("isAccountAdmin")
+    return KeyRoles(_flag(document, "isAuditor"), _flag(document, "isFundManager"),
+                    _flag(document, "isTrader"),
+                    None if admin is None else _flag(document, "isAccountAdmin"))
+
+
+def _flag(document: dict[str, object], name: str) -> bool:
+    value = document.get(name)
+    if not isinstance(value, bool):
+        raise MalformedReply(f"{name} is {_shown(value)}, expected true or false")
+    return value
 
 
 def parse_account_list(body: bytes) -> AccountListing:

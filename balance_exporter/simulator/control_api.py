@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from balance_exporter.simulator.private_api import STATE_KEY
-from balance_exporter.simulator.state import Fault, FaultQueue, SimAccount
+from balance_exporter.simulator.state import Fault, FaultQueue, SimAccount, SimKey, key_roles
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -107,14 +107,29 @@ async def control_add_fault(request: web.Request) -> web.Response:
 
 async def control_add_key_fault(request: web.Request) -> web.Response:
     """A fault on the key's /v1/account/list (`"endpoint": "account_list_page"`: on its later
-    pages only)."""
-    key = request.app[STATE_KEY].keys.get(request.match_info["api_key"])
-    if key is None:
-        raise web.HTTPNotFound(text="no such API key")
+    pages only; `"roles"`: on its /v1/roles)."""
+    key = _key(request)
     body = await _json_body(request)
-    if isinstance(body, dict) and body.get("endpoint") != "account_list_page":
+    if isinstance(body, dict) and body.get("endpoint") not in ("account_list_page", "roles"):
         body = {**body, "endpoint": "account_list"}
     return _queue_fault(key.faults, body)
+
+
+async def control_set_key_roles(request: web.Request) -> web.Response:
+    """Give the key other roles (a list of Auditor, Trader, FundManager, AccountAdmin)."""
+    key = _key(request)
+    try:
+        key.roles = key_roles(await _json_body(request), key.is_master)
+    except ValueError as error:
+        raise web.HTTPBadRequest(text=str(error)) from None
+    return web.json_response({"roles": sorted(key.roles)})
+
+
+def _key(request: web.Request) -> SimKey:
+    key: SimKey | None = request.app[STATE_KEY].keys.get(request.match_info["api_key"])
+    if key is None:
+        raise web.HTTPNotFound(text="no such API key")
+    return key
 
 
 async def control_clear_faults(request: web.Request) -> web.Response:
@@ -143,6 +158,7 @@ CONTROL_ROUTES = (
     web.put("/_sim/accounts/{name}/staking", control_set_staking),
     web.put("/_sim/prices", control_set_prices),
     web.post("/_sim/keys/{api_key}/faults", control_add_key_fault),
+    web.put("/_sim/keys/{api_key}/roles", control_set_key_roles),
     web.post("/_sim/accounts/{name}/faults", control_add_fault),
     web.delete("/_sim/accounts/{name}/faults", control_clear_faults),
     web.delete("/_sim/faults", control_clear_faults),

@@ -112,7 +112,9 @@ def _check_nonce(key: SimKey, payload: dict[str, Any]) -> None:
     key.last_nonce = nonce
 
 
-async def _admit(request: web.Request) -> tuple[SimKey, dict[str, Any]]:
+async def _admit(
+    request: web.Request, needs_role: bool = True
+) -> tuple[SimKey, dict[str, Any]]:
     """Everything a private request passes before its endpoint runs."""
     state = request.app[STATE_KEY]
     key, payload = _authenticate(request, state)
@@ -125,7 +127,7 @@ async def _admit(request: web.Request) -> tuple[SimKey, dict[str, Any]]:
         raise SimError(429, "RateLimit", "Requests were made too frequently",
                        {"Retry-After": str(key.limiter.retry_after(now))})
     _check_nonce(key, payload)
-    if not key.roles & {"Auditor", "Trader", "FundManager"}:
+    if needs_role and not key.roles & {"Auditor", "Trader", "FundManager"}:
         raise SimError(403, "MissingRole", "API key lacks a role for this endpoint")
     if delay > 0:
         await asyncio.sleep(delay)
@@ -311,6 +313,21 @@ async def staking_handler(request: web.Request) -> web.StreamResponse:
     return await _serve_rows(request, account, "staking", _staking_rows(account))
 
 
+async def roles_handler(request: web.Request) -> web.StreamResponse:
+    """The calling key's roles; any role may ask, so this runs past _admit's role check."""
+    key, _ = await _admit(request, needs_role=False)
+    fault = key.faults.take("roles")
+    if fault is not None and fault.kind not in ("stale", "future") and (
+            replaced := await _apply_fault(request, fault)) is not None:
+        return replaced
+    roles: dict[str, object] = {"isAuditor": "Auditor" in key.roles,
+                                "isFundManager": "FundManager" in key.roles,
+                                "isTrader": "Trader" in key.roles}
+    if key.is_master:
+        roles |= {"counterparty_id": "EMONNYXH0000", "isAccountAdmin": "AccountAdmin" in key.roles}
+    return web.json_response(roles)
+
+
 async def account_list_handler(request: web.Request) -> web.StreamResponse:
     key, payload = await _admit(request)
     if not key.is_master:
@@ -360,4 +377,5 @@ PRIVATE_ROUTES = (
     web.post("/v1/notionalbalances/{currency}", notional_handler),
     web.post("/v1/balances/staking", staking_handler),
     web.post("/v1/account/list", account_list_handler),
+    web.post("/v1/roles", roles_handler),
 )

@@ -26,9 +26,9 @@ DEFAULT_USD_PRICES = {"USD": Decimal(1), "BTC": Decimal(65000), "ETH": Decimal(3
 # Which endpoint a fault is served on: every private endpoint of the exporter, or any of them;
 # account_list_page: only the listing's later pages (those asked for with `timestamp`).
 FaultEndpoint = Literal["balances", "notional", "staking", "account_list", "account_list_page",
-                        "any"]
+                        "roles", "any"]
 FAULT_ENDPOINTS: tuple[FaultEndpoint, ...] = ("balances", "notional", "staking", "account_list",
-                                              "account_list_page", "any")
+                                              "account_list_page", "roles", "any")
 ProviderFormat = Literal["amount", "object"]
 STAKING_FIELDS = ("balance", "available", "availableForWithdrawal")
 
@@ -234,7 +234,7 @@ class SimKey:
     limiter: RateLimiter = field(default_factory=RateLimiter)
     last_nonce: int = 0
     counters: dict[str, int] = field(default_factory=dict)
-    # Faults for the key's /v1/account/list, which is no one account's.
+    # Faults for the key's /v1/account/list and /v1/roles, which are no one account's.
     faults: FaultQueue = field(default_factory=FaultQueue)
 
     @property
@@ -243,6 +243,22 @@ class SimKey:
 
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
+
+
+ROLE_NAMES = ("Auditor", "Trader", "FundManager", "AccountAdmin")
+
+
+def key_roles(names: object, master: bool) -> frozenset[str]:
+    """A key's roles, by Gemini's rules: Auditor alone or Trader and Fund Manager in any
+    mix (Auditor cannot be combined with another role), and AccountAdmin on master keys."""
+    if not isinstance(names, list) or not all(name in ROLE_NAMES for name in names):
+        raise ValueError(f"roles: expected a list of {', '.join(ROLE_NAMES)}, got {names!r}")
+    roles = frozenset(names)
+    if "Auditor" in roles and roles & {"Trader", "FundManager"}:
+        raise ValueError("roles: Auditor cannot be combined with Trader or FundManager")
+    if "AccountAdmin" in roles and not master:
+        raise ValueError("roles: AccountAdmin is a master key's role")
+    return roles
 
 
 def account_from_document(entry: dict[str, Any], created_ms: int) -> SimAccount:
@@ -312,7 +328,8 @@ class SimState:
                     api_secret=str(entry["api_secret"]),
                     accounts=[str(name) for name in entry["accounts"]],
                     nonce=entry.get("nonce", "milliseconds"),
-                    roles=frozenset(entry.get("roles", ["Auditor"])),
+                    roles=key_roles(entry.get("roles", ["Auditor"]),
+                                    str(entry["api_key"]).startswith("master-")),
                     limiter=RateLimiter(
                         per_minute=float(entry.get("rate_limit_per_minute", 600)),
                         queued=int(entry.get("rate_limit_queued", 5)),
@@ -353,7 +370,8 @@ def demo_document() -> dict[str, Any]:
              "accounts": ["primary", "trading", "ops", "vault", "old-desk"],
              "roles": ["Auditor"]},
             {"api_key": "account-" + secrets.token_hex(8), "api_secret": secret(),
-             "accounts": ["savings"], "roles": ["Auditor"]},
+             # Trader as well as the balances: the demo shows the exporter's warning about it.
+             "accounts": ["savings"], "roles": ["Trader"]},
         ],
         "accounts": [
             {"name": "primary", "display_name": "Primary treasury", "staking": {

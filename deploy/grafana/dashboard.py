@@ -202,6 +202,19 @@ def treasury_row() -> list[AnyPanel]:
     ]
 
 
+def controls_row() -> list[AnyPanel]:
+    return [
+        big_number("Keys beyond Auditor", "API keys of the exporter that Gemini says hold a role "
+                   "beyond Auditor (gemini_key_role): they can trade or move funds, and "
+                   "GeminiBalanceKeyOverprivileged fires for them.", "none",
+                   query('count(max by (key) (gemini_key_role{role!="auditor"}) == 1) '
+                         "or vector(0)", "keys")),
+        latest_table("Key roles", "The roles each API key holds, by Gemini's /v1/roles (a "
+                     "monitoring key needs auditor only).",
+                     query("gemini_key_role == 1", "held", instant=True, as_table=True)),
+    ]
+
+
 def balances_row() -> list[AnyPanel]:
     amount, available = of_balances("gemini_balance_amount"), of_balances(
         "gemini_balance_available")
@@ -260,7 +273,7 @@ def build() -> dashboard.Dashboard:
              .tooltip(dashboard_model.DashboardCursorSync.CROSSHAIR)
              .variables(variables()))
     rows: list[tuple[str, Sequence[AnyPanel]]] = [
-        ("Health", health_row()), ("Treasury", treasury_row()),
+        ("Health", health_row()), ("Treasury", treasury_row()), ("Controls", controls_row()),
         ("Balances", balances_row()), ("Polling", polling_row())]
     ids = itertools.count(1)
     for title, panels in rows:
