@@ -254,6 +254,21 @@ async def scrape(http: aiohttp.ClientSession, base_url: str, path: str = "/metri
     }
 
 
+async def scrape_until(http: aiohttp.ClientSession, base_url: str, what: str,
+                       holds: Callable[[Samples], object], limit_seconds: float = 15.0,
+                       ) -> Samples:
+    """Scrape `base_url` until what it serves satisfies `holds`; the last scrape."""
+    samples: Samples = {}
+
+    async def check() -> bool:
+        nonlocal samples
+        samples = await scrape(http, base_url)
+        return bool(holds(samples))
+
+    await wait_until(check, what, limit_seconds)
+    return samples
+
+
 def sample(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 

@@ -2,7 +2,7 @@
 after each reload and on their refresh; a key beyond Auditor shows and warns; a key whose roles
 cannot be read goes on polling its balances."""
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -21,11 +21,10 @@ from tests.helpers import (
     MASTER_KEY,
     Samples,
     sample,
-    scrape,
+    scrape_until,
     sim_call,
     treasury_exporter_document,
     treasury_simulator_document,
-    wait_until,
 )
 
 
@@ -59,19 +58,6 @@ def roles(samples: Samples, key: str) -> dict[str, float]:
             if name == "gemini_key_role" and ("key", key) in labels}
 
 
-async def until(http: aiohttp.ClientSession, exporter: Service, what: str,
-                holds: Callable[[Samples], object]) -> Samples:
-    samples: Samples = {}
-
-    async def check() -> bool:
-        nonlocal samples
-        samples = await scrape(http, exporter.url)
-        return bool(holds(samples))
-
-    await wait_until(check, what)
-    return samples
-
-
 async def test_each_keys_roles_show_and_a_key_beyond_auditor_warns(
     http: aiohttp.ClientSession, config_path: Path,
 ) -> None:
@@ -80,7 +66,7 @@ async def test_each_keys_roles_show_and_a_key_beyond_auditor_warns(
                           WebOptions(listen_address=LOOPBACK_ANY_PORT))
         await service.start()
         try:
-            samples = await until(http, service, "both keys' roles",
+            samples = await scrape_until(http, service.url, "both keys' roles",
                                   lambda s: roles(s, "treasury") and roles(s, "solo"))
         finally:
             await service.stop()
@@ -101,17 +87,17 @@ async def test_each_keys_roles_show_and_a_key_beyond_auditor_warns(
 async def test_a_key_whose_roles_cannot_be_read_goes_on_polling(
     http: aiohttp.ClientSession, group: RunningSimulator, exporter: Service,
 ) -> None:
-    await until(http, exporter, "the roles", lambda s: roles(s, "treasury"))
+    await scrape_until(http, exporter.url, "the roles", lambda s: roles(s, "treasury"))
     await sim_call(http, "POST", f"{group.url}/_sim/keys/{MASTER_KEY}/faults",
                    {"kind": "status", "status": 503, "endpoint": "roles"})
     await exporter.reload()  # asks again at once
-    samples = await until(http, exporter, "a failed ask", lambda s: sample(
+    samples = await scrape_until(http, exporter.url, "a failed ask", lambda s: sample(
         s, "gemini_key_roles_up", key="treasury") == 0)
     assert sample(samples, "gemini_key_roles_errors_total", key="treasury", reason="System")
     # The last roles read stay, and the balances are polled as before.
     assert roles(samples, "treasury")["auditor"] == 1
     before = sample(samples, "gemini_account_polls_total", account="alpha")
-    samples = await until(http, exporter, "more balances polls", lambda s: (sample(
+    samples = await scrape_until(http, exporter.url, "more balances polls", lambda s: (sample(
         s, "gemini_account_polls_total", account="alpha") or 0) > (
             before or 0) + 1)
     assert sample(samples, "gemini_account_up", account="alpha") == 1
@@ -120,14 +106,15 @@ async def test_a_key_whose_roles_cannot_be_read_goes_on_polling(
 async def test_a_reload_asks_every_key_for_its_roles_again(
     http: aiohttp.ClientSession, group: RunningSimulator, exporter: Service,
 ) -> None:
-    await until(http, exporter, "the roles", lambda s: roles(s, "treasury"))
+    await scrape_until(http, exporter.url, "the roles", lambda s: roles(s, "treasury"))
     await sim_call(http, "PUT", f"{group.url}/_sim/keys/{MASTER_KEY}/roles",
                    ["Trader", "AccountAdmin"])
     await sim_call(http, "PUT", f"{group.url}/_sim/keys/{ACCOUNT_KEY}/roles", ["Auditor"])
     assert await exporter.reload()
     # Only the reload asks before the hourly refresh.
-    samples = await until(http, exporter, "the new roles", lambda s: roles(s, "treasury").get(
-        "trader") == 1 and roles(s, "solo").get("auditor") == 1)
+    samples = await scrape_until(
+        http, exporter.url, "the new roles",
+        lambda s: roles(s, "treasury").get("trader") == 1 and roles(s, "solo").get("auditor") == 1)
     assert roles(samples, "treasury") == {"auditor": 0, "fund_manager": 0, "trader": 1,
                                           "account_admin": 1}
     assert roles(samples, "solo") == {"auditor": 1, "fund_manager": 0, "trader": 0}

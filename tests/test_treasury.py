@@ -2,7 +2,8 @@
 simulator, in one budget, with the staleness and failure rules of /v1/balances."""
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -26,6 +27,7 @@ from tests.helpers import (
     notional_value,
     sample,
     scrape,
+    scrape_until,
     sim_call,
     sim_state,
     treasury_exporter_document,
@@ -54,23 +56,11 @@ def polled_accounts(samples: Samples) -> set[str]:
     return {dict(labels)["account"] for name, labels in samples if name == "gemini_account_up"}
 
 
-async def until(http: aiohttp.ClientSession, exporter: Service, what: str,
-                holds: Callable[[Samples], bool], limit_seconds: float = 15.0) -> Samples:
-    samples: Samples = {}
-
-    async def check() -> bool:
-        nonlocal samples
-        samples = await scrape(http, exporter.url)
-        return holds(samples)
-
-    await wait_until(check, what, limit_seconds)
-    return samples
-
-
 async def everything_polled(http: aiohttp.ClientSession, exporter: Service) -> Samples:
-    return await until(http, exporter, "alpha and beta polled on every endpoint", lambda s: all(
-        sample(s, f"gemini_{endpoint}_up", account=account) == 1
-        for account in ("alpha", "beta") for endpoint in ("account", "notional", "staking")))
+    return await scrape_until(
+        http, exporter.url, "alpha and beta polled on every endpoint", lambda s: all(
+            sample(s, f"gemini_{endpoint}_up", account=account) == 1
+            for account in ("alpha", "beta") for endpoint in ("account", "notional", "staking")))
 
 
 async def test_discovery_polls_the_open_exchange_accounts_that_match(
@@ -117,7 +107,7 @@ async def test_notional_and_staking_values_are_the_simulators(
                       currency=currency, provider=provider) == amount
     # A new price is a new value at the next notional poll.
     await sim_call(http, "PUT", f"{group.url}/_sim/prices", {"BTC": "70000"})
-    await until(http, treasury, "the new BTC price", lambda s: sample(
+    await scrape_until(http, treasury.url, "the new BTC price", lambda s: sample(
         s, "gemini_balance_amount_notional", account="alpha", currency="BTC",
         notional_currency="USD") == notional_value("5.123456789123", "70000"))
 
@@ -128,14 +118,14 @@ async def test_an_opened_account_is_polled_and_a_closed_one_goes_after_a_good_li
     await everything_polled(http, treasury)
     await sim_call(http, "POST", f"{group.url}/_sim/accounts", {
         "name": "gamma", "display_name": "Gamma", "balances": {"USD": {"amount": "9.99"}}})
-    samples = await until(http, treasury, "gamma polled", lambda s: sample(
+    samples = await scrape_until(http, treasury.url, "gamma polled", lambda s: sample(
         s, "gemini_balance_amount", account="gamma", currency="USD") == 9.99)
     assert sample(samples, "gemini_key_discovery_polled_accounts", key="treasury") == 3
     # The listing fails from now on: beta closes, but until a listing says so it stays.
     await sim_call(http, "POST", f"{group.url}/_sim/keys/{MASTER_KEY}/faults",
                    {"kind": "status", "status": 503, "reason": "Maintenance"})
     await sim_call(http, "PATCH", f"{group.url}/_sim/accounts/beta", {"status": "closed"})
-    samples = await until(http, treasury, "beta's polls failing", lambda s: sample(
+    samples = await scrape_until(http, treasury.url, "beta's polls failing", lambda s: sample(
         s, "gemini_account_up", account="beta") == 0 and (sample(
             s, "gemini_key_discovery_errors_total", key="treasury", reason="Maintenance") or 0)
         >= 2)
@@ -143,7 +133,8 @@ async def test_an_opened_account_is_polled_and_a_closed_one_goes_after_a_good_li
     assert sample(samples, "gemini_balance_amount", account="beta", currency="ETH") == 10.5
     async with http.delete(f"{group.url}/_sim/faults") as response:
         assert response.status == 200
-    samples = await until(http, treasury, "beta gone", lambda s: "beta" not in polled_accounts(s))
+    samples = await scrape_until(http, treasury.url, "beta gone",
+                                 lambda s: "beta" not in polled_accounts(s))
     assert sample(samples, "gemini_balance_amount", account="beta", currency="ETH") is None
     assert sample(samples, "gemini_staking_balance", account="beta", currency="SOL") is None
     assert sample(samples, "gemini_key_discovered_accounts", key="treasury", type="exchange",
@@ -157,7 +148,7 @@ async def test_notional_and_staking_keep_values_through_stale_and_failed_replies
     await add_fault(http, group, "alpha", {"kind": "stale", "endpoint": "notional", "count": 2})
     await add_fault(http, group, "beta", {"kind": "garbage", "endpoint": "staking", "count": 2})
     what = "a stale notional and a garbled staking reply"
-    samples = await until(http, treasury, what, lambda s: (
+    samples = await scrape_until(http, treasury.url, what, lambda s: (
         (sample(s, "gemini_notional_stale_replies_total", account="alpha") or 0) >= 1
         and (sample(s, "gemini_staking_poll_errors_total", account="beta",
                     reason="MalformedReply") or 0) >= 1))
@@ -182,7 +173,7 @@ async def test_every_request_shares_the_keys_budget_and_nonces(
     for index in range(10):
         await sim_call(http, "POST", f"{group.url}/_sim/accounts",
                        {"name": f"desk-{index}", "balances": {"USD": {"amount": "1"}}})
-    samples = await until(http, treasury, "the new accounts polled", lambda s: all(
+    samples = await scrape_until(http, treasury.url, "the new accounts polled", lambda s: all(
         sample(s, "gemini_staking_up", account=f"desk-{index}") is not None
         for index in range(10)))
     stretch = (37 + 1 / 3600) / (10 * PLANNED_SHARE)
@@ -192,7 +183,7 @@ async def test_every_request_shares_the_keys_budget_and_nonces(
         pytest.approx(stretch)
     # At 97 % of the budget, the burst of ten new accounts drains in the 3 % left over, and the
     # notional and staking polls (behind the balances) wait longest: give them a minute.
-    await until(http, treasury, "every new account's endpoints up", lambda s: all(
+    await scrape_until(http, treasury.url, "every new account's endpoints up", lambda s: all(
         sample(s, f"gemini_{endpoint}_up", account=f"desk-{index}") == 1
         for index in range(10) for endpoint in ("account", "notional", "staking")),
         limit_seconds=60.0)
@@ -222,7 +213,7 @@ async def test_a_reload_keeps_the_discovered_accounts_and_their_values(
         samples = await scrape(http, service.url)
         assert {"alpha", "beta"} <= polled_accounts(samples)
         assert sample(samples, "gemini_staking_balance", account="alpha", currency="ETH") == 32.5
-        await until(http, service, "alpha polled again after the reload", lambda s: (
+        await scrape_until(http, service.url, "alpha polled again after the reload", lambda s: (
             sample(s, "gemini_account_polls_total", account="alpha") or 0) > (polls or 0) + 1)
     finally:
         await service.stop()
@@ -272,16 +263,34 @@ def group_of(total: int, same_millisecond: range = range(0)) -> dict[str, object
     return document
 
 
-async def listing_exporter(simulator: RunningSimulator, max_pages: int | None = None) -> Service:
+@contextlib.asynccontextmanager
+async def listing_group(
+    document: dict[str, object], max_pages: int | None = None,
+) -> AsyncIterator[tuple[RunningSimulator, Service]]:
+    """The group `document` describes, and the exporter listing it (polling none of it)."""
+    simulator = await start_simulator(SimState.from_document(document))
     exporter_document = treasury_exporter_document(simulator.url)
     discover = exporter_document["keys"][0]["discover"]
-    discover["include"] = ["nothing-*"]  # list the group, poll none of it
+    discover["include"] = ["nothing-*"]
     if max_pages is not None:
         discover["max_pages"] = max_pages
-    service = Service(build_config(exporter_document, {}), None,
-                      WebOptions(listen_address=LOOPBACK_ANY_PORT))
-    await service.start()
-    return service
+    try:
+        service = Service(build_config(exporter_document, {}), None,
+                          WebOptions(listen_address=LOOPBACK_ANY_PORT))
+        await service.start()
+        try:
+            yield simulator, service
+        finally:
+            await service.stop()
+    finally:
+        await simulator.close()
+
+
+async def first_listing(http: aiohttp.ClientSession, document: dict[str, object],
+                        max_pages: int | None = None) -> Samples:
+    async with listing_group(document, max_pages) as (_, service):
+        return await scrape_until(http, service.url, "a listing", lambda s: sample(
+            s, "gemini_key_discovery_up", key="treasury") == 1)
 
 
 def listed(samples: Samples) -> float:
@@ -295,17 +304,8 @@ async def test_a_listing_longer_than_max_pages_is_cut_short_and_says_so(
 ) -> None:
     # Two pages of 500 at most, the second starting with the last account of the first: 998
     # accounts end on a short page; 999 fill it, and a third page might hold more.
-    simulator = await start_simulator(SimState.from_document(group_of(total)))
-    try:
-        with structlog.testing.capture_logs() as logs:
-            service = await listing_exporter(simulator, max_pages=2)
-            try:
-                samples = await until(http, service, "a listing", lambda s: sample(
-                    s, "gemini_key_discovery_up", key="treasury") == 1)
-            finally:
-                await service.stop()
-    finally:
-        await simulator.close()
+    with structlog.testing.capture_logs() as logs:
+        samples = await first_listing(http, group_of(total), max_pages=2)
     assert sample(samples, "gemini_key_discovery_listing_full", key="treasury") == full
     assert listed(samples) == total
     assert sample(samples, "gemini_key_discovery_polled_accounts", key="treasury") == 0
@@ -318,17 +318,7 @@ async def test_a_group_of_1200_accounts_is_listed_whole_page_by_page(
 ) -> None:
     # Sixty accounts of one millisecond straddle the end of the first page: they come on the
     # first page and the second, and count once.
-    simulator = await start_simulator(SimState.from_document(
-        group_of(1200, same_millisecond=range(470, 530))))
-    try:
-        service = await listing_exporter(simulator)
-        try:
-            samples = await until(http, service, "a listing", lambda s: sample(
-                s, "gemini_key_discovery_up", key="treasury") == 1)
-        finally:
-            await service.stop()
-    finally:
-        await simulator.close()
+    samples = await first_listing(http, group_of(1200, same_millisecond=range(470, 530)))
     assert listed(samples) == 1200
     assert sample(samples, "gemini_key_discovery_listing_full", key="treasury") == 0
 
@@ -336,20 +326,12 @@ async def test_a_group_of_1200_accounts_is_listed_whole_page_by_page(
 async def test_a_failed_later_page_keeps_the_last_complete_listing(
     http: aiohttp.ClientSession,
 ) -> None:
-    simulator = await start_simulator(SimState.from_document(group_of(1200)))
-    try:
-        service = await listing_exporter(simulator)
-        try:
-            await until(http, service, "a listing", lambda s: listed(s) == 1200)
-            async with http.post(f"{simulator.url}/_sim/keys/{MASTER_KEY}/faults", json={
-                    "kind": "status", "status": 503, "endpoint": "account_list_page"}) as reply:
-                assert reply.status == 200
-            samples = await until(http, service, "a listing whose second page failed",
-                                  lambda s: sample(s, "gemini_key_discovery_up",
-                                                   key="treasury") == 0)
-            # Its first page alone (500 accounts) is never taken for the group.
-            assert listed(samples) == 1200
-        finally:
-            await service.stop()
-    finally:
-        await simulator.close()
+    async with listing_group(group_of(1200)) as (simulator, service):
+        await scrape_until(http, service.url, "a listing", lambda s: listed(s) == 1200)
+        await sim_call(http, "POST", f"{simulator.url}/_sim/keys/{MASTER_KEY}/faults",
+                       {"kind": "status", "status": 503, "endpoint": "account_list_page"})
+        samples = await scrape_until(
+            http, service.url, "a listing whose second page failed",
+            lambda s: sample(s, "gemini_key_discovery_up", key="treasury") == 0)
+    # Its first page alone (500 accounts) is never taken for the group.
+    assert listed(samples) == 1200
