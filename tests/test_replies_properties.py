@@ -132,7 +132,8 @@ def test_staked_amounts_are_never_above_what_was_sent(
 
 created_values = (st.integers(min_value=-5, max_value=MAX_CREATED_MS + 5)
                   | st.floats(allow_nan=False, allow_infinity=False)
-                  | st.text(max_size=12) | st.none() | st.booleans())
+                  | st.text(max_size=12) | st.integers(0, 10**16).map(str)
+                  | st.none() | st.booleans())
 
 
 @given(st.lists(created_values, max_size=8))
@@ -142,10 +143,15 @@ def test_a_listing_pages_from_the_oldest_whole_millisecond_it_was_sent(
     rows = [{"account": f"a{index}", "type": "exchange", "status": "open", "created": value}
             for index, value in enumerate(created)]
     listing = parse_account_list(json.dumps(rows).encode())
-    times = [value for value in created if isinstance(value, int | float)
-             and not isinstance(value, bool) and float(value).is_integer()
-             and 0 <= value <= MAX_CREATED_MS]
-    assert listing.oldest_created_ms == (int(min(times)) if times else None)
+    def as_time(value: object) -> int | None:
+        if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 15:
+            value = int(value)
+        if (isinstance(value, int | float) and not isinstance(value, bool)
+                and float(value).is_integer() and 0 <= value <= MAX_CREATED_MS):
+            return int(value)
+        return None
+    times = [time for value in created if (time := as_time(value)) is not None]
+    assert listing.oldest_created_ms == (min(times) if times else None)
     assert len(listing.accounts) == len(created)
 
 

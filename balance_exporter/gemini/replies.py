@@ -460,8 +460,11 @@ def parse_account_list(body: bytes) -> AccountListing:
 
 
 def _created_ms(value: object) -> int | None:
-    """A listing row's `created`, whole milliseconds (a JSON number); None for anything else:
-    it matters only to ask for the next page, and a page without it cannot be paged past."""
+    """A listing row's `created`, whole milliseconds: a JSON number as the spec has it, or a
+    string of digits as Gemini sends other times; None for anything else. It matters only to
+    ask for the next page, and a page without it cannot be paged past."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 15:
+        value = Decimal(value)
     if (isinstance(value, Decimal) and value.is_finite()
             and 0 <= value <= MAX_CREATED_MS and value == value.to_integral_value()):
         return int(value)
