@@ -1,6 +1,8 @@
 """The Helm chart, checked with Helm's own Go SDK (helm-python-sdk), kubernetes-validate and
 promtool."""
 
+import json
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -8,8 +10,9 @@ import helm_python
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from balance_exporter.config import build_config
+from balance_exporter.config import ExporterSettings, build_config
 from balance_exporter.targets import plan
 from tests.deploy.tools import CHART, run, tool
 
@@ -148,6 +151,42 @@ def test_schema_rejects_bad_values(values: dict[str, Any], problem: str) -> None
     chart = helm_python.Chart.load(CHART)
     with pytest.raises(helm_python.HelmValuesError, match=problem):
         chart.validate_schema(values)
+
+
+# What the chart's schema leaves out of the exporter's config on purpose: the chart passes
+# secrets through a Kubernetes Secret, never inline.
+NOT_IN_THE_CHART = {"config.keys.api_secret"}
+
+
+def _model_of(annotation: object) -> type[BaseModel] | None:
+    """The settings model a field holds (through Annotated, Optional and list), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        model = _model_of(argument)
+        if model is not None:
+            return model
+    return None
+
+
+def _fields_missing_from_schema(model: type[BaseModel], node: dict[str, Any],
+                                path: str) -> set[str]:
+    properties = node.get("items", node).get("properties", {})
+    missing = {f"{path}.{name}" for name in model.model_fields if name not in properties}
+    for name, field in model.model_fields.items():
+        inner = _model_of(field.annotation)
+        if inner is not None and name in properties:
+            missing |= _fields_missing_from_schema(inner, properties[name], f"{path}.{name}")
+    return missing
+
+
+def test_the_schema_takes_every_setting_of_the_exporters_config() -> None:
+    # A field the config has and the schema (additionalProperties false) lacks is a setting a
+    # chart user cannot make.
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    missing = _fields_missing_from_schema(ExporterSettings, schema["properties"]["config"],
+                                          "config")
+    assert missing == NOT_IN_THE_CHART
 
 
 @pytest.mark.parametrize(("values", "problem"), [
