@@ -158,6 +158,8 @@ def config_summary(config: Config) -> str:
                          + (f", exclude {', '.join(discover.exclude)}" if discover.exclude else "")
                          + f", listed every {discover.refresh_seconds:g}s, "
                          f"at most {discover.max_pages} pages of 500")
+    lines.append(f"Each key's roles are read at start, at each reload and every "
+                 f"{settings.polling.roles_refresh_seconds:g}s")
     if settings.notional is not None:
         lines.append(f"Notional values in {settings.notional.currency}, every "
                      f"{settings.notional.interval_seconds:g}s unless an account says otherwise")

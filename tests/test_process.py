@@ -177,6 +177,7 @@ def test_config_check_prints_a_masked_summary(config_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Config is valid." in result.stdout
     assert "alpha: key treasury" in result.stdout
+    assert "roles are read at start, at each reload and every 3600s" in result.stdout
     for secret in SECRETS:
         assert secret not in result.stdout + result.stderr
 
@@ -217,6 +218,7 @@ def test_the_example_config_passes_the_check_once_its_secret_files_exist(tmp_pat
     checked = check()
     assert checked.returncode == 0, checked.stderr
     assert "treasury: api_key master-012…, secret file treasury.api_secret" in checked.stdout
+    assert "listed every 900s, at most 20 pages of 500" in checked.stdout
     assert "Config is valid." in checked.stdout
 
 
