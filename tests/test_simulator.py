@@ -17,7 +17,14 @@ import pytest
 from balance_exporter.simulator.ratelimit import RateLimiter
 from balance_exporter.simulator.server import RunningSimulator, start_simulator
 from balance_exporter.simulator.state import SimState, demo_document
-from tests.helpers import ACCOUNT_KEY, ACCOUNT_SECRET, MASTER_KEY, MASTER_SECRET
+from tests.helpers import (
+    ACCOUNT_KEY,
+    ACCOUNT_SECRET,
+    MASTER_KEY,
+    MASTER_SECRET,
+    sim_call,
+    simulator_document,
+)
 
 
 class Caller:
@@ -312,3 +319,62 @@ def test_drift_keeps_available_within_amount() -> None:
     for account in state.accounts.values():
         for balance in account.balances.values():
             assert 0 <= balance.values["available"] <= balance.values["amount"]
+
+
+async def test_withdrawal_allow_lists_by_network_with_both_scopes_and_every_status(
+    caller: Caller, simulator: RunningSimulator,
+) -> None:
+    http, control = caller.http, f"{simulator.url}/_sim/accounts"
+    path = "/v1/approvedAddresses/account/bitcoin"
+    status, body, _ = await caller.post(path, account="alpha")
+    assert (status, body) == (200, {"approvedAddresses": []})
+    # A requested address waits out the 7-day hold; a group one shows in every account of the
+    # group; one waiting for a second administrator.
+    requested = {"network": "bitcoin", "address": "bc1qrequested", "label": "new desk"}
+    async with http.post(f"{control}/alpha/approved-addresses", json=requested) as reply:
+        assert reply.status == 200
+        assert (await reply.json())["status"] == "pending-time"
+    for entry in ({"network": "bitcoin", "address": "bc1qgroup", "scope": "group",
+                   "status": "active"},
+                  {"network": "bitcoin", "address": "bc1qmua", "status": "pending-mua"},
+                  {"network": "ethereum", "address": "0xabc", "status": "active"}):
+        await sim_call(http, "POST", f"{control}/beta/approved-addresses", entry)
+    _, body, _ = await caller.post(path, account="alpha")
+    entries = {entry["address"]: entry for entry in body["approvedAddresses"]}
+    assert {address: (entry["scope"], entry["status"]) for address, entry in entries.items()} == {
+        "bc1qrequested": ("account", "pending-time"), "bc1qgroup": ("group", "active")}
+    assert entries["bc1qrequested"]["label"] == "new desk"
+    assert entries["bc1qrequested"]["createdAt"].isdigit()  # milliseconds, as a string
+    _, body, _ = await caller.post(path, account="beta")
+    assert {entry["address"] for entry in body["approvedAddresses"]} == {"bc1qgroup", "bc1qmua"}
+    # Approved, then removed.
+    await sim_call(http, "PATCH", f"{control}/alpha/approved-addresses",
+                   {"network": "bitcoin", "address": "bc1qrequested", "status": "active"})
+    _, body, _ = await caller.post(path, account="alpha")
+    assert {entry["address"]: entry["status"] for entry in body["approvedAddresses"]} == {
+        "bc1qrequested": "active", "bc1qgroup": "active"}
+    await sim_call(http, "DELETE", f"{control}/alpha/approved-addresses",
+                   {"network": "bitcoin", "address": "bc1qrequested"})
+    _, body, _ = await caller.post(path, account="alpha")
+    assert [entry["address"] for entry in body["approvedAddresses"]] == ["bc1qgroup"]
+    # One address once per scope; an unknown network; a master key must name its account.
+    async with http.post(f"{control}/beta/approved-addresses", json={
+            "network": "bitcoin", "address": "bc1qmua"}) as reply:
+        assert reply.status == 400
+    status, body, _ = await caller.post("/v1/approvedAddresses/account/Bitcoin", account="alpha")
+    assert (status, body["reason"]) == (400, "InvalidNetwork")
+    status, body, _ = await caller.post(path)
+    assert (status, body["reason"]) == (400, "MissingAccounts")
+    status, body, _ = await caller.post(path, key=ACCOUNT_KEY, secret=ACCOUNT_SECRET)
+    assert (status, body) == (200, {"approvedAddresses": []})
+
+
+def test_a_state_file_allow_list_entry_is_checked() -> None:
+    document = simulator_document()
+    document["accounts"][0]["approved_addresses"] = [{"network": "bitcoin", "address": ""}]
+    with pytest.raises(ValueError, match="accounts\\[0\\]: address"):
+        SimState.from_document(document)
+    document["accounts"][0]["approved_addresses"] = [
+        {"network": "bitcoin", "address": "bc1q", "status": "pending-time", "created_ms": 5}]
+    (entry,) = SimState.from_document(document).accounts["alpha"].approved_addresses
+    assert entry.describe()["createdAt"] == "5"

@@ -3,13 +3,21 @@ and inject or clear faults per account."""
 
 import contextlib
 import random
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
 
 from balance_exporter.simulator.private_api import STATE_KEY
-from balance_exporter.simulator.state import Fault, FaultQueue, SimAccount, SimKey, key_roles
+from balance_exporter.simulator.state import (
+    APPROVED_ADDRESS_STATUSES,
+    Fault,
+    FaultQueue,
+    SimAccount,
+    SimKey,
+    key_roles,
+)
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -83,6 +91,39 @@ async def control_add_account(request: web.Request) -> web.Response:
     with _bad_input_is_400():
         account = request.app[STATE_KEY].add_account(body)
     return web.json_response(account.describe())
+
+
+async def control_request_address(request: web.Request) -> web.Response:
+    """Request an address for the account's allow-list: `network`, `address`, and optionally
+    `label`, `scope` (account or group) and `status` (pending-time: the 7-day hold)."""
+    account = _control_account(request)
+    body = await _json_body(request)
+    with _bad_input_is_400():
+        entry = account.add_approved_address(body, int(time.time() * 1000))
+    return web.json_response(entry.describe())
+
+
+async def control_set_address_status(request: web.Request) -> web.Response:
+    """Change an entry's `status` (active approves it), named by `network`, `address` and
+    `scope`."""
+    account = _control_account(request)
+    body = await _json_body(request)
+    with _bad_input_is_400():
+        entry = account.approved_address(body)
+        status = body.get("status")
+        if status not in APPROVED_ADDRESS_STATUSES:
+            raise ValueError(f"status: expected one of {', '.join(APPROVED_ADDRESS_STATUSES)}")
+        entry.status = status
+    return web.json_response(entry.describe())
+
+
+async def control_remove_address(request: web.Request) -> web.Response:
+    """Remove an entry from the allow-list, named by `network`, `address` and `scope`."""
+    account = _control_account(request)
+    body = await _json_body(request)
+    with _bad_input_is_400():
+        account.approved_addresses.remove(account.approved_address(body))
+    return web.json_response({"approved_addresses": len(account.approved_addresses)})
 
 
 async def control_set_prices(request: web.Request) -> web.Response:
@@ -160,6 +201,9 @@ CONTROL_ROUTES = (
     web.post("/_sim/keys/{api_key}/faults", control_add_key_fault),
     web.put("/_sim/keys/{api_key}/roles", control_set_key_roles),
     web.post("/_sim/accounts/{name}/faults", control_add_fault),
+    web.post("/_sim/accounts/{name}/approved-addresses", control_request_address),
+    web.patch("/_sim/accounts/{name}/approved-addresses", control_set_address_status),
+    web.delete("/_sim/accounts/{name}/approved-addresses", control_remove_address),
     web.delete("/_sim/accounts/{name}/faults", control_clear_faults),
     web.delete("/_sim/faults", control_clear_faults),
     web.post("/_sim/drift", control_drift),

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from balance_exporter.simulator.state import (
+    APPROVED_ADDRESS_NETWORKS,
     Fault,
     SimAccount,
     SimKey,
@@ -313,6 +314,23 @@ async def staking_handler(request: web.Request) -> web.StreamResponse:
     return await _serve_rows(request, account, "staking", _staking_rows(account))
 
 
+async def approved_addresses_handler(request: web.Request) -> web.StreamResponse:
+    """A withdrawal allow-list of one network (any role may read it)."""
+    key, payload = await _admit(request, needs_role=False)
+    state = request.app[STATE_KEY]
+    account = _account_for(key, payload, state)
+    network = request.match_info["network"]
+    if network not in APPROVED_ADDRESS_NETWORKS:
+        raise SimError(400, "InvalidNetwork", f"no allow-list for network {network!r} "
+                       "(lower case, e.g. bitcoin)")
+    fault = account.faults.take("approved_addresses")
+    if fault is not None and fault.kind not in ("stale", "future") and (
+            replaced := await _apply_fault(request, fault)) is not None:
+        return replaced
+    return web.json_response({"approvedAddresses": [
+        entry.describe() for entry in state.approved_addresses(account, network)]})
+
+
 async def roles_handler(request: web.Request) -> web.StreamResponse:
     """The calling key's roles; any role may ask, so this runs past _admit's role check."""
     key, _ = await _admit(request, needs_role=False)
@@ -378,4 +396,5 @@ PRIVATE_ROUTES = (
     web.post("/v1/balances/staking", staking_handler),
     web.post("/v1/account/list", account_list_handler),
     web.post("/v1/roles", roles_handler),
+    web.post("/v1/approvedAddresses/account/{network}", approved_addresses_handler),
 )

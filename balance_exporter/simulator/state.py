@@ -25,9 +25,10 @@ DEFAULT_USD_PRICES = {"USD": Decimal(1), "BTC": Decimal(65000), "ETH": Decimal(3
                       "SOL": Decimal(150), "GUSD": Decimal(1), "EUR": Decimal("1.08")}
 # Which endpoint a fault is served on: every private endpoint of the exporter, or any of them;
 # account_list_page: only the listing's later pages (those asked for with `timestamp`).
-FaultEndpoint = Literal["balances", "notional", "staking", "account_list", "account_list_page",
-                        "roles", "any"]
-FAULT_ENDPOINTS: tuple[FaultEndpoint, ...] = ("balances", "notional", "staking", "account_list",
+FaultEndpoint = Literal["balances", "notional", "staking", "approved_addresses", "account_list",
+                        "account_list_page", "roles", "any"]
+FAULT_ENDPOINTS: tuple[FaultEndpoint, ...] = ("balances", "notional", "staking",
+                                              "approved_addresses", "account_list",
                                               "account_list_page", "roles", "any")
 ProviderFormat = Literal["amount", "object"]
 STAKING_FIELDS = ("balance", "available", "availableForWithdrawal")
@@ -146,6 +147,59 @@ class SimBalance:
         return cls(values)
 
 
+# The networks of Gemini's withdrawal allow-lists (/v1/approvedAddresses/account/{network}).
+APPROVED_ADDRESS_NETWORKS = ("bitcoin", "ethereum", "solana", "litecoin", "bitcoincash", "zcash",
+                             "filecoin", "dogecoin", "tezos", "polkadot", "avalanche", "cosmos",
+                             "xrpl")
+# active; pending-time: the 7-day hold after an address is requested; pending-mua: waiting for a
+# second administrator.
+APPROVED_ADDRESS_STATUSES = ("active", "pending-time", "pending-mua")
+
+
+@dataclass
+class SimApprovedAddress:
+    """One entry of a withdrawal allow-list. A group-scope entry shows in the list of every
+    account of the group(s) its account is in."""
+
+    network: str
+    address: str
+    scope: Literal["account", "group"] = "account"
+    status: str = "pending-time"
+    label: str = ""
+    created_ms: int = 0
+
+    @classmethod
+    def from_document(cls, document: object, now_ms: int) -> "SimApprovedAddress":
+        if not isinstance(document, dict):
+            raise ValueError("approved address: expected an object")
+        network, address = document.get("network"), document.get("address")
+        if network not in APPROVED_ADDRESS_NETWORKS:
+            raise ValueError(f"network: expected one of {', '.join(APPROVED_ADDRESS_NETWORKS)}, "
+                             f"got {network!r}")
+        if not isinstance(address, str) or not address:
+            raise ValueError("address: expected a non-empty string")
+        scope = document.get("scope", "account")
+        if scope not in ("account", "group"):
+            raise ValueError(f"scope: expected account or group, got {scope!r}")
+        status = document.get("status", "pending-time")
+        if status not in APPROVED_ADDRESS_STATUSES:
+            raise ValueError(f"status: expected one of {', '.join(APPROVED_ADDRESS_STATUSES)}, "
+                             f"got {status!r}")
+        created = document.get("created_ms", now_ms)
+        if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+            raise ValueError(f"created_ms: expected milliseconds, got {created!r}")
+        return cls(network, address, scope, status, str(document.get("label", "")), created)
+
+    def same_entry(self, network: object, address: object, scope: object) -> bool:
+        return (self.network, self.address, self.scope) == (network, address, scope)
+
+    def describe(self) -> dict[str, str]:
+        """As Gemini sends it: `createdAt` is milliseconds as a string."""
+        return {"network": self.network, "scope": self.scope, "label": self.label,
+                "status": self.status, "createdAt": str(self.created_ms),
+                "address": self.address}
+
+
 @dataclass
 class SimAccount:
     name: str
@@ -161,6 +215,7 @@ class SimAccount:
     staking: dict[str, SimStaking] = field(default_factory=dict)
     # How `balanceByProvider` is sent: provider -> amount, or provider -> {"balance": amount}.
     provider_format: ProviderFormat = "amount"
+    approved_addresses: list[SimApprovedAddress] = field(default_factory=list)
     # The last stamp served per endpoint (a stale fault goes back from it).
     last_stamps_ns: dict[str, int] = field(default_factory=dict)
     served: int = 0
@@ -169,6 +224,28 @@ class SimAccount:
     @property
     def last_stamp_ns(self) -> int:
         return self.last_stamps_ns.get("balances", 0)
+
+    def add_approved_address(self, document: object, now_ms: int) -> SimApprovedAddress:
+        """Request an address (pending-time unless the document says otherwise); one address
+        is on a network's list once per scope."""
+        entry = SimApprovedAddress.from_document(document, now_ms)
+        if any(old.same_entry(entry.network, entry.address, entry.scope)
+               for old in self.approved_addresses):
+            raise ValueError(f"{entry.address!r} is already on the {entry.network} list "
+                             f"({entry.scope} scope)")
+        self.approved_addresses.append(entry)
+        return entry
+
+    def approved_address(self, document: object) -> SimApprovedAddress:
+        """The entry a control call names by network, address and scope (default account)."""
+        if not isinstance(document, dict):
+            raise ValueError("expected an object with network and address")
+        scope = document.get("scope", "account")
+        for entry in self.approved_addresses:
+            if entry.same_entry(document.get("network"), document.get("address"), scope):
+                return entry
+        raise ValueError(f"no {scope}-scope entry {document.get('address')!r} on the "
+                         f"{document.get('network')!r} list of {self.name!r}")
 
     def set_staking(self, document: dict[str, Any]) -> None:
         if not isinstance(document, dict):
@@ -216,6 +293,7 @@ class SimAccount:
                 currency: {name: str(value) for name, value in balance.values.items()}
                 for currency, balance in self.balances.items()
             },
+            "approved_addresses": [entry.describe() for entry in self.approved_addresses],
             "staking": {
                 currency: {**{name: str(value) for name, value in staking.values.items()},
                            "providers": {p: str(v) for p, v in staking.providers.items()}}
@@ -276,6 +354,11 @@ def account_from_document(entry: dict[str, Any], created_ms: int) -> SimAccount:
     account.patch(entry)
     account.set_balances(entry.get("balances", {}))
     account.set_staking(entry.get("staking", {}))
+    addresses = entry.get("approved_addresses", [])
+    if not isinstance(addresses, list):
+        raise ValueError("approved_addresses: expected a list")
+    for document in addresses:
+        account.add_approved_address(document, created_ms)
     return account
 
 
@@ -295,6 +378,23 @@ class SimState:
             raise ValueError("prices: every price must be above 0")
         self.usd_prices.update(prices)
         self.usd_prices["USD"] = Decimal(1)
+
+    def approved_addresses(self, account: SimAccount, network: str) -> list[SimApprovedAddress]:
+        """An account's allow-list of a network: its own entries, and the group-scope entries of
+        every account of the groups (master keys) it is in."""
+        group = {name for key in self.keys.values()
+                 if key.is_master and account.name in key.accounts
+                 for name in key.accounts} | {account.name}
+        entries = [entry for entry in account.approved_addresses
+                   if entry.network == network and entry.scope == "account"]
+        seen: set[str] = set()
+        for name in sorted(group):
+            for entry in self.accounts[name].approved_addresses:
+                if (entry.network == network and entry.scope == "group"
+                        and entry.address not in seen):
+                    seen.add(entry.address)
+                    entries.append(entry)
+        return entries
 
     def add_account(self, entry: dict[str, Any]) -> SimAccount:
         """Open a new account in the groups of `keys` (master keys; all of them by default)."""
