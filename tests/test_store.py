@@ -3,6 +3,7 @@ from dataclasses import replace
 from balance_exporter.gemini.replies import (
     BalanceReply,
     CurrencyBalance,
+    KeyRoles,
     NotionalBalance,
     ParsedReply,
 )
@@ -376,3 +377,17 @@ def test_stamps_follow_the_api_key_not_its_entrys_name() -> None:
     assert amounts(store) == {}
     assert store.record_reply("main", BAL, BalanceReply(balances(BTC=7), 150, None), 0.1,
                               2.0) is ReplyVerdict.ACCEPTED
+
+
+def test_a_keys_roles_stay_across_a_new_plan_and_go_when_its_name_is_another_api_keys() -> None:
+    store = BalanceStore()
+    store.configure([TARGET], ["treasury"], key_ids={"treasury": "group-a"})
+    store.record_roles("treasury", KeyRoles(False, True, True), 1.0)
+    store.configure([TARGET], ["treasury"], key_ids={"treasury": "group-a"})
+    (key,) = store.key_counters()
+    assert key.roles.roles == KeyRoles(False, True, True)
+    # The name now holds another API key: the old key's roles are not shown for it.
+    store.configure([TARGET], ["treasury"], key_ids={"treasury": "group-b"})
+    (key,) = store.key_counters()
+    assert key.roles.roles is None
+    assert not key.roles.attempted
