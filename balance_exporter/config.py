@@ -70,6 +70,11 @@ MAX_DISCOVERY_PATTERNS = 64
 # 100,000 at the most one may set.
 DEFAULT_LISTING_PAGES = 20
 MAX_LISTING_PAGES = 200
+# Withdrawal allow-lists (/v1/approvedAddresses/account/{network}): every (account, network) is
+# a request stream of its own, so the networks are few, and by default lists are read every few
+# minutes.
+MAX_ALLOW_LIST_NETWORKS = 32
+MIN_ALLOW_LIST_INTERVAL_SECONDS = 60.0
 
 
 def _off_or_interval(value: float | None) -> float | None:
@@ -167,9 +172,13 @@ class AccountOptions(_Strict):
     # In the quote currency (`notional.currency`): the least the account's available value
     # may be.
     min_available_notional: Annotated[float, Field(ge=0)] | None = None
+    # None: `approved_addresses.interval_seconds` when `approved_addresses:` is set; 0: off.
+    # Below that section's least (60 s) only when an account asks for it.
+    approved_addresses_interval_seconds: OffOrInterval | None = None
 
     _check_off_or_interval = field_validator(
-        "notional_interval_seconds", "staking_interval_seconds")(_off_or_interval)
+        "notional_interval_seconds", "staking_interval_seconds",
+        "approved_addresses_interval_seconds")(_off_or_interval)
     _check_currencies = field_validator("min_available")(_by_currency)
 
     def over(self, defaults: "AccountOptions") -> "AccountOptions":
@@ -202,6 +211,27 @@ class NotionalSettings(_Strict):
     @classmethod
     def _upper(cls, currency: str) -> str:
         return currency.upper()
+
+
+# Gemini's network names in the allow-list path are lower-case words (bitcoin, ethereum, xrpl).
+NetworkName = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9]+$")]
+
+
+class ApprovedAddressesSettings(_Strict):
+    """Which networks' withdrawal allow-lists every account's are read for, and how often."""
+
+    networks: Annotated[list[NetworkName], Field(min_length=1,
+                                                 max_length=MAX_ALLOW_LIST_NETWORKS)]
+    interval_seconds: Annotated[float, Field(ge=MIN_ALLOW_LIST_INTERVAL_SECONDS,
+                                             le=MAX_DURATION_SECONDS)] = 900.0
+
+    @field_validator("networks", mode="after")
+    @classmethod
+    def _once_each(cls, networks: list[str]) -> list[str]:
+        twice = sorted({network for network in networks if networks.count(network) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} given more than once")
+        return networks
 
 
 class KeySettings(_Strict):
@@ -242,6 +272,7 @@ class ExporterSettings(_Strict):
     # May be empty when a key discovers its accounts.
     accounts: list[AccountSettings] = []
     notional: NotionalSettings | None = None
+    approved_addresses: ApprovedAddressesSettings | None = None
     precision: dict[str, Annotated[int, Field(ge=0, le=30)]] = {}
     default_precision: Annotated[int, Field(ge=0, le=30)] = DEFAULT_PRECISION_PLACES
     polling: PollingSettings = PollingSettings()
@@ -252,7 +283,7 @@ class ExporterSettings(_Strict):
     @model_validator(mode="after")
     def _check_references(self) -> "ExporterSettings":
         problems = [*_key_problems(self.keys), *_account_problems(self),
-                    *_notional_problems(self)]
+                    *_notional_problems(self), *_allow_list_problems(self)]
         if problems:
             raise ConfigError(problems)
         return self
@@ -321,16 +352,20 @@ def _account_problems(settings: ExporterSettings) -> list[str]:
     return problems
 
 
+def _account_options(settings: ExporterSettings) -> list[tuple[str, AccountOptions]]:
+    """Every set of account options with where it is: the accounts and the discover defaults."""
+    entries: list[tuple[str, AccountOptions]] = [
+        (f"accounts[{index}]", account) for index, account in enumerate(settings.accounts)]
+    return entries + [(f"keys[{index}].discover.defaults", key.discover.defaults)
+                      for index, key in enumerate(settings.keys) if key.discover is not None]
+
+
 def _notional_problems(settings: ExporterSettings) -> list[str]:
     """Notional polls and thresholds need the quote currency, which only `notional:` gives."""
     if settings.notional is not None:
         return []
-    entries: list[tuple[str, AccountOptions]] = [
-        (f"accounts[{index}]", account) for index, account in enumerate(settings.accounts)]
-    entries += [(f"keys[{index}].discover.defaults", key.discover.defaults)
-                for index, key in enumerate(settings.keys) if key.discover is not None]
     problems = []
-    for where, options in entries:
+    for where, options in _account_options(settings):
         if options.notional_interval_seconds:
             problems.append(f"{where}.notional_interval_seconds: needs a top-level `notional:` "
                             "with the quote currency")
@@ -338,6 +373,17 @@ def _notional_problems(settings: ExporterSettings) -> list[str]:
             problems.append(f"{where}.min_available_notional: needs a top-level `notional:` "
                             "with the quote currency")
     return problems
+
+
+def _allow_list_problems(settings: ExporterSettings) -> list[str]:
+    """An account's allow-list interval needs the networks, which only `approved_addresses:`
+    gives."""
+    if settings.approved_addresses is not None:
+        return []
+    return [f"{where}.approved_addresses_interval_seconds: needs a top-level "
+            "`approved_addresses:` with the networks"
+            for where, options in _account_options(settings)
+            if options.approved_addresses_interval_seconds]
 
 
 def config_warnings(settings: ExporterSettings) -> list[str]:

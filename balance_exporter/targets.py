@@ -6,7 +6,8 @@ polled, so `--config.check` can show it and the scheduler, the store and the exp
 from the same targets. It is made again whenever a listing changes what a key polls.
 
 The budget rule: a key's requests per second are the sum, over every request stream it has (each
-account's balances, notional and staking polls, and the key's listing), of 1 / interval. When
+account's balances, notional and staking polls, each of its networks' withdrawal allow-lists,
+and the key's listing and roles), of 1 / interval. When
 that is more than the key's `requests_per_second`, every interval of the key is multiplied by
 the same factor, demand / requests_per_second; a shared `gemini.requests_per_second` stretches
 every key by total demand / shared rate when that is larger.
@@ -14,9 +15,9 @@ every key by total demand / shared rate when that is larger.
 
 import enum
 import fnmatch
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:  # types only: the store and exposition import targets, not pydantic
     from balance_exporter.config import AccountOptions, AccountSettings, Config, DiscoverSettings
@@ -31,6 +32,25 @@ class Endpoint(enum.Enum):
 
 
 _ENDPOINT_INDEX = {endpoint: index for index, endpoint in enumerate(Endpoint)}
+
+
+@dataclass(frozen=True, slots=True)
+class AllowList:
+    """One network's withdrawal allow-list of an account (/v1/approvedAddresses): a request
+    stream of its own for each (account, network)."""
+
+    network: str
+    # What the stream is called in logs, stamps and scheduling, as Endpoint's values are.
+    value: ClassVar[str] = "approved_addresses"
+
+    @property
+    def stamp_name(self) -> str:
+        """Its stamps' name: each network's replies are compared with their own."""
+        return f"{self.value}/{self.network}"
+
+
+# A request stream of one account.
+AccountStream = Endpoint | AllowList
 
 # The share of a budget the plan fills. The rest absorbs what no plan foresees (retries after
 # failures, a listing that adds accounts, requests that had to wait for a slow one), so that
@@ -74,6 +94,9 @@ class AccountTarget:
     notional_interval_seconds: float | None = None
     staking_interval_seconds: float | None = None
     min_available_notional: float | None = None
+    # The networks whose withdrawal allow-lists are read, and how often (None: none are).
+    allow_list_networks: tuple[str, ...] = ()
+    allow_list_interval_seconds: float | None = None
     # From the key's listing, when it has one that shows the account.
     display_name: str = ""
     discovered: bool = False
@@ -90,12 +113,39 @@ class AccountTarget:
         object.__setattr__(self, "identities", tuple(
             self._identity(endpoint) for endpoint in Endpoint))
 
-    def interval_for(self, endpoint: Endpoint) -> float | None:
+    def interval_for(self, endpoint: AccountStream) -> float | None:
         if endpoint is Endpoint.BALANCES:
             return self.interval_seconds
         if endpoint is Endpoint.NOTIONAL:
             return self.notional_interval_seconds
-        return self.staking_interval_seconds
+        if endpoint is Endpoint.STAKING:
+            return self.staking_interval_seconds
+        return self.allow_list_interval_seconds if endpoint in self.allow_lists else None
+
+    @property
+    def allow_lists(self) -> tuple[AllowList, ...]:
+        """The allow-list streams read for the account."""
+        if self.allow_list_interval_seconds is None:
+            return ()
+        return tuple(AllowList(network) for network in self.allow_list_networks)
+
+    def streams(self) -> Iterator[tuple[AccountStream, float]]:
+        """Every request stream polled for the account, with its interval."""
+        for endpoint in Endpoint:
+            interval = self.interval_for(endpoint)
+            if interval is not None:
+                yield endpoint, interval
+        if self.allow_list_interval_seconds is not None:
+            for allow_list in self.allow_lists:
+                yield allow_list, self.allow_list_interval_seconds
+
+    @property
+    def allow_list_identity(self) -> tuple[object, ...] | None:
+        """What must stay the same for the allow-lists' state to carry over a new plan (each
+        network's on its own: a network that stays keeps its state); None when none is read."""
+        if self.allow_list_interval_seconds is None:
+            return None
+        return (self.label, self.key_id, self.gemini_account)
 
     @property
     def owner(self) -> tuple[str, str | None]:
@@ -173,6 +223,11 @@ def _target(
     if notional is not None:
         configured = options.notional_interval_seconds
         notional_interval = notional.interval_seconds if configured is None else configured
+    allow_lists = config.settings.approved_addresses
+    allow_list_interval = None
+    if allow_lists is not None:
+        configured = options.approved_addresses_interval_seconds
+        allow_list_interval = allow_lists.interval_seconds if configured is None else configured
     return AccountTarget(
         label=label,
         key_name=key_name,
@@ -185,6 +240,8 @@ def _target(
         notional_interval_seconds=_positive(notional_interval),
         staking_interval_seconds=_positive(options.staking_interval_seconds),
         min_available_notional=options.min_available_notional,
+        allow_list_networks=tuple(allow_lists.networks) if allow_lists is not None else (),
+        allow_list_interval_seconds=_positive(allow_list_interval),
         display_name=listed.display_name if listed is not None else "",
         discovered=discovered,
         key_id=config.credentials[key_name].key_id,
@@ -204,9 +261,8 @@ def _demand(targets: Iterable[AccountTarget], listing_interval: float | None,
     total = pages / listing_interval if listing_interval else 0.0
     total += 1 / roles_interval if roles_interval else 0.0
     for target in targets:
-        for endpoint in Endpoint:
-            interval = target.interval_for(endpoint)
-            total += 1 / interval if interval else 0.0
+        for _, interval in target.streams():
+            total += 1 / interval
     return total
 
 
@@ -225,6 +281,8 @@ def _stretched(target: AccountTarget, factor: float) -> AccountTarget:
                                    if target.notional_interval_seconds else None),
         staking_interval_seconds=(_times(target.staking_interval_seconds, factor)
                                   if target.staking_interval_seconds else None),
+        allow_list_interval_seconds=(_times(target.allow_list_interval_seconds, factor)
+                                     if target.allow_list_interval_seconds else None),
     )
 
 

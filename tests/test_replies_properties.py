@@ -17,6 +17,7 @@ from balance_exporter.gemini.replies import (
     BalanceReply,
     ReplyRules,
     parse_account_list,
+    parse_approved_addresses,
     parse_balances_reply,
     parse_notional_reply,
     parse_roles,
@@ -95,6 +96,7 @@ TREASURY_PARSERS: dict[str, Callable[[bytes], object]] = {
     "notional": lambda body: parse_notional_reply(body, RULES, NOW_NS, "USD"),
     "staking": lambda body: parse_staking_reply(body, RULES, NOW_NS),
     "account_list": parse_account_list,
+    "approved_addresses": lambda body: parse_approved_addresses(body, RULES, NOW_NS),
 }
 treasury_fields = st.sampled_from([
     "currency", "amountNotional", "availableNotional", "availableForWithdrawalNotional",
@@ -183,3 +185,30 @@ def test_a_role_is_held_only_when_the_reply_says_true(reply: dict[str, object]) 
         "trader": reply["isTrader"], **({} if admin is None else {"account_admin": admin})}
     assert set(roles.beyond_auditor) == {role for role, held in roles.held().items()
                                          if held and role != "auditor"}
+
+
+# Allow-list entries as Gemini's, with any value in any field.
+allow_list_fields = st.sampled_from(["network", "scope", "label", "status", "createdAt",
+                                     "address"])
+allow_list_entries = st.dictionaries(
+    allow_list_fields, json_values | st.sampled_from([
+        "account", "group", "active", "pending-time", "pending-mua", "1700000000000", "bc1q"]),
+    max_size=6)
+
+
+@given(st.lists(allow_list_entries, max_size=8) | json_values)
+def test_an_allow_list_of_any_entries_is_read_whole_or_refused(listed: object) -> None:
+    """Never more entries counted than were sent, each one as sent, and its labels bounded."""
+    body = json.dumps({"approvedAddresses": listed}).encode()
+    try:
+        reply = parse_approved_addresses(body, RULES, NOW_NS)
+    except MalformedReply:
+        return
+    assert isinstance(listed, list)
+    assert len(reply.entries) == len(listed)
+    for entry, sent in zip(reply.entries, listed, strict=True):
+        assert entry.address == sent["address"]
+        assert entry.address
+        assert entry.scope in ("account", "group", "other")
+        assert entry.status in ("active", "pending_time", "pending_mua", "other")
+        assert entry.created_ms is None or 0 <= entry.created_ms <= MAX_CREATED_MS

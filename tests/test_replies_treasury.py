@@ -1,5 +1,5 @@
-"""The notional, staking and account-list parsers: the balances rules hold for each (strict
-numbers, one bad row rejects the reply, stamps in both forms, future stamps refused)."""
+"""The notional, staking, account-list and allow-list parsers: the balances rules hold for each
+(strict numbers, one bad row rejects the reply, stamps in both forms, future stamps refused)."""
 
 import json
 from decimal import Decimal
@@ -8,10 +8,13 @@ import pytest
 
 from balance_exporter.gemini.errors import MalformedReply
 from balance_exporter.gemini.replies import (
+    MAX_APPROVED_ADDRESSES,
     MAX_PROVIDERS_PER_ROW,
     MAX_ROWS,
+    ApprovedAddress,
     ReplyRules,
     parse_account_list,
+    parse_approved_addresses,
     parse_notional_reply,
     parse_staking_reply,
 )
@@ -181,3 +184,63 @@ def test_listing_limits_hold_at_and_just_past_the_bound() -> None:
     assert len(parse_account_list(json.dumps(rows).encode()).accounts) == MAX_ROWS
     with pytest.raises(MalformedReply):
         parse_account_list(json.dumps([*rows, {"account": "one-more"}]).encode())
+
+
+def allow_list(*entries: object, **extra: object) -> bytes:
+    return json.dumps({"approvedAddresses": list(entries), **extra}).encode()
+
+
+def entry(address: object = "bc1qcold", **fields: object) -> dict[str, object]:
+    return {"network": "bitcoin", "scope": "account", "label": "Cold", "status": "active",
+            "createdAt": "1700000000000", "address": address, **fields}
+
+
+def test_allow_list_entries_keep_scope_status_label_address_and_creation() -> None:
+    reply = parse_approved_addresses(allow_list(
+        entry(),
+        entry("0xgroup", scope="group", status="pending-time", label="Desk",
+              createdAt=1_700_000_100_000),
+        entry("held", status="pending-mua", createdAt=None),
+        entry("odd", scope="team", status="frozen", label=7),
+        {"address": "bare"},  # every field but the address may be left out
+    ), RULES, NOW_NS)
+    assert reply.entries == (
+        ApprovedAddress("account", "active", "bc1qcold", "Cold", 1_700_000_000_000),
+        ApprovedAddress("group", "pending_time", "0xgroup", "Desk", 1_700_000_100_000),
+        ApprovedAddress("account", "pending_mua", "held", "Cold", None),
+        ApprovedAddress("other", "other", "odd", "", 1_700_000_000_000),
+        ApprovedAddress("other", "other", "bare", "", None),
+    )
+    assert reply.server_timestamp_ns is None
+
+
+@pytest.mark.parametrize("bad", [
+    [entry()],  # not the documented object
+    {"addresses": [entry()]}, {"approvedAddresses": {"0": entry()}},
+    {"approvedAddresses": [entry(address="")]}, {"approvedAddresses": [entry(address=None)]},
+    {"approvedAddresses": [{"label": "no address"}]}, {"approvedAddresses": ["bc1q"]},
+    {"approvedAddresses": [entry(createdAt="yesterday")]},
+    {"approvedAddresses": [entry(createdAt=-1)]},
+    {"approvedAddresses": [entry(createdAt=1.5)]},
+    {"approvedAddresses": [entry(createdAt=str(10**15))]},
+], ids=["a list", "no approvedAddresses", "a mapping", "empty address", "null address",
+        "no address", "a string entry", "words for createdAt", "negative createdAt",
+        "fractional createdAt", "createdAt past any time"])
+def test_a_malformed_allow_list_is_refused_whole(bad: object) -> None:
+    with pytest.raises(MalformedReply):
+        parse_approved_addresses(json.dumps(bad).encode(), RULES, NOW_NS)
+
+
+def test_allow_list_limits_hold_at_and_just_past_the_bound() -> None:
+    entries = [entry(f"a{i}") for i in range(MAX_APPROVED_ADDRESSES)]
+    assert len(parse_approved_addresses(allow_list(*entries), RULES, NOW_NS).entries) == (
+        MAX_APPROVED_ADDRESSES)
+    with pytest.raises(MalformedReply, match="more than the 10000"):
+        parse_approved_addresses(allow_list(*entries, entry("one-more")), RULES, NOW_NS)
+
+
+def test_an_allow_list_stamp_is_read_and_one_from_the_future_refused() -> None:
+    assert parse_approved_addresses(allow_list(entry(), _timestamp=ISO_STAMP), RULES, NOW_NS
+                                    ).server_timestamp_ns == STAMP_NS
+    with pytest.raises(MalformedReply, match="ahead of this host's clock"):
+        parse_approved_addresses(allow_list(_timestamp=NOW_NS + 3600 * 10**9), RULES, NOW_NS)

@@ -6,6 +6,7 @@ import pytest
 from balance_exporter.config import Config, build_config
 from balance_exporter.targets import (
     PLANNED_SHARE,
+    Endpoint,
     ListedAccount,
     listing_pages,
     matches,
@@ -165,6 +166,41 @@ def test_every_request_stream_of_a_key_counts_against_its_budget() -> None:
                                 t.staking_interval_seconds) if interval)
     assert used + 1 / key_plan.listing_interval_seconds + (
         1 / (3600 * demand / budget)) == pytest.approx(budget, rel=1e-5)
+
+
+ALLOW_LISTS = {**TREASURY, "approved_addresses": {"networks": ["bitcoin", "ethereum", "solana"]}}
+
+
+def test_each_network_of_an_account_is_a_stream_of_the_budget() -> None:
+    # Per account 1/30 + 1/300 + 1/300, and three allow-lists at the default 900 s; primary
+    # reads its two networks every 60 s instead.
+    document = {**ALLOW_LISTS, "accounts": [
+        {"key": "t", "account": "primary", "approved_addresses_interval_seconds": 60}]}
+    current = plan(build_config(document, {}), {"t": [listed(f"a{i:03d}") for i in range(200)]})
+    key_plan = current.keys["t"]
+    demand = (201 * (1 / 30 + 2 / 300) + 200 * 3 / 900 + 3 / 60 + 1 / 900 + ROLES)
+    budget = 5 * PLANNED_SHARE
+    assert key_plan.stretch == pytest.approx(demand / budget)
+    primary, discovered = current.targets[:2]
+    assert primary.allow_list_interval_seconds == pytest.approx(60 * demand / budget)
+    assert discovered.allow_list_interval_seconds == pytest.approx(900 * demand / budget)
+    assert [allow_list.network for allow_list in discovered.allow_lists] == [
+        "bitcoin", "ethereum", "solana"]
+    assert sum(1 / interval for target in current.targets
+               for _, interval in target.streams()) + 1 / 900 / (demand / budget) + (
+        1 / 3600 / (demand / budget)) == pytest.approx(budget, rel=1e-5)
+
+
+def test_zero_turns_an_accounts_allow_lists_off_and_without_the_section_none_are_read() -> None:
+    document = {**ALLOW_LISTS, "accounts": [
+        {"key": "t", "account": "primary", "approved_addresses_interval_seconds": 0}]}
+    (primary,) = plan_targets(build_config(document, {}))
+    assert (primary.allow_lists, primary.allow_list_identity) == ((), None)
+    assert [stream for stream, _ in primary.streams()] == [
+        Endpoint.BALANCES, Endpoint.NOTIONAL, Endpoint.STAKING]
+    (primary,) = plan_targets(build_config(TREASURY, {}))
+    assert primary.allow_lists == ()
+    assert primary.allow_list_interval_seconds is None
 
 
 def test_matches_uses_case_sensitive_shell_patterns() -> None:

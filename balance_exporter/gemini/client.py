@@ -35,6 +35,7 @@ BALANCES_PATH = "/v1/balances"
 STAKING_PATH = "/v1/balances/staking"
 ACCOUNT_LIST_PATH = "/v1/account/list"
 ROLES_PATH = "/v1/roles"
+APPROVED_ADDRESSES_PATH = "/v1/approvedAddresses/account"
 # Gemini's maximum a page.
 LIST_ACCOUNTS_LIMIT = LISTING_PAGE_ROWS
 DEFAULT_MAX_REPLY_BYTES = 4 * 1024 * 1024
@@ -72,6 +73,12 @@ def notional_request(account: str | None, quote_currency: str) -> PrivateRequest
 
 def staking_request(account: str | None) -> PrivateRequest:
     return _for_account(STAKING_PATH, account)
+
+
+def approved_addresses_request(account: str | None, network: str) -> PrivateRequest:
+    """One network's withdrawal allow-list of the account (the network is a lower-case word:
+    the config allows nothing else into the path)."""
+    return _for_account(f"{APPROVED_ADDRESSES_PATH}/{network}", account)
 
 
 def roles_request() -> PrivateRequest:

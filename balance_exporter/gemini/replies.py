@@ -1,5 +1,6 @@
 """Parsing and validating the replies of the polled endpoints: `/v1/balances`,
-`/v1/notionalbalances/{currency}`, `/v1/balances/staking` and `/v1/account/list`.
+`/v1/notionalbalances/{currency}`, `/v1/balances/staking`, `/v1/approvedAddresses`, `/v1/roles`
+and `/v1/account/list`.
 
 Amounts go JSON text -> Decimal -> floored to the currency's precision -> float, never through
 float first, so a value like "0.1000000000000000055" cannot round up past what the account holds.
@@ -93,7 +94,17 @@ class StakingBalance(NamedTuple):
     by_provider: tuple[tuple[str, float], ...] = ()
 
 
-RowT = TypeVar("RowT", CurrencyBalance, NotionalBalance, StakingBalance)
+class AllowListCount(NamedTuple):
+    """How many entries of a withdrawal allow-list have a scope and status (label values)."""
+
+    scope: str
+    status: str
+    entries: int
+
+
+RowT = TypeVar("RowT", CurrencyBalance, NotionalBalance, StakingBalance, AllowListCount)
+# The rows of the per-currency endpoints.
+CurrencyRowT = TypeVar("CurrencyRowT", CurrencyBalance, NotionalBalance, StakingBalance)
 
 
 # No slots: a slotted generic dataclass cannot be built through its alias (BalanceReply).
@@ -134,6 +145,41 @@ class KeyRoles:
     def beyond_auditor(self) -> list[str]:
         """The roles held that can trade or move funds (any but Auditor)."""
         return [role for role, held in self.held().items() if held and role != "auditor"]
+
+
+# An allow-list entry's scope and status as label values: Gemini's, or "other".
+APPROVED_ADDRESS_SCOPES = ("account", "group")
+APPROVED_ADDRESS_STATUSES = {"active": "active", "pending-time": "pending_time",
+                             "pending-mua": "pending_mua"}
+OTHER = "other"
+# Far above any real allow-list; a longer one is no list of ours.
+MAX_APPROVED_ADDRESSES = 10_000
+
+
+class ApprovedAddress(NamedTuple):
+    """One entry of a withdrawal allow-list. The address and label are kept for the audit log
+    and never become label values."""
+
+    scope: str  # account, group or other
+    status: str  # active, pending_time, pending_mua or other
+    address: str
+    label: str
+    created_ms: int | None  # None when the entry has no createdAt
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        """What makes an entry the same one in the next list: Gemini lists an address once
+        per scope."""
+        return (self.scope, self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class AllowListReply:
+    """A network's withdrawal allow-list, as one reply gave it, in the order sent."""
+
+    entries: tuple[ApprovedAddress, ...]
+    # A top-level `_timestamp`, if the reply has one (Gemini documents none here).
+    server_timestamp_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +309,7 @@ def _floored_fields(
     return [_floored(_decimal_field(row, field, index), currency, precision) for field in fields]
 
 
-RowParser = Callable[[object, int], tuple[RowT, int]]
+RowParser = Callable[[object, int], tuple[CurrencyRowT, int]]
 
 
 def _balance_row(precision: Precision) -> RowParser[CurrencyBalance]:
@@ -343,11 +389,11 @@ def _array(body: bytes, what: str) -> list[object]:
 
 
 def _parse_rows(
-    body: bytes, rules: ReplyRules, now_ns: int, what: str, parse_row: RowParser[RowT],
-) -> ParsedReply[RowT]:
+    body: bytes, rules: ReplyRules, now_ns: int, what: str, parse_row: RowParser[CurrencyRowT],
+) -> ParsedReply[CurrencyRowT]:
     """The rules every per-account reply meets: an array of one row per currency, any bad row
     makes it malformed, its stamp is the largest `_timestamp` and may not be from the future."""
-    rows: list[RowT] = []
+    rows: list[CurrencyRowT] = []
     stamps: list[int] = []
     seen: set[str] = set()
     account_types: set[str] = set()
@@ -395,6 +441,49 @@ def parse_staking_reply(body: bytes, rules: ReplyRules, now_ns: int) -> ParsedRe
     """A /v1/balances/staking reply. Its rows' `type` is "Staking", never an account type."""
     reply = _parse_rows(body, rules, now_ns, "staking balances", _staking_row(rules.precision))
     return ParsedReply(reply.rows, reply.server_timestamp_ns, None, reply.skipped_entries)
+
+
+def parse_approved_addresses(body: bytes, rules: ReplyRules, now_ns: int) -> AllowListReply:
+    """A /v1/approvedAddresses/account/{network} reply: an object whose `approvedAddresses` is
+    a list of at most MAX_APPROVED_ADDRESSES entries, each with an `address` and, if it has
+    one, a readable `createdAt` (milliseconds, a string as Gemini sends it, or a number). A
+    list is used whole or not at all: an entry read wrongly could hide an added address."""
+    document = _load_json(body)
+    if not isinstance(document, dict):
+        raise MalformedReply(f"expected a JSON object with approvedAddresses, got "
+                             f"{type(document).__name__}")
+    listed = document.get("approvedAddresses")
+    if not isinstance(listed, list):
+        raise MalformedReply(f"approvedAddresses is {_shown(listed)}, expected a list")
+    if len(listed) > MAX_APPROVED_ADDRESSES:
+        raise MalformedReply(f"{len(listed)} approved addresses, more than the "
+                             f"{MAX_APPROVED_ADDRESSES} a list may have")
+    entries = tuple(_approved_address(entry, index) for index, entry in enumerate(listed))
+    stamp = None
+    if "_timestamp" in document:
+        stamp = parse_timestamp_ns(document["_timestamp"])
+        _check_not_from_the_future(stamp, now_ns, rules)
+    return AllowListReply(entries, stamp)
+
+
+def _approved_address(entry: object, index: int) -> ApprovedAddress:
+    if not isinstance(entry, dict):
+        raise MalformedReply(f"entry {index} is {type(entry).__name__}, expected an object")
+    address = entry.get("address")
+    if not isinstance(address, str) or not address:
+        raise MalformedReply(f"entry {index}: address {_shown(address)} is not an address")
+    created = entry.get("createdAt")
+    created_ms = None if created is None else _created_ms(created)
+    if created is not None and created_ms is None:
+        raise MalformedReply(f"entry {index}: createdAt {_shown(created)} is not milliseconds")
+    scope, status, label = entry.get("scope"), entry.get("status"), entry.get("label")
+    return ApprovedAddress(
+        scope=scope if scope in APPROVED_ADDRESS_SCOPES else OTHER,
+        status=APPROVED_ADDRESS_STATUSES.get(status, OTHER) if isinstance(status, str) else OTHER,
+        address=address,
+        label=label if isinstance(label, str) else "",
+        created_ms=created_ms,
+    )
 
 
 def _known(value: object, known: tuple[str, ...]) -> str:
@@ -453,6 +542,7 @@ def parse_account_list(body: bytes) -> AccountListing:
             account_type=_known(row.get("type"), ACCOUNT_TYPES),
             status=_known(row.get("status"), ACCOUNT_STATUSES),
         ))
+        # It matters only to ask for the next page: a page without it cannot be paged past.
         created = _created_ms(row.get("created"))
         if created is not None:
             oldest = created if oldest is None else min(oldest, created)
@@ -460,9 +550,9 @@ def parse_account_list(body: bytes) -> AccountListing:
 
 
 def _created_ms(value: object) -> int | None:
-    """A listing row's `created`, whole milliseconds: a JSON number as the spec has it, or a
-    string of digits as Gemini sends other times; None for anything else. It matters only to
-    ask for the next page, and a page without it cannot be paged past."""
+    """A creation time in whole milliseconds (a listing row's `created`, an allow-list entry's
+    `createdAt`): a JSON number, or a string of digits as Gemini sends some times; None for
+    anything else."""
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 15:
         value = Decimal(value)
     if (isinstance(value, Decimal) and value.is_finite()
