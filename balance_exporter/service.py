@@ -22,7 +22,7 @@ from balance_exporter.heap import burst_frozen, collect_garbage_regularly
 from balance_exporter.logging import redactor
 from balance_exporter.scheduler import Clock, Scheduler, SystemClock
 from balance_exporter.server import WebOptions, WebServer
-from balance_exporter.storage import StatePersister, load_stamps
+from balance_exporter.storage import StatePersister, load_state
 from balance_exporter.store import BalanceStore
 
 log = structlog.get_logger("balance_exporter.service")
@@ -41,7 +41,7 @@ class Service:
         self.config_path = config_path
         self._clock = clock or SystemClock()
         key_ids = {name: key.key_id for name, key in config.credentials.items()}
-        restored = (load_stamps(storage_path, int(self._clock.wall() * 1e9),
+        restored = (load_state(storage_path, int(self._clock.wall() * 1e9),
                                 config.settings.gemini.max_timestamp_skew_seconds, key_ids)
                     if storage_path is not None else [])
         self.store = BalanceStore(restored)

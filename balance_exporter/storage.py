@@ -1,19 +1,24 @@
-"""`--storage.path`: the last accepted `_timestamp` per (key, Gemini account, endpoint), kept
-across restarts.
+"""`--storage.path`: what the ledger remembers of each (key, Gemini account), kept across
+restarts: the last accepted `_timestamp` per stream, and a digest of each entry of each network's
+last good withdrawal allow-list.
 
 Without it, the first reply after a restart is accepted whatever its stamp, so a stale server
-could win once. The file holds every stamp the store's ledger keeps, those of accounts that are
-not planned right now included (a discovering key that has not listed since the start, an
-account that left the plan a while ago): a save made before the first listing must not forget
-them. It is written atomically (a new temporary file, fsync, rename) whenever a stamp moved, at
+could win once, and the first allow-list after a restart is a baseline, so an address added
+while the exporter was stopped would never count. The file holds everything the store's ledger
+keeps, accounts that are not planned right now included (a discovering key that has not listed
+since the start, an account that left the plan a while ago): a save made before the first
+listing must not forget them. Allow-list entries are kept as a digest of (scope, address) with
+their scope and status, never their addresses or labels.
+
+It is written atomically (a new temporary file, fsync, rename) whenever the ledger moved, at
 most every few seconds and at stop; it is read at start. An unreadable, odd or corrupt file is
-a warning and a clean start, never a reason not to start: the stamps only ever make the
-exporter stricter.
+a warning and a clean start, never a reason not to start.
 """
 
 import asyncio
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,26 +26,38 @@ from typing import Any
 import structlog
 
 from balance_exporter.files import read_regular_file, write_private_file
-from balance_exporter.store import BalanceStore, SavedStamp
-from balance_exporter.targets import Endpoint
+from balance_exporter.gemini.replies import (
+    APPROVED_ADDRESS_SCOPES,
+    APPROVED_ADDRESS_STATUSES,
+    OTHER,
+)
+from balance_exporter.ledger import SavedAccount
+from balance_exporter.store import BalanceStore
+from balance_exporter.targets import AllowList, Endpoint
 
 log = structlog.get_logger("balance_exporter.storage")
 
 STATE_FILE_NAME = "state.json"
-# Version 1 kept the balances stamp per account label, version 2 every endpoint's; both are
-# still read. Version 3 keeps them per (key, account), with when an account left the plan.
-STATE_VERSION = 3
+# Version 1 kept the balances stamp per account label, version 2 every endpoint's, version 3
+# them per (key, account) with when an account left the plan; all are still read. Version 4
+# adds the allow-lists' digests.
+STATE_VERSION = 4
 SAVE_EVERY_SECONDS = 5.0
 # A state file of a million accounts is no state file of ours.
 MAX_STATE_BYTES = 64 * 1024 * 1024
 ENDPOINTS = frozenset(endpoint.value for endpoint in Endpoint)
+_ALLOW_LIST_STREAM = re.compile(rf"{AllowList.value}/[a-z0-9]{{1,32}}", re.ASCII)
+_NETWORK = re.compile(r"[a-z0-9]{1,32}", re.ASCII)
+_DIGEST = re.compile(r"[0-9a-f]{32}", re.ASCII)
+_SCOPES = frozenset((*APPROVED_ADDRESS_SCOPES, OTHER))
+_STATUSES = frozenset((*APPROVED_ADDRESS_STATUSES.values(), OTHER))
 # Nanoseconds since 1970 fit in a signed 64-bit integer until 2262: a larger stamp is no stamp.
 MAX_STAMP_NS = 2**63 - 1
 
 
-def load_stamps(
+def load_state(
     directory: Path, now_ns: int, max_skew_seconds: float, key_ids: Mapping[str, str],
-) -> list[SavedStamp]:
+) -> list[SavedAccount]:
     """The stamps saved in `directory`; [] (and a warning) if there are none that can be used.
     Files of versions 1 and 2 name keys by their entries' names: `key_ids` (name to API key
     identity) translates them, and a stamp of a key no longer configured is dropped.
@@ -61,11 +78,11 @@ def load_stamps(
     limit = now_ns + int(max_skew_seconds * 1e9) if max_skew_seconds > 0 else MAX_STAMP_NS
     usable = []
     for entry in entries:
-        stamp = _saved_stamp(entry)
-        if stamp is not None and max(stamp.stamps.values()) <= limit:
-            usable.append(stamp)
+        saved = _saved_account(entry)
+        if saved is not None and max(saved.stamps.values(), default=0) <= limit:
+            usable.append(saved)
     if len(usable) < len(entries):
-        log.warning("saved stamps ignored (from the future, or malformed)",
+        log.warning("saved accounts ignored (stamps from the future, or malformed)",
                     ignored=len(entries) - len(usable), path=str(path))
     return usable
 
@@ -74,7 +91,7 @@ def _entries(document: Any, key_ids: Mapping[str, str]) -> list[Any]:
     """The file's entries, each a mapping with `key` (an API key identity), `account` and stamps
     (not yet checked)."""
     version = document.get("version") if isinstance(document, dict) else None
-    if version == STATE_VERSION:
+    if version in (3, STATE_VERSION):
         entries = document["stamps"]
         if isinstance(entries, list):
             return entries
@@ -82,7 +99,7 @@ def _entries(document: Any, key_ids: Mapping[str, str]) -> list[Any]:
         accounts = document["accounts"]
         if isinstance(accounts, dict):
             return [_by_key_id(entry, key_ids) for entry in accounts.values()]
-    raise ValueError(f"not a version {STATE_VERSION} (or 1, 2) state file")
+    raise ValueError(f"not a version {STATE_VERSION} (or 1, 2, 3) state file")
 
 
 def _by_key_id(entry: object, key_ids: Mapping[str, str]) -> object:
@@ -101,7 +118,32 @@ def _stamp(value: object) -> int | None:
     return None
 
 
-def _saved_stamp(entry: object) -> SavedStamp | None:
+def _stream_name(name: object) -> bool:
+    return name in ENDPOINTS or (isinstance(name, str)
+                                 and _ALLOW_LIST_STREAM.fullmatch(name) is not None)
+
+
+def _allow_lists(raw: object) -> dict[str, dict[str, tuple[str, str]]] | None:
+    """An entry's `approved_addresses`: network to entry digest to [scope, status]; None when
+    any part of it is not what this exporter writes."""
+    if not isinstance(raw, dict):
+        return None
+    allow_lists: dict[str, dict[str, tuple[str, str]]] = {}
+    for network, entries in raw.items():
+        if not _NETWORK.fullmatch(network) or not isinstance(entries, dict):
+            return None
+        known: dict[str, tuple[str, str]] = {}
+        for digest, pair in entries.items():
+            if not (_DIGEST.fullmatch(digest) and isinstance(pair, list) and len(pair) == 2
+                    and all(isinstance(part, str) for part in pair)
+                    and pair[0] in _SCOPES and pair[1] in _STATUSES):
+                return None
+            known[digest] = (pair[0], pair[1])
+        allow_lists[network] = known
+    return allow_lists
+
+
+def _saved_account(entry: object) -> SavedAccount | None:
     """One entry, or None when any part of it is not what this exporter writes."""
     if not isinstance(entry, dict):
         return None
@@ -110,8 +152,10 @@ def _saved_stamp(entry: object) -> SavedStamp | None:
         raw: object = {"balances": entry["server_timestamp_ns"]}
     else:
         raw = entry.get("server_timestamps_ns")
+    allow_lists = _allow_lists(entry.get("approved_addresses", {}))
     if not isinstance(key, str) or not (account is None or isinstance(account, str)) or not (
-            isinstance(raw, dict) and raw and raw.keys() <= ENDPOINTS):
+            isinstance(raw, dict) and all(map(_stream_name, raw))) or allow_lists is None or not (
+            raw or allow_lists):
         return None
     stamps = {}
     for name, value in raw.items():
@@ -123,21 +167,23 @@ def _saved_stamp(entry: object) -> SavedStamp | None:
                                        and not isinstance(gone_since, bool)
                                        and math.isfinite(gone_since)):
         return None
-    return SavedStamp(key, account, stamps, gone_since)
+    return SavedAccount(key, account, stamps, gone_since, allow_lists)
 
 
-def save_stamps(directory: Path, stamps: Iterable[SavedStamp]) -> None:
+def save_state(directory: Path, accounts: Iterable[SavedAccount]) -> None:
     """Replace the state file atomically, readable by its owner only."""
     document = {"version": STATE_VERSION, "stamps": [
-        {"key": stamp.key_id, "account": stamp.gemini_account,
-         "server_timestamps_ns": dict(stamp.stamps), "gone_since": stamp.gone_since}
-        for stamp in stamps]}
+        {"key": saved.key_id, "account": saved.gemini_account,
+         "server_timestamps_ns": dict(saved.stamps), "gone_since": saved.gone_since,
+         "approved_addresses": {network: {digest: list(pair) for digest, pair in entries.items()}
+                                for network, entries in saved.allow_lists.items()}}
+        for saved in accounts]}
     directory.mkdir(parents=True, exist_ok=True)
     write_private_file(directory / STATE_FILE_NAME, json.dumps(document, separators=(",", ":")))
 
 
 class StatePersister:
-    """Saves the store's stamps whenever they moved: every few seconds, and once more at stop."""
+    """Saves the store's ledger whenever it moved: every few seconds, and once more at stop."""
 
     def __init__(
         self, store: BalanceStore, directory: Path, on_failure: Callable[[], None]
@@ -148,15 +194,15 @@ class StatePersister:
         self._saved_version: int | None = None
 
     async def save_if_changed(self) -> None:
-        version = self._store.stamps.version
+        version = self._store.ledger.version
         if version == self._saved_version:
             return
-        stamps = self._store.saved_stamps()
+        accounts = self._store.saved_accounts()
         try:
-            await asyncio.to_thread(save_stamps, self._directory, stamps)
+            await asyncio.to_thread(save_state, self._directory, accounts)
         except OSError as error:
             self._on_failure()
-            log.error("saving state failed; stamps are kept in memory and saved again later",
+            log.error("saving state failed; it is kept in memory and saved again later",
                       path=str(self._directory), error=str(error)[:200])
             return
         self._saved_version = version

@@ -7,7 +7,6 @@ one per endpoint: a notional reply is never compared with a balances reply's sta
 """
 
 import enum
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -15,6 +14,9 @@ from types import MappingProxyType
 from typing import Any, Generic
 
 from balance_exporter.gemini.replies import (
+    AllowListCount,
+    AllowListReply,
+    ApprovedAddress,
     CurrencyBalance,
     KeyRoles,
     NotionalBalance,
@@ -22,7 +24,14 @@ from balance_exporter.gemini.replies import (
     RowT,
     StakingBalance,
 )
-from balance_exporter.targets import AccountTarget, Endpoint, ListedAccount
+from balance_exporter.ledger import (
+    AccountLedger,
+    AllowListMemory,
+    KnownEntry,
+    SavedAccount,
+    entry_digest,
+)
+from balance_exporter.targets import AccountTarget, AllowList, Endpoint, ListedAccount
 
 DEFAULT_ACCOUNT_TYPE = "exchange"
 # How many accounts `BalanceStore.configuring` prepares between two pauses.
@@ -107,16 +116,100 @@ class PollState(Generic[RowT]):
 
 
 @dataclass(frozen=True, slots=True)
+class AllowListState:
+    """What the polls of one network's withdrawal allow-list of an account gave. Its rows are
+    the entries' counts by scope and status, a pair seen in an earlier good list counted 0
+    once it is gone."""
+
+    poll: PollState[AllowListCount] = PollState()
+    # The newest `createdAt` of the last good list, in milliseconds.
+    newest_created_ms: int | None = None
+    # Entries (scope, address) that were not in the list before, since the account's state
+    # began (the baseline list counts none).
+    added: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AllowListChange:
+    """How a good allow-list differs from the one before, for the audit log."""
+
+    baseline: bool  # no list was known before: nothing counts as added
+    added: tuple[KnownEntry, ...] = ()
+    removed: tuple[KnownEntry, ...] = ()
+    # (before, after) of each entry whose status changed.
+    status_changed: tuple[tuple[KnownEntry, KnownEntry], ...] = ()
+
+
+def _allow_list_change(before: AllowListMemory | None,
+                       after: AllowListMemory) -> AllowListChange:
+    if before is None:
+        return AllowListChange(baseline=True)
+    return AllowListChange(
+        baseline=False,
+        added=tuple(entry for digest, entry in after.items() if digest not in before),
+        removed=tuple(entry for digest, entry in before.items() if digest not in after),
+        status_changed=tuple((before[digest], entry) for digest, entry in after.items()
+                             if digest in before and before[digest].status != entry.status))
+
+
+def _remembered(entries: tuple[ApprovedAddress, ...]) -> dict[str, KnownEntry]:
+    """The list by entry digest; an entry Gemini sends twice is the first of them."""
+    remembered: dict[str, KnownEntry] = {}
+    for entry in entries:
+        remembered.setdefault(entry_digest(entry.scope, entry.address),
+                              KnownEntry(entry.scope, entry.status, entry.label, entry.address))
+    return remembered
+
+
+def _counts(entries: tuple[ApprovedAddress, ...],
+            before: tuple[AllowListCount, ...]) -> tuple[AllowListCount, ...]:
+    """The entries by (scope, status), as sent, with every pair of `before` kept (at 0 if it
+    is gone): a series that vanished would read as "no data", not as "none left"."""
+    counts = dict.fromkeys(((row.scope, row.status) for row in before), 0)
+    for entry in entries:
+        pair = (entry.scope, entry.status)
+        counts[pair] = counts.get(pair, 0) + 1
+    return tuple(AllowListCount(scope, status, count)
+                 for (scope, status), count in sorted(counts.items()))
+
+
+def _no_allow_lists() -> Mapping[str, AllowListState]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
 class AccountSnapshot:
     target: AccountTarget
     balances: PollState[CurrencyBalance] = PollState()
     notional: PollState[NotionalBalance] = PollState()
     staking: PollState[StakingBalance] = PollState()
     account_type: str = DEFAULT_ACCOUNT_TYPE
+    # By network, for the networks whose lists were polled (see `allow_list`).
+    allow_lists: Mapping[str, AllowListState] = field(default_factory=_no_allow_lists)
 
     def poll(self, endpoint: Endpoint) -> PollState[Any]:
         state: PollState[Any] = getattr(self, endpoint.value)
         return state
+
+    def allow_list(self, network: str) -> AllowListState:
+        """The state of a network's allow-list (empty before its first poll)."""
+        return self.allow_lists.get(network) or _NO_ALLOW_LIST
+
+
+_NO_ALLOW_LIST = AllowListState()
+
+
+def _carried_allow_lists(previous: AccountSnapshot,
+                         target: AccountTarget) -> Mapping[str, AllowListState]:
+    """The allow-lists' states that are still `target`'s: none if they are another account's
+    (or label's) now, else those of the networks it still reads."""
+    if previous.target.allow_list_identity != target.allow_list_identity:
+        return _no_allow_lists()
+    networks = set(target.allow_list_networks)
+    if previous.allow_lists.keys() <= networks:
+        return previous.allow_lists
+    return MappingProxyType({network: state for network, state in previous.allow_lists.items()
+                             if network in networks})
 
 
 def _carried(previous: AccountSnapshot | None, target: AccountTarget) -> AccountSnapshot:
@@ -138,6 +231,7 @@ def _carried(previous: AccountSnapshot | None, target: AccountTarget) -> Account
         previous.notional if old_ids[1] == new_ids[1] else PollState(),
         previous.staking if old_ids[2] == new_ids[2] else PollState(),
         previous.account_type if old.owner == target.owner else DEFAULT_ACCOUNT_TYPE,
+        _carried_allow_lists(previous, target) if previous.allow_lists else previous.allow_lists,
     )
 
 
@@ -187,92 +281,8 @@ class KeyCounters:
     roles: RolesState = RolesState()
 
 
-# Who a stamp belongs to: (API key identity, Gemini account). Stamps are Gemini's, of one
-# account as seen through one API key, so they depend on no plan, label, setting or name.
-StampOwner = tuple[str, str | None]
-# An account that left the plan keeps its stamps this long after its leaving was confirmed (by
-# the config, or by a successful listing of its key): a reply of a stale server that comes
-# back with it is still refused.
-STAMP_RETENTION_SECONDS = 7 * 86400.0
-# At most this many accounts that left the plan keep their stamps (those gone longest are
-# forgotten first): a listing that churns accounts cannot grow the ledger without bound.
-MAX_ABSENT_STAMP_OWNERS = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class SavedStamp:
-    """An account's last accepted `_timestamp` per endpoint, as kept across plan changes and
-    restarts (`storage`)."""
-
-    key_id: str  # the API key's identity (Credentials.key_id)
-    gemini_account: str | None
-    # By endpoint value ("balances", "notional", "staking").
-    stamps: Mapping[str, int]
-    # Wall time since when the account is known to have left the plan; None while it is
-    # planned, or while its leaving is not confirmed (its key has not listed since a restart).
-    gone_since: float | None = None
-
-    @property
-    def owner(self) -> StampOwner:
-        return (self.key_id, self.gemini_account)
-
-
-class StampLedger:
-    """The last accepted stamp of every (key, Gemini account, endpoint), planned or not: the
-    staleness rule's memory, which outlives an account's absence from the plan, a change of its
-    settings or label, and (through `storage`) a restart."""
-
-    def __init__(self, saved: Iterable[SavedStamp] = (),
-                 wall_clock: Callable[[], float] = time.time) -> None:
-        self._stamps: dict[StampOwner, dict[str, int]] = {}
-        self._gone_since: dict[StampOwner, float] = {}
-        self._wall_clock = wall_clock
-        for entry in saved:
-            self._stamps[entry.owner] = dict(entry.stamps)
-            if entry.gone_since is not None:
-                self._gone_since[entry.owner] = entry.gone_since
-        # Moves on every change: the persister saves when it moved.
-        self.version = 0
-
-    def last(self, owner: StampOwner, endpoint: Endpoint) -> int | None:
-        stamps = self._stamps.get(owner)
-        return None if stamps is None else stamps.get(endpoint.value)
-
-    def accept(self, owner: StampOwner, endpoint: Endpoint, stamp: int) -> None:
-        stamps = self._stamps.setdefault(owner, {})
-        if stamps.get(endpoint.value) != stamp:
-            stamps[endpoint.value] = stamp
-            self.version += 1
-
-    def replan(self, planned: set[StampOwner], confirms_absence: Callable[[str], bool]) -> None:
-        """A new plan: its accounts are present; an account that left it is gone from when
-        `confirms_absence(key id)` says its key's plan would show it if it were there. Then
-        forget what is past STAMP_RETENTION_SECONDS, and past MAX_ABSENT_STAMP_OWNERS."""
-        now = self._wall_clock()
-        before = (set(self._stamps), dict(self._gone_since))
-        for owner in planned:
-            self._gone_since.pop(owner, None)
-        for owner in self._stamps.keys() - planned - self._gone_since.keys():
-            if confirms_absence(owner[0]):
-                self._gone_since[owner] = now
-        expired = [owner for owner, since in self._gone_since.items()
-                   if now - since > STAMP_RETENTION_SECONDS]
-        # Unconfirmed absences last: they may be accounts a failing listing has not shown yet.
-        absent = sorted(self._stamps.keys() - planned,
-                        key=lambda owner: self._gone_since.get(owner, math.inf))
-        for owner in [*expired, *absent[:max(0, len(absent) - MAX_ABSENT_STAMP_OWNERS)]]:
-            self._stamps.pop(owner, None)
-            self._gone_since.pop(owner, None)
-        if (set(self._stamps), self._gone_since) != before:
-            self.version += 1
-
-    def saved(self) -> list[SavedStamp]:
-        return [SavedStamp(*owner, dict(stamps), self._gone_since.get(owner))
-                for owner, stamps in self._stamps.items() if stamps]
-
-
 class BalanceStore:
-    def __init__(self, restored_stamps: Iterable[SavedStamp] = (),
+    def __init__(self, restored: Iterable[SavedAccount] = (),
                  wall_clock: Callable[[], float] = time.time) -> None:
         self._accounts: dict[str, AccountSnapshot] = {}
         self._keys: dict[str, KeyCounters] = {}
@@ -289,7 +299,7 @@ class BalanceStore:
         self._layout_version = 0
         # Every account's stamps, with those from before a restart: a reply older than its
         # account's is stale, as it would have been had the process not restarted.
-        self.stamps = StampLedger(restored_stamps, wall_clock)
+        self.ledger = AccountLedger(restored, wall_clock)
 
     def configure(
         self, targets: Iterable[AccountTarget], key_names: Iterable[str],
@@ -354,12 +364,16 @@ class BalanceStore:
             key = self._keys.get(names.get(key_id, key_id))
             return (key is None or key.discovery is None
                     or key.discovery.last_success_seconds is not None)
-        self.stamps.replan({snapshot.target.owner for snapshot in self._accounts.values()},
-                           confirms_absence)
+        planned: dict[tuple[str, str | None], set[str]] = {}
+        for snapshot in self._accounts.values():
+            networks = planned.setdefault(snapshot.target.owner, set())
+            if snapshot.target.allow_list_interval_seconds is not None:
+                networks.update(snapshot.target.allow_list_networks)
+        self.ledger.replan(planned, confirms_absence)
 
-    def saved_stamps(self) -> list[SavedStamp]:
+    def saved_accounts(self) -> list[SavedAccount]:
         """Every account's last accepted stamps, planned or not, to keep across a restart."""
-        return self.stamps.saved()
+        return self.ledger.saved()
 
     def _planned(
         self, label: str, endpoint: Endpoint, sent: AccountTarget | None
@@ -383,11 +397,11 @@ class BalanceStore:
             return ReplyVerdict.NOT_PLANNED
         owner = current.target.owner
         state, verdict = current.poll(endpoint).with_reply(
-            reply, duration_seconds, wall_seconds, self.stamps.last(owner, endpoint))
+            reply, duration_seconds, wall_seconds, self.ledger.last(owner, endpoint.value))
         changes: dict[str, Any] = {endpoint.value: state}
         if verdict is ReplyVerdict.ACCEPTED:
             if reply.server_timestamp_ns is not None:
-                self.stamps.accept(owner, endpoint, reply.server_timestamp_ns)
+                self.ledger.accept(owner, endpoint.value, reply.server_timestamp_ns)
             if endpoint is Endpoint.BALANCES:
                 changes["account_type"] = reply.account_type or current.account_type
         self._replace_account(label, replace(current, **changes))
@@ -403,6 +417,66 @@ class BalanceStore:
         changes: dict[str, Any] = {
             endpoint.value: current.poll(endpoint).with_failure(reason, duration_seconds)}
         self._replace_account(label, replace(current, **changes))
+
+    def _planned_allow_list(
+        self, label: str, allow_list: AllowList, sent: AccountTarget | None
+    ) -> AccountSnapshot | None:
+        """As `_planned`, for a network's allow-list."""
+        current = self._accounts.get(label)
+        if current is None or allow_list.network not in current.target.allow_list_networks or (
+                current.target.allow_list_identity is None) or (
+                sent is not None
+                and sent.allow_list_identity != current.target.allow_list_identity):
+            return None
+        return current
+
+    def record_allow_list(
+        self, label: str, allow_list: AllowList, reply: AllowListReply,
+        duration_seconds: float, wall_seconds: float, sent: AccountTarget | None = None,
+    ) -> tuple[ReplyVerdict, AllowListChange | None]:
+        """Store a network's allow-list, unless it is stale or no longer planned (as
+        `record_reply`), and say how it differs from the account's last good one."""
+        current = self._planned_allow_list(label, allow_list, sent)
+        if current is None:
+            return ReplyVerdict.NOT_PLANNED, None
+        owner = current.target.owner
+        network, stream = allow_list.network, allow_list.stamp_name
+        state = current.allow_list(network)
+        counted = ParsedReply(_counts(reply.entries, state.poll.rows), reply.server_timestamp_ns)
+        poll, verdict = state.poll.with_reply(counted, duration_seconds, wall_seconds,
+                                              self.ledger.last(owner, stream))
+        change = None
+        if verdict is ReplyVerdict.ACCEPTED:
+            if reply.server_timestamp_ns is not None:
+                self.ledger.accept(owner, stream, reply.server_timestamp_ns)
+            entries = _remembered(reply.entries)
+            change = _allow_list_change(self.ledger.allow_list(owner, network), entries)
+            self.ledger.remember_allow_list(owner, network, entries)
+            created = [entry.created_ms for entry in reply.entries
+                       if entry.created_ms is not None]
+            state = AllowListState(poll, max(created, default=None),
+                                   state.added + len(change.added))
+        else:
+            state = replace(state, poll=poll)
+        self._replace_allow_list(label, current, network, state)
+        return verdict, change
+
+    def record_allow_list_failure(
+        self, label: str, allow_list: AllowList, reason: str, duration_seconds: float,
+        sent: AccountTarget | None = None,
+    ) -> None:
+        """A poll of a network's allow-list that gave no usable list: the last good one stays."""
+        current = self._planned_allow_list(label, allow_list, sent)
+        if current is None:
+            return
+        state = current.allow_list(allow_list.network)
+        self._replace_allow_list(label, current, allow_list.network, replace(
+            state, poll=state.poll.with_failure(reason, duration_seconds)))
+
+    def _replace_allow_list(self, label: str, current: AccountSnapshot, network: str,
+                            state: AllowListState) -> None:
+        allow_lists = MappingProxyType({**current.allow_lists, network: state})
+        self._replace_account(label, replace(current, allow_lists=allow_lists))
 
     def _replace_account(self, label: str, snapshot: AccountSnapshot) -> None:
         self._accounts[label] = snapshot

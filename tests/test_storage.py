@@ -10,12 +10,13 @@ import pytest
 import structlog
 
 from balance_exporter.config import build_config
+from balance_exporter.ledger import SavedAccount
 from balance_exporter.metrics import ExporterCounters
 from balance_exporter.server import WebOptions
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator
-from balance_exporter.storage import STATE_FILE_NAME, StatePersister, load_stamps, save_stamps
-from balance_exporter.store import BalanceStore, SavedStamp
+from balance_exporter.storage import STATE_FILE_NAME, StatePersister, load_state, save_state
+from balance_exporter.store import BalanceStore
 from balance_exporter.targets import AccountTarget
 from tests.conftest import LOOPBACK_ANY_PORT
 from tests.helpers import add_fault, all_polled, exporter_document, sample, scrape, wait_until
@@ -23,48 +24,52 @@ from tests.helpers import add_fault, all_polled, exporter_document, sample, scra
 NOW_NS = 1_800_000_000 * 10**9
 # Version 1 and 2 files name keys; the loader translates names to API key identities.
 KEY_IDS = {"treasury": "id-treasury"}
-STAMPS = [SavedStamp("treasury", "alpha", {"balances": NOW_NS - 10**9}),
-          SavedStamp("solo", None, {"balances": NOW_NS - 2 * 10**9}, gone_since=1.8e9)]
+DIGEST = "0123456789abcdef0123456789abcdef"
+STAMPS = [SavedAccount("treasury", "alpha", {"balances": NOW_NS - 10**9}),
+          SavedAccount("solo", None, {"balances": NOW_NS - 2 * 10**9}, gone_since=1.8e9),
+          SavedAccount("treasury", "beta", {"approved_addresses/bitcoin": NOW_NS - 10**9},
+                       allow_lists={"bitcoin": {DIGEST: ("group", "pending_time")},
+                                    "ethereum": {}})]
 
 
 def test_stamps_round_trip_through_an_owner_only_file(tmp_path: Path) -> None:
-    save_stamps(tmp_path / "state", STAMPS)
+    save_state(tmp_path / "state", STAMPS)
     path = tmp_path / "state" / STATE_FILE_NAME
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert load_stamps(tmp_path / "state", NOW_NS, 300, KEY_IDS) == STAMPS
+    assert load_state(tmp_path / "state", NOW_NS, 300, KEY_IDS) == STAMPS
     assert [p.name for p in (tmp_path / "state").iterdir()] == [STATE_FILE_NAME]  # no temp left
 
 
 @pytest.mark.parametrize("content", [
-    b"{not json", b"[]", b'{"version": 4, "stamps": []}', b'{"version": 1, "accounts": []}',
+    b"{not json", b"[]", b'{"version": 5, "stamps": []}', b'{"version": 1, "accounts": []}',
     b'{"version": 3, "stamps": {}}', b"\xff\xfe", b"[" * 100_000,
 ], ids=["not json", "a list", "another version", "accounts a list", "stamps a mapping",
         "not utf-8", "deep"])
 def test_a_corrupt_file_is_a_warning_and_a_clean_start(tmp_path: Path, content: bytes) -> None:
     (tmp_path / STATE_FILE_NAME).write_bytes(content)
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == []
+        assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == []
     assert [entry["event"] for entry in logs] == ["saved state unreadable, starting clean"]
 
 
 def test_an_unreadable_file_is_a_warning_and_a_clean_start(tmp_path: Path) -> None:
     (tmp_path / STATE_FILE_NAME).mkdir()  # readable by nobody as a file, root included
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == []
+        assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == []
     assert logs[0]["log_level"] == "warning"
 
 
 def test_no_file_yet_is_a_clean_start(tmp_path: Path) -> None:
-    assert load_stamps(tmp_path / "new", NOW_NS, 300, KEY_IDS) == []
+    assert load_state(tmp_path / "new", NOW_NS, 300, KEY_IDS) == []
 
 
-def test_saved_stamps_from_the_future_are_dropped(tmp_path: Path) -> None:
-    future = SavedStamp("treasury", "beta", {"balances": NOW_NS + 10**12})
-    save_stamps(tmp_path, [*STAMPS, future])
+def test_saved_accounts_from_the_future_are_dropped(tmp_path: Path) -> None:
+    future = SavedAccount("treasury", "beta", {"balances": NOW_NS + 10**12})
+    save_state(tmp_path, [*STAMPS, future])
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == STAMPS
+        assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == STAMPS
     assert logs[0]["ignored"] == 1
-    assert future in load_stamps(tmp_path, NOW_NS, 0, KEY_IDS)  # 0 turns the skew check off
+    assert future in load_state(tmp_path, NOW_NS, 0, KEY_IDS)  # 0 turns the skew check off
 
 
 async def test_after_a_restart_a_stale_first_reply_is_ignored(
@@ -105,17 +110,17 @@ async def _has_fresh_btc(http: aiohttp.ClientSession, service: Service) -> bool:
 
 
 def test_a_state_file_past_64_mib_is_not_read(tmp_path: Path) -> None:
-    save_stamps(tmp_path, STAMPS)
+    save_state(tmp_path, STAMPS)
     path = tmp_path / STATE_FILE_NAME
     with path.open("r+b") as file:  # sparse: no 64 MiB written
         file.truncate(64 * 1024 * 1024)
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == []  # at the bound: read (and corrupt)
+        assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == []  # at the bound: read (and corrupt)
     assert "larger than" not in str(logs)
     with path.open("r+b") as file:
         file.truncate(64 * 1024 * 1024 + 1)
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == []
+        assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == []
     assert "larger than" in str(logs[0]["error"])
 
 
@@ -127,11 +132,11 @@ def test_a_file_planted_where_a_temporary_file_could_be_is_never_written(
     (tmp_path / f".{STATE_FILE_NAME}.tmp").symlink_to(victim)  # the old fixed name
     leftover = tmp_path / f".{STATE_FILE_NAME}.left.tmp"
     leftover.write_text("half a state file")
-    save_stamps(tmp_path, STAMPS)
+    save_state(tmp_path, STAMPS)
     assert victim.read_text() == "not the exporter's"
     assert stat.S_IMODE(victim.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / STATE_FILE_NAME).stat().st_mode) == 0o600
-    assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == STAMPS
+    assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == STAMPS
     # Nothing of its own is left beside the file; what others left is theirs.
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
         [STATE_FILE_NAME, victim.name, f".{STATE_FILE_NAME}.tmp", leftover.name])
@@ -143,8 +148,8 @@ def test_a_version_2_file_is_still_read_its_key_names_as_identities(tmp_path: Pa
                   "server_timestamps_ns": {"balances": 5, "staking": 7}},
         "gone": {"key": "no-longer-configured", "account": "gone",
                  "server_timestamps_ns": {"balances": 5}}}}))
-    assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == [
-        SavedStamp("id-treasury", "alpha", {"balances": 5, "staking": 7})]
+    assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == [
+        SavedAccount("id-treasury", "alpha", {"balances": 5, "staking": 7})]
 
 
 @pytest.mark.parametrize("stamp", ["1e400", "-1", "true", "1.5", '"5"', str(2**63), "null"])
@@ -157,15 +162,15 @@ def test_an_entry_with_a_stamp_that_is_no_stamp_is_dropped_with_a_warning(
                        f'"server_timestamps_ns": {{"balances": {stamp}}}}}, ')
     (tmp_path / STATE_FILE_NAME).write_text(odd)
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == [
-            SavedStamp("treasury", "alpha", {"balances": 5})]
+        assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == [
+            SavedAccount("treasury", "alpha", {"balances": 5})]
     assert logs[0]["ignored"] == 1
 
 
 def test_the_largest_stamp_there_can_be_is_read(tmp_path: Path) -> None:
-    largest = [SavedStamp("treasury", "alpha", {"balances": 2**63 - 1})]
-    save_stamps(tmp_path, largest)
-    assert load_stamps(tmp_path, NOW_NS, 0, KEY_IDS) == largest
+    largest = [SavedAccount("treasury", "alpha", {"balances": 2**63 - 1})]
+    save_state(tmp_path, largest)
+    assert load_state(tmp_path, NOW_NS, 0, KEY_IDS) == largest
 
 
 @pytest.mark.parametrize("kind", ["a device", "a fifo", "a directory"])
@@ -179,7 +184,7 @@ def test_a_state_file_that_is_no_regular_file_is_not_read(tmp_path: Path, kind: 
     else:
         path.mkdir()
     with structlog.testing.capture_logs() as logs:
-        assert load_stamps(tmp_path, NOW_NS, 300, KEY_IDS) == []
+        assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == []
     assert [entry["event"] for entry in logs] == ["saved state unreadable, starting clean"]
 
 
@@ -195,4 +200,35 @@ async def test_a_failed_save_is_logged_counted_and_retried(tmp_path: Path) -> No
         await persister.save_if_changed()  # not saved, so still changed: tried again
     assert counters.state_save_errors == 2
     assert [entry["event"] for entry in logs] == [
-        "saving state failed; stamps are kept in memory and saved again later"] * 2
+        "saving state failed; it is kept in memory and saved again later"] * 2
+
+
+def test_an_account_with_allow_lists_and_no_stamps_round_trips(tmp_path: Path) -> None:
+    lists_only = [SavedAccount("treasury", "gamma", {}, allow_lists={"solana": {}})]
+    save_state(tmp_path, lists_only)
+    assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == lists_only
+
+
+@pytest.mark.parametrize("allow_lists", [
+    [], {"Bitcoin": {}}, {"bitcoin": []}, {"bitcoin": {"not-a-digest": ["account", "active"]}},
+    {"bitcoin": {DIGEST: ["account"]}}, {"bitcoin": {DIGEST: ["team", "active"]}},
+    {"bitcoin": {DIGEST: ["account", "pending-time"]}}, {"bitcoin": {DIGEST: [["a"], "active"]}},
+], ids=["a list", "upper case", "entries a list", "no digest", "no status", "unknown scope",
+        "Gemini's spelling", "a list for a scope"])
+def test_an_entry_with_allow_lists_this_exporter_never_writes_is_dropped(
+        tmp_path: Path, allow_lists: object) -> None:
+    good = {"key": "treasury", "account": "alpha", "server_timestamps_ns": {"balances": 5}}
+    (tmp_path / STATE_FILE_NAME).write_text(json.dumps({"version": 4, "stamps": [
+        good, {**good, "account": "beta", "approved_addresses": allow_lists}]}))
+    with structlog.testing.capture_logs() as logs:
+        assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == [
+            SavedAccount("treasury", "alpha", {"balances": 5})]
+    assert logs[0]["ignored"] == 1
+
+
+def test_a_version_3_file_is_still_read(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE_NAME).write_text(json.dumps({"version": 3, "stamps": [
+        {"key": "treasury", "account": "alpha", "server_timestamps_ns": {"balances": 5},
+         "gone_since": None}]}))
+    assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == [
+        SavedAccount("treasury", "alpha", {"balances": 5})]

@@ -7,15 +7,8 @@ from balance_exporter.gemini.replies import (
     NotionalBalance,
     ParsedReply,
 )
-from balance_exporter.store import (
-    CONFIGURE_STEP,
-    MAX_ABSENT_STAMP_OWNERS,
-    STAMP_RETENTION_SECONDS,
-    AccountSnapshot,
-    BalanceStore,
-    ReplyVerdict,
-    SavedStamp,
-)
+from balance_exporter.ledger import MAX_ABSENT_STAMP_OWNERS, STAMP_RETENTION_SECONDS, SavedAccount
+from balance_exporter.store import CONFIGURE_STEP, AccountSnapshot, BalanceStore, ReplyVerdict
 from balance_exporter.targets import AccountTarget, Endpoint, ListedAccount
 
 BAL = Endpoint.BALANCES
@@ -187,17 +180,17 @@ def test_readiness_waits_for_every_accounts_balances_and_every_first_listing() -
     assert store.all_attempted()  # notional and staking polls come in their own time
 
 
-def test_restored_stamps_wait_for_their_account_to_be_planned() -> None:
-    saved = [SavedStamp("treasury", "desk", {"balances": 900, "staking": 800})]
+def test_restored_wait_for_their_account_to_be_planned() -> None:
+    saved = [SavedAccount("treasury", "desk", {"balances": 900, "staking": 800})]
     store = BalanceStore(saved)
     store.configure([TARGET], ["treasury"], discovering={"treasury": 900.0})  # not listed yet
-    assert store.saved_stamps() == saved  # a save before the first listing keeps them
+    assert store.saved_accounts() == saved  # a save before the first listing keeps them
     desk = AccountTarget("desk", "treasury", "desk", False, 30.0, staking_interval_seconds=60.0)
     store.record_listing("treasury", (ListedAccount("desk", "", "exchange", "open"),), False, 1.0)
     store.configure([TARGET, desk], ["treasury"], discovering={"treasury": 900.0})
     assert store.record_reply("desk", BAL, BalanceReply((), 899, None), 0.1, 1.0) \
         is ReplyVerdict.STALE
-    assert store.saved_stamps() == saved
+    assert store.saved_accounts() == saved
 
 
 class WallClock:
@@ -255,27 +248,27 @@ def test_a_stamp_is_kept_for_its_retention_after_its_account_left_then_forgotten
     store.configure([TARGET], ["treasury"])
     store.record_reply("main", BAL, BalanceReply(balances(BTC=5), 200, None), 0.1, 1.0)
     store.configure([], ["treasury"])
-    (gone,) = store.saved_stamps()
+    (gone,) = store.saved_accounts()
     assert gone.gone_since == clock.now
     clock.now += STAMP_RETENTION_SECONDS
     store.configure([], ["treasury"])
-    assert store.saved_stamps() == [gone]  # at the bound: kept
+    assert store.saved_accounts() == [gone]  # at the bound: kept
     clock.now += 0.001
     store.configure([], ["treasury"])
-    assert store.saved_stamps() == []
+    assert store.saved_accounts() == []
 
 
 def test_an_absence_not_confirmed_by_a_listing_does_not_start_the_retention() -> None:
     clock = WallClock()
-    saved = [SavedStamp("treasury", "desk", {"balances": 900})]
+    saved = [SavedAccount("treasury", "desk", {"balances": 900})]
     store = BalanceStore(saved, wall_clock=clock)
     store.configure([], ["treasury"], discovering={"treasury": 900.0})
     clock.now += 10 * STAMP_RETENTION_SECONDS  # a listing that fails for weeks
     store.configure([], ["treasury"], discovering={"treasury": 900.0})
-    assert store.saved_stamps() == saved
+    assert store.saved_accounts() == saved
     store.record_listing("treasury", (), False, clock.now)  # listed: really gone from now on
     store.configure([], ["treasury"], discovering={"treasury": 900.0})
-    assert store.saved_stamps()[0].gone_since == clock.now
+    assert store.saved_accounts()[0].gone_since == clock.now
 
 
 def test_at_most_so_many_absent_accounts_keep_stamps_those_gone_longest_go_first() -> None:
@@ -289,13 +282,13 @@ def test_at_most_so_many_absent_accounts_keep_stamps_those_gone_longest_go_first
     store.configure(many[1:], ["treasury"])  # a0 leaves first
     clock.now += 1
     store.configure([], ["treasury"])  # at the bound: every one kept
-    assert len(store.saved_stamps()) == MAX_ABSENT_STAMP_OWNERS
+    assert len(store.saved_accounts()) == MAX_ABSENT_STAMP_OWNERS
     other = AccountTarget("b", "treasury", "b", False, 30.0)
     store.configure([other], ["treasury"])
     store.record_reply("b", BAL, BalanceReply((), 200, None), 0.1, 1.0)
     clock.now += 1
     store.configure([], ["treasury"])  # one past the bound: a0, gone longest, is forgotten
-    owners = {stamp.gemini_account for stamp in store.saved_stamps()}
+    owners = {stamp.gemini_account for stamp in store.saved_accounts()}
     assert len(owners) == MAX_ABSENT_STAMP_OWNERS
     assert "a0" not in owners
     assert {"a1", "b"} <= owners
@@ -313,7 +306,7 @@ def test_a_reply_is_stored_only_for_the_target_that_sent_it() -> None:
     store.record_failure("main", BAL, "Timeout", 0.1, sent=TARGET)
     (snapshot,) = store.account_snapshots()
     assert (snapshot.balances.rows, snapshot.balances.polls) == ((), 0)
-    assert store.saved_stamps() == []
+    assert store.saved_accounts() == []
     euros = replace(NOTIONAL_TARGET, notional_currency="EUR")
     store.configure([euros], ["treasury"])
     assert store.record_reply("main", Endpoint.NOTIONAL, notional(1, 300), 0.1, 1.0,
