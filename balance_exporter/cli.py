@@ -163,6 +163,11 @@ def config_summary(config: Config) -> str:
     if settings.notional is not None:
         lines.append(f"Notional values in {settings.notional.currency}, every "
                      f"{settings.notional.interval_seconds:g}s unless an account says otherwise")
+    if settings.approved_addresses is not None:
+        allow_lists = settings.approved_addresses
+        lines.append(f"Withdrawal allow-lists of {', '.join(allow_lists.networks)}, every "
+                     f"{allow_lists.interval_seconds:g}s unless an account says otherwise (each "
+                     "network a request of its own)")
     lines.append("Accounts:")
     planned = {target.label: target for target in plan(config).targets}
     for account in settings.accounts:
@@ -173,7 +178,9 @@ def config_summary(config: Config) -> str:
         extras = "".join(
             f", {what} every {interval:g}s" for what, interval in (
                 ("notional", target.notional_interval_seconds),
-                ("staking", target.staking_interval_seconds)) if interval is not None)
+                ("staking", target.staking_interval_seconds),
+                (f"{len(target.allow_lists)} allow-lists", target.allow_list_interval_seconds))
+            if interval is not None)
         lines.append(f"  {target.label}: key {account.key}, account {gemini_account}, every "
                      f"{target.interval_seconds:g}s{stretched}, pending balances "
                      f"{'on' if target.show_pending_balances else 'off'}{extras}")

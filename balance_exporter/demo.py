@@ -20,17 +20,18 @@ from balance_exporter.simulator.state import SimState, demo_document
 def demo_exporter_document(simulator_state: SimState, base_url: str) -> dict[str, Any]:
     """An exporter config for the demo simulator: its master key discovers the group's accounts
     (one of them configured with alert thresholds), and its account-scoped key; every account's
-    value in USD and its staked coins."""
+    value in USD, its staked coins and its bitcoin and ethereum withdrawal allow-lists."""
     master, account_key = simulator_state.keys.values()
     return {
         "gemini": {"base_url": base_url, "timeout_seconds": 5},
         "notional": {"currency": "USD", "interval_seconds": 15},
+        "approved_addresses": {"networks": ["bitcoin", "ethereum"]},
         "keys": [
             {"name": "treasury", "api_key": master.api_key, "api_secret": master.api_secret,
              "requests_per_second": 2,
              "discover": {"refresh_seconds": 30, "defaults": {
                  "interval_seconds": 5, "show_pending_balances": True,
-                 "staking_interval_seconds": 30}}},
+                 "staking_interval_seconds": 30, "approved_addresses_interval_seconds": 30}}},
             {"name": "savings", "api_key": account_key.api_key,
              "api_secret": account_key.api_secret, "requests_per_second": 1},
         ],
@@ -39,7 +40,7 @@ def demo_exporter_document(simulator_state: SimState, base_url: str) -> dict[str
              "min_available": {"USD": 1000, "BTC": 1}, "max_available_drop_ratio": 0.5,
              "min_available_notional": 100000},
             {"key": "savings", "name": "savings", "interval_seconds": 10,
-             "staking_interval_seconds": 30},
+             "staking_interval_seconds": 30, "approved_addresses_interval_seconds": 30},
         ],
     }
 

@@ -23,12 +23,13 @@ from prometheus_client.registry import Collector
 from balance_exporter import __version__
 from balance_exporter.store import (
     AccountSnapshot,
+    AllowListState,
     BalanceStore,
     DiscoveryState,
     KeyCounters,
     PollState,
 )
-from balance_exporter.targets import Endpoint
+from balance_exporter.targets import AccountTarget, Endpoint
 
 _POLLED = (
     "Polled in the background from Gemini's /v1/balances every "
@@ -271,6 +272,84 @@ def _health_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
         lambda s: s.staking.skipped_entries)
 
 
+_ALLOW_LIST = ("Polled in the background from /v1/approvedAddresses/account/{network} every "
+               "gemini_approved_addresses_poll_interval_seconds.")
+ALLOW_LIST_LABELS = ["account", "network"]
+
+
+def _allow_list_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
+    """The withdrawal allow-lists, one sample set per (account, network) read. Addresses and
+    labels are unbounded values: they are logged, never label values."""
+    lists = [(snapshot.target.label, allow_list.network,
+              snapshot.allow_list(allow_list.network), snapshot.target)
+             for snapshot in accounts for allow_list in snapshot.target.allow_lists]
+    entries = GaugeMetricFamily(
+        "gemini_approved_addresses",
+        "Entries of the account's withdrawal allow-list of the network, by scope (account, "
+        "group, other) and status (active; pending_time: the 7-day hold after an address is "
+        "requested; pending_mua: waiting for a second administrator; other). A pair seen in an "
+        f"earlier good list shows 0 once it is gone. {_ALLOW_LIST}",
+        labels=["account", "network", "scope", "status"])
+    for label, network, state, _ in lists:
+        for row in state.poll.rows:
+            entries.add_metric([label, network, row.scope, row.status], row.entries)
+    yield entries
+
+    def gauge(name: str, help_text: str,
+              value: Callable[[AllowListState, AccountTarget], float | None]) -> Metric:
+        family = GaugeMetricFamily(name, help_text, labels=ALLOW_LIST_LABELS)
+        for label, network, state, target in lists:
+            sample = value(state, target)
+            if sample is not None:
+                family.add_metric([label, network], sample)
+        return family
+
+    def counter(name: str, help_text: str, value: Callable[[AllowListState], int]) -> Metric:
+        family = CounterMetricFamily(name, help_text, labels=ALLOW_LIST_LABELS)
+        for label, network, state, _ in lists:
+            family.add_metric([label, network], value(state))
+        return family
+    yield gauge(
+        "gemini_approved_address_newest_created_timestamp_seconds",
+        "Unix time the newest entry of the allow-list was created (Gemini `createdAt`).",
+        lambda state, _: _seconds_of_ms(state.newest_created_ms))
+    yield counter(
+        "gemini_approved_addresses_added",
+        "Entries (scope, address) of the allow-list that were not in its previous good list "
+        "(each logged as a warning). The first list read is the baseline; with --storage.path, "
+        "an entry added while the exporter was stopped counts after the restart.",
+        lambda state: state.added)
+    yield gauge(
+        "gemini_approved_addresses_last_success_timestamp_seconds",
+        "Unix time of the last accepted allow-list of the network: data age is now minus this.",
+        lambda state, _: state.poll.last_success_seconds)
+    yield gauge(
+        "gemini_approved_addresses_up",
+        "1 if the last background poll of the allow-list gave a usable list (a stale one "
+        "counts), else 0 (also before the first poll); the last good list stays shown.",
+        lambda state, _: float(state.poll.up))
+    yield gauge(
+        "gemini_approved_addresses_poll_interval_seconds",
+        "Interval between polls of each network's allow-list: the configured one, stretched to "
+        "fit the key's request budget.", lambda _, target: target.allow_list_interval_seconds)
+    errors = CounterMetricFamily(
+        "gemini_approved_addresses_poll_errors",
+        f"Polls of the allow-list that gave no usable list, {_REASONS}.",
+        labels=["account", "network", "reason"])
+    for label, network, state, _ in lists:
+        for reason, count in sorted(state.poll.errors.items()):
+            errors.add_metric([label, network, reason], count)
+    yield errors
+    yield counter(
+        "gemini_approved_addresses_stale_replies",
+        "Allow-list replies ignored because their `_timestamp` was older than the last "
+        "accepted one.", lambda state: state.poll.stale_replies)
+
+
+def _seconds_of_ms(milliseconds: int | None) -> float | None:
+    return None if milliseconds is None else milliseconds / 1e3
+
+
 def _seconds(nanoseconds: int | None) -> float | None:
     return None if nanoseconds is None else nanoseconds / 1e9
 
@@ -280,6 +359,7 @@ def account_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
     yield from _balance_families(accounts)
     yield from _threshold_families(accounts)
     yield from _health_families(accounts)
+    yield from _allow_list_families(accounts)
 
 
 @dataclass

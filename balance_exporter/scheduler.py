@@ -1,7 +1,8 @@
 """When to send which request: one worker per API key, one request at a time, in nonce order.
 
 Every request of a key is a job of its `KeySchedule`: each account's balances, notional and
-staking polls, and a discovering key's account listing. They share the key's budget and its
+staking polls and each of its networks' withdrawal allow-lists, the key's roles, and a
+discovering key's account listing. They share the key's budget and its
 nonces; each job has its own interval and its own backoff, so an endpoint that fails or is slow
 backs off alone, and when several jobs are due the balances go first.
 
@@ -32,6 +33,7 @@ from balance_exporter.gemini.client import (
     GeminiClient,
     PrivateRequest,
     account_list_request,
+    approved_addresses_request,
     balances_request,
     notional_request,
     roles_request,
@@ -47,20 +49,24 @@ from balance_exporter.gemini.errors import (
 from balance_exporter.gemini.nonce import NonceSource
 from balance_exporter.gemini.replies import (
     AccountListing,
+    AllowListReply,
     KeyRoles,
     ParsedReply,
     ReplyRules,
     parse_account_list,
+    parse_approved_addresses,
     parse_balances_reply,
     parse_notional_reply,
     parse_roles,
     parse_staking_reply,
 )
 from balance_exporter.heap import burst_frozen
+from balance_exporter.ledger import KnownEntry
 from balance_exporter.slices import Slices
-from balance_exporter.store import BalanceStore, ReplyVerdict
+from balance_exporter.store import AllowListChange, BalanceStore, ReplyVerdict
 from balance_exporter.targets import (
     AccountTarget,
+    AllowList,
     Endpoint,
     KeyPlan,
     ListedAccount,
@@ -118,20 +124,29 @@ class Job:
     """One request stream of a key: an account's endpoint, or a request of the key's own."""
 
     label: str  # the account's label; "" for a key's own request
-    endpoint: Endpoint | KeyRequest
+    endpoint: Endpoint | KeyRequest | AllowList
 
     @property
     def log_fields(self) -> dict[str, str]:
         if isinstance(self.endpoint, KeyRequest):
             return {"endpoint": self.endpoint.value}
+        if isinstance(self.endpoint, AllowList):
+            return {"account": self.label, "endpoint": self.endpoint.value,
+                    "network": self.endpoint.network}
         return {"account": self.label, "endpoint": self.endpoint.value}
+
+    @property
+    def kind(self) -> str:
+        """The endpoint the job asks, whatever the network: what pacing and phases go by."""
+        return self.endpoint.value
 
 
 LISTING = Job("", KeyRequest.ACCOUNT_LIST)
 ROLES = Job("", KeyRequest.ROLES)
 # When several jobs are due, the balances go first: no other endpoint delays them.
-_PRIORITY = {Endpoint.BALANCES: 0, KeyRequest.ACCOUNT_LIST: 1, KeyRequest.ROLES: 1,
-             Endpoint.NOTIONAL: 2, Endpoint.STAKING: 2}
+_PRIORITY = {Endpoint.BALANCES.value: 0, KeyRequest.ACCOUNT_LIST.value: 1,
+             KeyRequest.ROLES.value: 1, Endpoint.NOTIONAL.value: 2, Endpoint.STAKING.value: 2,
+             AllowList.value: 2}
 
 
 class SystemClock:
@@ -221,8 +236,8 @@ class KeySchedule:
         self._shift = _key_shift(key_plan.key_name) if shift is None else shift
         self._phases: dict[Job, float] = {}
         self._failures: dict[Job, int] = {}
-        # When each endpoint but the balances may send again (see `finished`).
-        self._endpoint_free_at: dict[Endpoint | KeyRequest, float] = {}
+        # When each endpoint but the balances may send again, by Job.kind (see `finished`).
+        self._endpoint_free_at: dict[str, float] = {}
         self.key_plan: KeyPlan | None = None
         self.update(key_plan, now)
 
@@ -242,10 +257,8 @@ class KeySchedule:
         if key_plan.roles_interval_seconds is not None:
             intervals[ROLES] = key_plan.roles_interval_seconds
         for target in key_plan.targets:
-            for endpoint in Endpoint:
-                interval = target.interval_for(endpoint)
-                if interval is not None:
-                    intervals[Job(target.label, endpoint)] = interval
+            for stream, interval in target.streams():
+                intervals[Job(target.label, stream)] = interval
         self.targets = {target.label: target for target in key_plan.targets}
         self._intervals = intervals
         self._phases = {job: self._phases.get(job, phase)
@@ -278,10 +291,10 @@ class KeySchedule:
         earliest = self.pacing.earliest_start()
         ready_at = max(now, earliest)
         free_at = self._endpoint_free_at
-        available = {job: max(at, free_at.get(job.endpoint, at))
+        available = {job: max(at, free_at.get(job.kind, at))
                      for job, at in self.next_due.items()}
         due = [job for job, at in available.items() if at <= ready_at]
-        job = (min(due, key=lambda job: (_PRIORITY[job.endpoint], available[job])) if due
+        job = (min(due, key=lambda job: (_PRIORITY[job.kind], available[job])) if due
                else min(available, key=available.__getitem__))
         return job, max(available[job], earliest)
 
@@ -293,7 +306,7 @@ class KeySchedule:
         anything else meanwhile."""
         if job.endpoint is not Endpoint.BALANCES:
             excess = max(0.0, ended_at - started_at - self.pacing.min_spacing)
-            self._endpoint_free_at[job.endpoint] = ended_at + excess * (
+            self._endpoint_free_at[job.kind] = ended_at + excess * (
                 1 / SLOW_ENDPOINT_SHARE - 1)
 
     def started(self, at: float) -> None:
@@ -347,10 +360,11 @@ def _key_shift(key_name: str) -> float:
 
 
 def _even_phases(jobs: list[Job]) -> dict[Job, float]:
-    """Each job's phase, a fraction of its interval: one endpoint's jobs spread evenly."""
-    by_endpoint: dict[Endpoint | KeyRequest, list[Job]] = {}
+    """Each job's phase, a fraction of its interval: one endpoint's jobs spread evenly (the
+    allow-lists of every network together)."""
+    by_endpoint: dict[str, list[Job]] = {}
     for job in jobs:
-        by_endpoint.setdefault(job.endpoint, []).append(job)
+        by_endpoint.setdefault(job.kind, []).append(job)
     return {job: index / len(group) for group in by_endpoint.values()
             for index, job in enumerate(group)}
 
@@ -441,13 +455,18 @@ class KeyWorker:
         # What the request is for, as planned when it is sent: its reply or failure is this
         # target's only, whatever a new plan makes of the label meanwhile.
         endpoint = job.endpoint
-        target = (self.schedule.targets.get(job.label) if isinstance(endpoint, Endpoint)
-                  else None)
+        target = (None if isinstance(endpoint, KeyRequest)
+                  else self.schedule.targets.get(job.label))
         try:
             if endpoint is KeyRequest.ACCOUNT_LIST:
                 listed, complete = await self._list_accounts()
             elif endpoint is KeyRequest.ROLES:
                 roles = await self._fetch(roles_request(), _parse_roles)
+            elif isinstance(endpoint, AllowList):
+                assert target is not None  # a job of the plan is one of its targets'
+                allow_list = await self._fetch(
+                    approved_addresses_request(target.gemini_account, endpoint.network),
+                    partial(_parse_allow_list, self._rules))
             else:
                 assert target is not None  # a job of the plan is one of its targets'
                 request, parse = _request_for(target, endpoint, self._rules)
@@ -469,8 +488,11 @@ class KeyWorker:
         if endpoint is KeyRequest.ROLES:
             self._adopt_roles(roles)
             return
-        assert isinstance(endpoint, Endpoint)
         duration = self._clock.monotonic() - started
+        if isinstance(endpoint, AllowList):
+            self._adopt_allow_list(job.label, endpoint, allow_list, duration, target, fields)
+            return
+        assert isinstance(endpoint, Endpoint)
         verdict = self._store.record_reply(job.label, endpoint, reply, duration,
                                            self._clock.wall(), sent=target)
         if verdict is ReplyVerdict.STALE:
@@ -534,6 +556,19 @@ class KeyWorker:
         if self._on_listing is not None:
             self._on_listing(self._credentials.api_key, listed)
 
+    def _adopt_allow_list(
+        self, label: str, allow_list: AllowList, reply: AllowListReply, duration: float,
+        target: AccountTarget | None, fields: dict[str, str],
+    ) -> None:
+        verdict, change = self._store.record_allow_list(label, allow_list, reply, duration,
+                                                        self._clock.wall(), sent=target)
+        if verdict is ReplyVerdict.STALE:
+            log.debug("stale reply ignored", **fields, stamp_ns=reply.server_timestamp_ns)
+        elif verdict is ReplyVerdict.NOT_PLANNED:
+            log.info("reply dropped: the plan changed while it was on its way", **fields)
+        elif change is not None:
+            _log_allow_list_change(change, len(reply.entries), fields)
+
     def _adopt_roles(self, roles: KeyRoles) -> None:
         self._store.record_roles(self.key_name, roles, self._clock.wall())
         if roles.beyond_auditor:
@@ -550,6 +585,9 @@ class KeyWorker:
             self._store.record_listing_failure(self.key_name, error.reason)
         elif job.endpoint is KeyRequest.ROLES:
             self._store.record_roles_failure(self.key_name, error.reason)
+        elif isinstance(job.endpoint, AllowList):
+            self._store.record_allow_list_failure(job.label, job.endpoint, error.reason,
+                                                  now - started, sent=target)
         else:
             self._store.record_failure(job.label, job.endpoint, error.reason, now - started,
                                        sent=target)
@@ -581,6 +619,37 @@ def _parse_listing(body: bytes, now_ns: int) -> AccountListing:
 
 def _parse_roles(body: bytes, now_ns: int) -> KeyRoles:
     return parse_roles(body)
+
+
+def _parse_allow_list(rules: ReplyRules, body: bytes, now_ns: int) -> AllowListReply:
+    return parse_approved_addresses(body, rules, now_ns)
+
+
+def _entry_fields(entry: KnownEntry) -> dict[str, object]:
+    """An allow-list entry as the audit log shows it (an entry known from before a restart only
+    by its digest has no label or address to show)."""
+    if entry.address is None:
+        return {"scope": entry.scope, "status": entry.status, "label": None, "address": None,
+                "address_note": "known only by its digest in the state file"}
+    return {"scope": entry.scope, "status": entry.status, "label": entry.label,
+            "address": entry.address}
+
+
+def _log_allow_list_change(change: AllowListChange, entries: int,
+                           fields: dict[str, str]) -> None:
+    """The audit trail of a withdrawal allow-list: one warning per entry added or removed and
+    per change of an entry's status."""
+    if change.baseline:
+        log.info("allow-list read for the first time: its entries are the baseline, none "
+                 "counts as added", **fields, entries=entries)
+        return
+    for entry in change.added:
+        log.warning("approved withdrawal address added", **fields, **_entry_fields(entry))
+    for entry in change.removed:
+        log.warning("approved withdrawal address removed", **fields, **_entry_fields(entry))
+    for before, after in change.status_changed:
+        log.warning("approved withdrawal address changed status", **fields,
+                    **_entry_fields(after), status_before=before.status)
 
 
 def _request_for(

@@ -135,6 +135,35 @@ def _staked(snapshot: AccountSnapshot) -> str:
     return ", ".join(f"{row.balance:g} {row.currency}" for row in snapshot.staking.rows[:5])
 
 
+# Entries of these statuses wait for something: the 7-day hold, or a second administrator.
+_PENDING_STATUSES = ("pending_time", "pending_mua")
+
+
+def _allow_lists_cell(snapshot: AccountSnapshot) -> str:
+    """Each network's allow-list counts (HTML), a list with pending entries marked."""
+    if not snapshot.target.allow_lists:
+        return "off"
+    parts = []
+    for allow_list in snapshot.target.allow_lists:
+        state = snapshot.allow_list(allow_list.network)
+        network = html.escape(allow_list.network)
+        if state.poll.last_success_seconds is None:
+            parts.append(f"{network}: not yet")
+            continue
+        rows = state.poll.rows
+        pending = {status: sum(row.entries for row in rows if row.status == status)
+                   for status in _PENDING_STATUSES}
+        text = f"{network}: {sum(row.entries for row in rows)}"
+        if any(pending.values()):
+            waiting = ", ".join(f"{count} {status.replace('_', '-')}"
+                                for status, count in pending.items() if count)
+            text += f' <span class="warning">&#9888; {waiting}</span>'
+        if state.added:
+            text += f", {state.added} added since start"
+        parts.append(text + ("" if state.poll.up else " (the last poll failed)"))
+    return "; ".join(parts)
+
+
 def _discovery_text(store: BalanceStore, now: float) -> str:
     lines = []
     for key in store.key_counters():
@@ -184,7 +213,7 @@ async def landing_handler(request: web.Request) -> web.Response:
             str(len(snapshot.balances.rows)),
             _value_cell(snapshot),
             _staked(snapshot),
-        )) + "</tr>"
+        )) + f"<td>{_allow_lists_cell(snapshot)}</td></tr>"
         for snapshot in snapshots
     )
     total = _totals_text(snapshots)
@@ -198,7 +227,8 @@ async def landing_handler(request: web.Request) -> web.Response:
 Health: <a href="/-/healthy">/-/healthy</a>, readiness: <a href="/-/ready">/-/ready</a>.</p>
 {total}{_discovery_text(store, now)}{_roles_text(store)}
 <table><thead><tr><th>Account</th><th>Key</th><th>Status</th><th>Data age</th>
-<th>Poll interval</th><th>Currencies</th><th>Total value</th><th>Staked</th></tr></thead>
+<th>Poll interval</th><th>Currencies</th><th>Total value</th><th>Staked</th>
+<th>Withdrawal allow-lists</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>

@@ -18,6 +18,8 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.parser import text_string_to_metric_families
 
 from balance_exporter.gemini.replies import (
+    AllowListReply,
+    ApprovedAddress,
     BalanceReply,
     CurrencyBalance,
     NotionalBalance,
@@ -28,7 +30,7 @@ from balance_exporter.metrics import build_registry
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator
 from balance_exporter.store import BalanceStore
-from balance_exporter.targets import AccountTarget, Endpoint, ListedAccount
+from balance_exporter.targets import AccountTarget, AllowList, Endpoint, ListedAccount
 
 MASTER_KEY = "master-testkey"
 MASTER_SECRET = "TOPSECRET-master"
@@ -95,7 +97,9 @@ def fixed_store() -> BalanceStore:
                       min_available=(("BTC", 1.0), ("USD", 10000.0)),
                       max_available_drop_ratio=0.5, notional_currency="USD",
                       notional_interval_seconds=60.0, staking_interval_seconds=300.0,
-                      min_available_notional=250000.0, display_name="Primary"),
+                      min_available_notional=250000.0, display_name="Primary",
+                      allow_list_networks=("bitcoin", "ethereum"),
+                      allow_list_interval_seconds=900.0),
         AccountTarget("savings", "savings", None, False, 60.0),
         AccountTarget("never-polled", "treasury", "other", False, 30.0,
                       notional_currency="USD", notional_interval_seconds=300.0,
@@ -143,6 +147,14 @@ def fixed_store() -> BalanceStore:
     store.record_request("savings")
     store.record_rate_limited("savings")
     store.record_failure("savings", Endpoint.BALANCES, "RateLimit", 0.75)
+    cold = ApprovedAddress("account", "active", "bc1qcold", "Cold storage", 1_700_000_000_000)
+    store.record_allow_list("treasury-primary", AllowList("bitcoin"), AllowListReply((
+        cold, ApprovedAddress("group", "active", "bc1qgroup", "Group desk", 1_700_000_100_000),
+    )), 0.25, 1_710_547_210.0)
+    store.record_allow_list("treasury-primary", AllowList("bitcoin"), AllowListReply((
+        cold, ApprovedAddress("account", "pending_time", "bc1qnew", "", 1_710_547_000_000),
+    )), 0.25, 1_710_548_110.0)
+    store.record_allow_list_failure("treasury-primary", AllowList("ethereum"), "Timeout", 10.0)
     return store
 
 

@@ -35,7 +35,7 @@ from balance_exporter.scheduler import (
     jittered_backoff,
 )
 from balance_exporter.store import BalanceStore
-from balance_exporter.targets import AccountTarget, Endpoint, KeyPlan, ListedAccount
+from balance_exporter.targets import AccountTarget, AllowList, Endpoint, KeyPlan, ListedAccount
 from tests.helpers import VirtualClock, wait_until
 
 BACKOFFS = Backoffs(max_backoff_seconds=300, rejected_retry_seconds=600)
@@ -414,6 +414,27 @@ def test_every_request_stream_is_a_job_and_balances_go_first_when_several_are_du
                     ("a0", "notional", 1.5), ("a0", "staking", 2.0), ("a1", "balances", 5.0),
                     ("a0", "balances", 10.0), ("a1", "balances", 15.0), ("a1", "notional", 15.5)]
 
+
+
+def test_each_network_of_an_allow_list_is_a_job_on_its_grid_spread_with_the_others() -> None:
+    def reading(label: str) -> AccountTarget:
+        return AccountTarget(label, "k", label, False, 10.0,
+                             allow_list_networks=("bitcoin", "ethereum"),
+                             allow_list_interval_seconds=40.0)
+    plan = KeySchedule(key_plan([reading("a0"), reading("a1")]), KeyPacing(2.0), BACKOFFS,
+                       now=0.0, rng=random.Random(1), shift=0.0)
+    lists = {job: at for job, at in plan.next_due.items() if isinstance(job.endpoint, AllowList)}
+    # Not at once like the balances: the four lists come at their grid points, a quarter of
+    # their interval apart, every network's and account's together.
+    assert sorted(lists.values()) == [0.0, 10.0, 20.0, 30.0]
+    assert {(job.label, job.endpoint) for job in lists} == {
+        (label, AllowList(network)) for label in ("a0", "a1")
+        for network in ("bitcoin", "ethereum")}
+    assert Job("a0", AllowList("bitcoin")).log_fields == {
+        "account": "a0", "endpoint": "approved_addresses", "network": "bitcoin"}
+    sent = [(job.label, job.endpoint.value, at) for job, at in run_jobs(plan, 4)]
+    assert sent[:2] == [("a0", "balances", 0.0), ("a1", "balances", 0.5)]
+    assert sent[2][1] == "approved_addresses"
 
 
 def test_each_stream_keeps_its_own_interval_and_a_failing_one_backs_off_alone() -> None:

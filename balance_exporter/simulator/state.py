@@ -460,7 +460,8 @@ class SimState:
 
 def demo_document() -> dict[str, Any]:
     """A master key over a group (three open exchange accounts, a custody and a closed one) and
-    an account-scoped key, with fresh random secrets."""
+    an account-scoped key, with fresh random secrets. The trading desk has a withdrawal address
+    in its 7-day hold: the demo shows the alert-worthy state of the allow-lists."""
     def secret() -> str:
         return secrets.token_urlsafe(24)
 
@@ -483,7 +484,12 @@ def demo_document() -> dict[str, Any]:
                 "USD": {"amount": "15000.00", "available": "5000.00",
                         "availableForWithdrawal": "5000.00"},
                 "ETH": {"amount": "10.0", "available": "10.0", "availableForWithdrawal": "10.0"},
-            }},
+            }, "approved_addresses": [
+                {"network": "bitcoin", "address": "bc1qxy2kgdygjrsqtzq2n0yrf2493p83kkfjhx0wlh",
+                 "label": "Cold storage", "status": "active", "created_ms": 1_700_000_000_000},
+                {"network": "ethereum", "address": "0x71C7656EC7ab88b098defB751B7401B5f6d8976F",
+                 "label": "Group settlement", "scope": "group", "status": "active",
+                 "created_ms": 1_700_000_100_000}]},
             {"name": "trading", "display_name": "Trading desk", "timestamp_format": "iso",
              "provider_format": "object", "staking": {
                  "SOL": {"balance": "500", "providers": {
@@ -493,7 +499,9 @@ def demo_document() -> dict[str, Any]:
                         "pendingWithdrawal": "0.25"},
                 "USD": {"amount": "250000.00", "pendingDeposit": "10000.00"},
                 "SOL": {"amount": "830.5"},
-            }},
+            }, "approved_addresses": [
+                {"network": "bitcoin", "address": "bc1q9h7garjvkz0t4cl5k7z3h8gk8d3qv5yq5z6m2w",
+                 "label": "Requested today", "status": "pending-time"}]},
             {"name": "ops", "number_format": "number", "balances": {
                 "USD": {"amount": "42000.00", "available": "41000.00"},
             }},
