@@ -32,13 +32,14 @@ DATASOURCE = dashboard_model.DataSourceRef(type_val="prometheus", uid="${datasou
 # The two filters of every account query, written once: the dashboard's variables.
 ACCOUNT = 'account=~"$account"'
 CURRENCY = 'currency=~"$currency"'
+PENDING_TIME = 'status="pending_time"'
 # Columns of a table of instant series that say nothing about the account.
 TABLE_NOISE = {"Time": True, "__name__": True, "job": True, "instance": True}
 
 
-def of_accounts(metric: str) -> str:
-    """`metric` of the selected accounts."""
-    return f"{metric}{{{ACCOUNT}}}"
+def of_accounts(metric: str, *matchers: str) -> str:
+    """`metric` of the selected accounts (and `matchers`)."""
+    return f"{metric}{{{', '.join((ACCOUNT, *matchers))}}}"
 
 
 def of_balances(metric: str) -> str:
@@ -212,6 +213,22 @@ def controls_row() -> list[AnyPanel]:
         latest_table("Key roles", "The roles each API key holds, by Gemini's /v1/roles (a "
                      "monitoring key needs auditor only).",
                      query("gemini_key_role == 1", "held", instant=True, as_table=True)),
+        big_number("Addresses in the 7-day hold", "Withdrawal allow-list entries in Gemini's "
+                   "pending-time hold, over the selected accounts: each is a requested address "
+                   "to check with the team (GeminiBalanceApprovedAddressPending pages for it).",
+                   "none",
+                   query(f"sum({of_accounts('gemini_approved_addresses', PENDING_TIME)}) "
+                         "or vector(0)", "entries")),
+        latest_table("Allow-list entries by status", "Entries of each account's withdrawal "
+                     "allow-list per network, by scope and status (approved_addresses.networks).",
+                     query(of_accounts("gemini_approved_addresses") + " > 0", "entries",
+                           instant=True, as_table=True)),
+        over_time("Allow-list additions", "Entries added to each account's allow-lists per "
+                  "hour (the exporter logs each one as `approved withdrawal address added`).",
+                  "short",
+                  query("sum by (account, network) (increase("
+                        f"{of_accounts('gemini_approved_addresses_added_total')}[1h]))",
+                        "{{account}} {{network}}")),
     ]
 
 

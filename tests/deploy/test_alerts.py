@@ -64,6 +64,8 @@ def test_amtool_checks_the_alertmanager_config() -> None:
     (["alertname=GeminiBalanceBelowMinimum", "severity=critical"], "treasury-pager"),
     (["alertname=GeminiBalanceRateLimited", "severity=warning", "key=k"], "treasury-chat"),
     (["alertname=GeminiBalancePendingWithdrawalStuck", "severity=warning"], "treasury-chat"),
+    (["alertname=GeminiBalanceApprovedAddressPending", "severity=critical", "account=a",
+      "network=bitcoin"], "treasury-pager"),
     (["alertname=SomethingElse", "severity=critical"], "default"),
 ])
 def test_amtool_routes_each_alert_to_its_receiver(labels: list[str], receiver: str) -> None:

@@ -95,6 +95,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     world = simulator_document()
     alpha_state = next(a for a in world["accounts"] if a["name"] == "alpha")
     alpha_state["staking"] = STAKING
+    alpha_state["approved_addresses"] = [
+        {"network": "bitcoin", "address": "bc1qcold", "label": "Cold", "status": "active"}]
     (work / "sim.yml").write_text(yaml.safe_dump(world))
     exporter_config = exporter_document(simulator_url)
     gamma = next(a for a in exporter_config["accounts"] if a.get("account") == "gamma")
@@ -108,6 +110,11 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
                             "defaults": {"interval_seconds": 1}}
     alpha = next(a for a in exporter_config["accounts"] if a.get("account") == "alpha")
     alpha.update(staking_interval_seconds=1, min_available_notional=1000)
+    # Every account's bitcoin allow-list, read every second.
+    exporter_config["approved_addresses"] = {"networks": ["bitcoin"]}
+    for account in exporter_config["accounts"]:
+        account["approved_addresses_interval_seconds"] = 1
+    treasury["discover"]["defaults"]["approved_addresses_interval_seconds"] = 1
     (work / "exporter.yml").write_text(yaml.safe_dump(exporter_config))
     alert_rules(work / "alerts.yml")
     prometheus_config(work / "prometheus.yml", work / "alerts.yml", ports["exporter"],
@@ -287,6 +294,28 @@ def test_alerts_resolve_once_the_faults_are_gone(chain: Chain) -> None:
              "delta to be up again")
     keys = chain.sim_state()["keys"]
     assert all(counters.get("invalid_nonce", 0) == 0 for counters in keys.values())
+
+
+def test_a_requested_address_pages_and_resolves_once_it_is_removed(chain: Chain) -> None:
+    wait_for(lambda: chain.prometheus.query(
+        'gemini_approved_addresses{account="alpha", network="bitcoin", status="active"} == 1'),
+        "alpha's allow-list in Prometheus")
+    entry = {"network": "bitcoin", "address": "bc1qsomebodyelse", "label": "Unknown"}
+    chain.sim("POST", "/_sim/accounts/gamma/approved-addresses", entry)
+    pending = wait_for(partial(firing, chain, "GeminiBalanceApprovedAddressPending",
+                               account="gamma", network="bitcoin"),
+                       "GeminiBalanceApprovedAddressPending to reach the pager")
+    assert {path for path, _ in pending} == {"/treasury-pager"}
+    added = wait_for(partial(firing, chain, "GeminiBalanceApprovedAddressAdded",
+                             account="gamma", network="bitcoin"),
+                     "GeminiBalanceApprovedAddressAdded to reach the chat")
+    assert {path for path, _ in added} == {"/treasury-chat"}
+    # The baseline lists counted nothing: no other account's list was added to.
+    assert {got["account"] for _, got in chain.receiver.alerts(
+        "GeminiBalanceApprovedAddressAdded", "firing")} == {"gamma"}
+    chain.sim("DELETE", "/_sim/accounts/gamma/approved-addresses", entry)
+    wait_for(partial(resolved, chain, "GeminiBalanceApprovedAddressPending", account="gamma"),
+             "GeminiBalanceApprovedAddressPending to be resolved", limit_seconds=120)
 
 
 def test_a_stopped_exporter_raises_exporter_down_until_it_is_back(chain: Chain) -> None:
