@@ -93,6 +93,8 @@ RESTART_BACKOFF_BASE_SECONDS = 1.0
 PARSE_IN_THREAD_BYTES = 64 * 1024
 # How long making or adopting a plan may hold the event loop before it gives it a turn.
 PLAN_SLICE_SECONDS = 0.005
+# The most audit lines one allow-list read logs one by one (a real list changes by a few).
+MAX_AUDIT_LINES = 1000
 # A key with nothing to poll (no accounts, no listing) looks again this often.
 IDLE_SECONDS = 3600.0
 T = TypeVar("T")
@@ -638,18 +640,22 @@ def _entry_fields(entry: KnownEntry) -> dict[str, object]:
 def _log_allow_list_change(change: AllowListChange, entries: int,
                            fields: dict[str, str]) -> None:
     """The audit trail of a withdrawal allow-list: one warning per entry added or removed and
-    per change of an entry's status."""
+    per change of an entry's status, up to MAX_AUDIT_LINES a list (then one line counting the
+    rest: a server that churns thousands of entries on every read must not flood the log)."""
     if change.baseline:
         log.info("allow-list read for the first time: its entries are the baseline, none "
                  "counts as added", **fields, entries=entries)
         return
-    for entry in change.added:
-        log.warning("approved withdrawal address added", **fields, **_entry_fields(entry))
-    for entry in change.removed:
-        log.warning("approved withdrawal address removed", **fields, **_entry_fields(entry))
-    for before, after in change.status_changed:
-        log.warning("approved withdrawal address changed status", **fields,
-                    **_entry_fields(after), status_before=before.status)
+    lines = [*(("approved withdrawal address added", entry, {}) for entry in change.added),
+             *(("approved withdrawal address removed", entry, {}) for entry in change.removed),
+             *(("approved withdrawal address changed status", after,
+                {"status_before": before.status}) for before, after in change.status_changed)]
+    for event, entry, extra in lines[:MAX_AUDIT_LINES]:
+        log.warning(event, **fields, **_entry_fields(entry), **extra)
+    if len(lines) > MAX_AUDIT_LINES:
+        log.warning("allow-list changes past the audit lines logged one by one", **fields,
+                    not_logged=len(lines) - MAX_AUDIT_LINES, added=len(change.added),
+                    removed=len(change.removed), status_changed=len(change.status_changed))
 
 
 def _request_for(

@@ -16,10 +16,13 @@ import yaml
 from balance_exporter.cli import config_summary
 from balance_exporter.config import build_config, load_config
 from balance_exporter.demo import demo_exporter_document
+from balance_exporter.ledger import KnownEntry
+from balance_exporter.scheduler import MAX_AUDIT_LINES, _log_allow_list_change
 from balance_exporter.server import WebOptions
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator, start_simulator
 from balance_exporter.simulator.state import SimState, demo_document
+from balance_exporter.store import AllowListChange
 from tests.conftest import LOOPBACK_ANY_PORT
 from tests.helpers import (
     Samples,
@@ -333,3 +336,14 @@ async def test_the_demo_shows_a_requested_address_in_its_hold(http: aiohttp.Clie
     assert counts(samples, "treasury-primary", "ethereum") == {("group", "active"): 1}
     # A group entry shows in every account of the group.
     assert counts(samples, "trading", "ethereum") == {("group", "active"): 1}
+
+
+@pytest.mark.parametrize("changes", [MAX_AUDIT_LINES, MAX_AUDIT_LINES + 1])
+def test_the_audit_lines_of_one_read_are_bounded_and_the_rest_counted(changes: int) -> None:
+    added = tuple(KnownEntry("account", "pending_time", "", f"a{i}") for i in range(changes))
+    with structlog.testing.capture_logs() as logs:
+        _log_allow_list_change(AllowListChange(False, added=added), changes, {"account": "a"})
+    assert len(list(audit(logs))) == min(changes, MAX_AUDIT_LINES)
+    summary = [entry for entry in logs if entry["event"].startswith("allow-list changes past")]
+    assert [entry["not_logged"] for entry in summary] == (
+        [changes - MAX_AUDIT_LINES] if changes > MAX_AUDIT_LINES else [])
