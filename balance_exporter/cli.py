@@ -168,6 +168,10 @@ def config_summary(config: Config) -> str:
         lines.append(f"Withdrawal allow-lists of {', '.join(allow_lists.networks)}, every "
                      f"{allow_lists.interval_seconds:g}s unless an account says otherwise (each "
                      "network a request of its own)")
+    if settings.transfers is not None:
+        lines.append(f"Transfers every {settings.transfers.interval_seconds:g}s unless an account "
+                     "says otherwise (never two requests for one account within 5 s); the first "
+                     f"poll looks back {settings.transfers.lookback_seconds:.0f}s")
     lines.append("Accounts:")
     planned = {target.label: target for target in plan(config).targets}
     for account in settings.accounts:
@@ -179,7 +183,8 @@ def config_summary(config: Config) -> str:
             f", {what} every {interval:g}s" for what, interval in (
                 ("notional", target.notional_interval_seconds),
                 ("staking", target.staking_interval_seconds),
-                (f"{len(target.allow_lists)} allow-lists", target.allow_list_interval_seconds))
+                (f"{len(target.allow_lists)} allow-lists", target.allow_list_interval_seconds),
+                ("transfers", target.transfers_interval_seconds))
             if interval is not None)
         lines.append(f"  {target.label}: key {account.key}, account {gemini_account}, every "
                      f"{target.interval_seconds:g}s{stretched}, pending balances "

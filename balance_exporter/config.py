@@ -63,6 +63,10 @@ class ConfigError(Exception):
 
 Duration = Annotated[float, Field(ge=0, le=MAX_DURATION_SECONDS)]
 Interval = Annotated[float, Field(ge=1, le=MAX_DURATION_SECONDS)]
+# /v2/transfers: Gemini allows one request per 5 s per account; the first poll looks back at most
+# 30 days for pending transfers.
+MIN_TRANSFERS_INTERVAL_SECONDS = 5.0
+MAX_TRANSFERS_LOOKBACK_SECONDS = 30 * 86400.0
 # A shell-style pattern on account short names (`*`, `?`, `[...]`).
 AccountPattern = Annotated[str, Field(min_length=1, max_length=128)]
 MAX_DISCOVERY_PATTERNS = 64
@@ -80,6 +84,13 @@ MIN_ALLOW_LIST_INTERVAL_SECONDS = 60.0
 def _off_or_interval(value: float | None) -> float | None:
     if value is not None and 0 < value < 1:
         raise ValueError("must be 0 (off) or at least 1 second")
+    return value
+
+
+def _off_or_transfers_interval(value: float | None) -> float | None:
+    if value is not None and 0 < value < MIN_TRANSFERS_INTERVAL_SECONDS:
+        raise ValueError(f"must be 0 (off) or at least {MIN_TRANSFERS_INTERVAL_SECONDS:g} "
+                         "seconds (Gemini allows one transfers request per 5 s per account)")
     return value
 
 
@@ -175,11 +186,20 @@ class AccountOptions(_Strict):
     # None: `approved_addresses.interval_seconds` when `approved_addresses:` is set; 0: off.
     # Below that section's least (60 s) only when an account asks for it.
     approved_addresses_interval_seconds: OffOrInterval | None = None
+    # None: `transfers.interval_seconds` when `transfers:` is set; 0: off.
+    transfers_interval_seconds: OffOrInterval | None = None
+    # Alert thresholds of the transfers, exported as metrics.
+    max_withdrawal_pending_seconds: Annotated[
+        float, Field(gt=0, le=MAX_TRANSFERS_LOOKBACK_SECONDS)] | None = None
+    max_withdrawn_per_hour: dict[Annotated[str, Field(min_length=1)],
+                                 Annotated[float, Field(ge=0)]] = {}
 
     _check_off_or_interval = field_validator(
         "notional_interval_seconds", "staking_interval_seconds",
         "approved_addresses_interval_seconds")(_off_or_interval)
-    _check_currencies = field_validator("min_available")(_by_currency)
+    _check_transfers_interval = field_validator(
+        "transfers_interval_seconds")(_off_or_transfers_interval)
+    _check_currencies = field_validator("min_available", "max_withdrawn_per_hour")(_by_currency)
 
     def over(self, defaults: "AccountOptions") -> "AccountOptions":
         """These options where they were set, `defaults` where they were not."""
@@ -211,6 +231,16 @@ class NotionalSettings(_Strict):
     @classmethod
     def _upper(cls, currency: str) -> str:
         return currency.upper()
+
+
+class TransfersSettings(_Strict):
+    """Every account's deposits and withdrawals, from /v2/transfers."""
+
+    interval_seconds: Annotated[float, Field(ge=MIN_TRANSFERS_INTERVAL_SECONDS,
+                                             le=MAX_DURATION_SECONDS)] = 60.0
+    # How far back the first poll after a start without saved state looks for pending ones.
+    lookback_seconds: Annotated[float, Field(ge=0, le=MAX_TRANSFERS_LOOKBACK_SECONDS)] = (
+        7 * 86400.0)
 
 
 # Gemini's network names in the allow-list path are lower-case words (bitcoin, ethereum, xrpl).
@@ -273,6 +303,7 @@ class ExporterSettings(_Strict):
     accounts: list[AccountSettings] = []
     notional: NotionalSettings | None = None
     approved_addresses: ApprovedAddressesSettings | None = None
+    transfers: TransfersSettings | None = None
     precision: dict[str, Annotated[int, Field(ge=0, le=30)]] = {}
     default_precision: Annotated[int, Field(ge=0, le=30)] = DEFAULT_PRECISION_PLACES
     polling: PollingSettings = PollingSettings()
@@ -283,7 +314,8 @@ class ExporterSettings(_Strict):
     @model_validator(mode="after")
     def _check_references(self) -> "ExporterSettings":
         problems = [*_key_problems(self.keys), *_account_problems(self),
-                    *_notional_problems(self), *_allow_list_problems(self)]
+                    *_notional_problems(self), *_allow_list_problems(self),
+                    *_transfers_problems(self)]
         if problems:
             raise ConfigError(problems)
         return self
@@ -384,6 +416,22 @@ def _allow_list_problems(settings: ExporterSettings) -> list[str]:
             "`approved_addresses:` with the networks"
             for where, options in _account_options(settings)
             if options.approved_addresses_interval_seconds]
+
+
+def _transfers_problems(settings: ExporterSettings) -> list[str]:
+    """Transfer intervals and thresholds mean nothing without `transfers:`, which turns the
+    reading on."""
+    if settings.transfers is not None:
+        return []
+    problems = []
+    for where, options in _account_options(settings):
+        for name, value in (("transfers_interval_seconds", options.transfers_interval_seconds),
+                            ("max_withdrawal_pending_seconds",
+                             options.max_withdrawal_pending_seconds),
+                            ("max_withdrawn_per_hour", options.max_withdrawn_per_hour)):
+            if value:
+                problems.append(f"{where}.{name}: needs a top-level `transfers:`")
+    return problems
 
 
 def config_warnings(settings: ExporterSettings) -> list[str]:

@@ -20,18 +20,22 @@ from balance_exporter.simulator.state import SimState, demo_document
 def demo_exporter_document(simulator_state: SimState, base_url: str) -> dict[str, Any]:
     """An exporter config for the demo simulator: its master key discovers the group's accounts
     (one of them configured with alert thresholds), and its account-scoped key; every account's
-    value in USD, its staked coins and its bitcoin and ethereum withdrawal allow-lists."""
+    value in USD, its staked coins, its bitcoin and ethereum withdrawal allow-lists and its
+    money movements."""
     master, account_key = simulator_state.keys.values()
     return {
         "gemini": {"base_url": base_url, "timeout_seconds": 5},
         "notional": {"currency": "USD", "interval_seconds": 15},
         "approved_addresses": {"networks": ["bitcoin", "ethereum"]},
+        "transfers": {"interval_seconds": 30},
         "keys": [
             {"name": "treasury", "api_key": master.api_key, "api_secret": master.api_secret,
              "requests_per_second": 2,
              "discover": {"refresh_seconds": 30, "defaults": {
                  "interval_seconds": 5, "show_pending_balances": True,
-                 "staking_interval_seconds": 30, "approved_addresses_interval_seconds": 30}}},
+                 "staking_interval_seconds": 30, "approved_addresses_interval_seconds": 30,
+                 "max_withdrawal_pending_seconds": 3600,
+                 "max_withdrawn_per_hour": {"BTC": 2, "USD": 100000}}}},
             {"name": "savings", "api_key": account_key.api_key,
              "api_secret": account_key.api_secret, "requests_per_second": 1},
         ],

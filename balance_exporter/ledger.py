@@ -1,19 +1,22 @@
 """What the exporter remembers of each (API key, Gemini account), planned or not: the last
-accepted `_timestamp` of every stream (the staleness rule's memory) and each network's last good
-withdrawal allow-list (what the next list is compared with, so that an added address counts).
+accepted `_timestamp` of every stream (the staleness rule's memory), each network's last good
+withdrawal allow-list (what the next list is compared with, so that an added address counts)
+and where its transfers were read up to, with those still pending (so that each counts once).
 
 It outlives an account's absence from the plan, a change of its settings or label, and (through
-`storage`) a restart: a stale server's reply is refused, and an address added meanwhile counts,
-whether the account was away from the plan or the exporter was stopped. The store keeps what is
-shown per account label; this keeps what belongs to the account itself.
+`storage`) a restart: a stale server's reply is refused, and an address added or a transfer made
+meanwhile counts once, whether the account was away from the plan or the exporter was stopped.
+The store keeps what is shown per account label; this keeps what belongs to the account itself.
 """
 
 import hashlib
 import math
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+from balance_exporter.transfers import TransfersCursor
 
 # Who a stamp belongs to: (API key identity, Gemini account). Stamps are Gemini's, of one
 # account as seen through one API key, so they depend on no plan, label, setting or name.
@@ -49,6 +52,14 @@ def entry_digest(scope: str, address: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class PlannedStreams:
+    """What a plan reads of an account beyond its stamped replies."""
+
+    networks: frozenset[str] = frozenset()  # whose allow-lists it reads
+    transfers: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class SavedAccount:
     """What is remembered of one account, as kept across plan changes and restarts
     (`storage`)."""
@@ -62,6 +73,7 @@ class SavedAccount:
     gone_since: float | None = None
     # Per network, the last good allow-list: entry digest to (scope, status).
     allow_lists: Mapping[str, Mapping[str, tuple[str, str]]] = field(default_factory=dict)
+    transfers: TransfersCursor | None = None
 
     @property
     def owner(self) -> StampOwner:
@@ -72,6 +84,11 @@ class SavedAccount:
 class _Remembered:
     stamps: dict[str, int] = field(default_factory=dict)
     allow_lists: dict[str, AllowListMemory] = field(default_factory=dict)
+    transfers: TransfersCursor | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.stamps and not self.allow_lists and self.transfers is None
 
 
 class AccountLedger:
@@ -86,7 +103,7 @@ class AccountLedger:
             self._owners[entry.owner] = _Remembered(dict(entry.stamps), {
                 network: {digest: KnownEntry(scope, status, None, None)
                           for digest, (scope, status) in entries.items()}
-                for network, entries in entry.allow_lists.items()})
+                for network, entries in entry.allow_lists.items()}, entry.transfers)
             if entry.gone_since is not None:
                 self._gone_since[entry.owner] = entry.gone_since
         # Moves on every change: the persister saves when it moved.
@@ -116,23 +133,41 @@ class AccountLedger:
             allow_lists[network] = entries
             self.version += 1
 
-    def replan(self, planned: Mapping[StampOwner, Collection[str]],
+    def transfers(self, owner: StampOwner) -> TransfersCursor | None:
+        """Where the owner's transfers were read up to; None if nothing is known (the next poll
+        is then the baseline)."""
+        remembered = self._owners.get(owner)
+        return None if remembered is None else remembered.transfers
+
+    def remember_transfers(self, owner: StampOwner, cursor: TransfersCursor) -> None:
+        remembered = self._owners.setdefault(owner, _Remembered())
+        if remembered.transfers != cursor:
+            remembered.transfers = cursor
+            self.version += 1
+
+    def replan(self, planned: Mapping[StampOwner, PlannedStreams],
                confirms_absence: Callable[[str], bool]) -> None:
-        """A new plan, by owner and the networks whose allow-lists it reads: its accounts are
-        present; an account that left it is gone from when `confirms_absence(key id)` says its
-        key's plan would show it if it were there. A planned account forgets the allow-lists of
-        networks no longer read (read again, one is a baseline). Then forget what is past
-        STAMP_RETENTION_SECONDS, and past MAX_ABSENT_STAMP_OWNERS."""
+        """A new plan, by owner and what of it it reads: its accounts are present; an account
+        that left it is gone from when `confirms_absence(key id)` says its key's plan would show
+        it if it were there. A planned account forgets the allow-lists of networks no longer
+        read, and its transfers if they are no longer read (read again, each starts from a
+        baseline). Then forget what is past STAMP_RETENTION_SECONDS, and past
+        MAX_ABSENT_STAMP_OWNERS."""
         now = self._wall_clock()
         before = (set(self._owners), dict(self._gone_since))
         changed = False
-        for owner, networks in planned.items():
+        for owner, streams in planned.items():
             self._gone_since.pop(owner, None)
             remembered = self._owners.get(owner)
-            if remembered is not None and remembered.allow_lists.keys() - set(networks):
+            if remembered is None:
+                continue
+            if remembered.allow_lists.keys() - set(streams.networks):
                 remembered.allow_lists = {network: entries for network, entries
                                           in remembered.allow_lists.items()
-                                          if network in networks}
+                                          if network in streams.networks}
+                changed = True
+            if remembered.transfers is not None and not streams.transfers:
+                remembered.transfers = None
                 changed = True
         for owner in self._owners.keys() - planned.keys() - self._gone_since.keys():
             if confirms_absence(owner[0]):
@@ -153,6 +188,6 @@ class AccountLedger:
                     *owner, dict(remembered.stamps), self._gone_since.get(owner),
                     {network: {digest: (entry.scope, entry.status)
                                for digest, entry in entries.items()}
-                     for network, entries in remembered.allow_lists.items()})
-                for owner, remembered in self._owners.items()
-                if remembered.stamps or remembered.allow_lists]
+                     for network, entries in remembered.allow_lists.items()},
+                    remembered.transfers)
+                for owner, remembered in self._owners.items() if not remembered.empty]

@@ -7,7 +7,7 @@ prometheus_client's generic path, the reference the fast path is held to byte fo
 benchmarks' baseline.
 """
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from balance_exporter import __version__
+from balance_exporter.gemini.replies import TransferTotals
 from balance_exporter.store import (
     AccountSnapshot,
     AllowListState,
@@ -29,7 +30,7 @@ from balance_exporter.store import (
     KeyCounters,
     PollState,
 )
-from balance_exporter.targets import AccountTarget, Endpoint
+from balance_exporter.targets import AccountTarget, Endpoint, Movements
 
 _POLLED = (
     "Polled in the background from Gemini's /v1/balances every "
@@ -170,11 +171,12 @@ def _account_counter(
 
 
 def _errors_family(
-    name: str, help_text: str, accounts: Iterable[AccountSnapshot], endpoint: Endpoint
+    name: str, help_text: str, accounts: Iterable[AccountSnapshot],
+    state: Callable[[AccountSnapshot], PollState[Any]],
 ) -> CounterMetricFamily:
     errors = CounterMetricFamily(name, help_text, labels=["account", "reason"])
     for snapshot in accounts:
-        for reason, count in sorted(snapshot.poll(endpoint).errors.items()):
+        for reason, count in sorted(state(snapshot).errors.items()):
             errors.add_metric([snapshot.target.label, reason], count)
     return errors
 
@@ -184,14 +186,13 @@ _REASONS = ("by Gemini's reason or the local failure (Timeout, ConnectionError, 
 
 
 def _endpoint_health_families(
-    accounts: tuple[AccountSnapshot, ...], endpoint: Endpoint, path: str
+    accounts: Sequence[AccountSnapshot], endpoint: Endpoint | Movements, path: str,
+    state: Callable[[AccountSnapshot], PollState[Any]], stamped: bool = True,
 ) -> Iterator[Metric]:
-    """The health of a further endpoint's polls, for the accounts that poll it."""
+    """The health of a further endpoint's polls, for the accounts that poll it (`stamped`: its
+    replies carry `_timestamp`, so some may be stale)."""
     polled = [s for s in accounts if s.target.interval_for(endpoint) is not None]
     prefix = f"gemini_{endpoint.value}"
-
-    def state(snapshot: AccountSnapshot) -> PollState[Any]:
-        return snapshot.poll(endpoint)
     yield _account_gauge(
         f"{prefix}_up", f"1 if the last background poll of {path} gave a usable reply (a stale "
         "one counts), else 0 (also before the first poll).",
@@ -206,11 +207,12 @@ def _endpoint_health_families(
         "request budget.", polled, lambda s: s.target.interval_for(endpoint))
     yield _errors_family(f"{prefix}_poll_errors",
                          f"Polls of {path} that gave no usable reply, {_REASONS}.",
-                         polled, endpoint)
-    yield _account_counter(
-        f"{prefix}_stale_replies",
-        f"{path} replies ignored because their `_timestamp` was older than the last accepted "
-        "one.", polled, lambda s: state(s).stale_replies)
+                         polled, state)
+    if stamped:
+        yield _account_counter(
+            f"{prefix}_stale_replies",
+            f"{path} replies ignored because their `_timestamp` was older than the last "
+            "accepted one.", polled, lambda s: state(s).stale_replies)
 
 
 def _health_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
@@ -243,7 +245,7 @@ def _health_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
         accounts, lambda s: s.balances.polls)
     yield _errors_family("gemini_account_poll_errors",
                          f"Polls that gave no usable reply, {_REASONS}.", accounts,
-                         Endpoint.BALANCES)
+                         lambda s: s.balances)
     yield _account_counter(
         "gemini_account_stale_replies",
         "Replies ignored because their `_timestamp` was older than the last accepted one.",
@@ -262,8 +264,10 @@ def _health_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
         info.add_metric([target.label, target.key_name, snapshot.account_type,
                          target.display_name, str(int(target.discovered))], {})
     yield info
-    yield from _endpoint_health_families(accounts, Endpoint.NOTIONAL, "/v1/notionalbalances")
-    yield from _endpoint_health_families(accounts, Endpoint.STAKING, "/v1/balances/staking")
+    yield from _endpoint_health_families(accounts, Endpoint.NOTIONAL, "/v1/notionalbalances",
+                                         lambda s: s.notional)
+    yield from _endpoint_health_families(accounts, Endpoint.STAKING, "/v1/balances/staking",
+                                         lambda s: s.staking)
     yield _account_counter(
         "gemini_staking_unreadable_provider_entries",
         "Entries of `balanceByProvider` that could not be read and were left out (the row's "
@@ -346,6 +350,68 @@ def _allow_list_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metr
         "accepted one.", lambda state: state.poll.stale_replies)
 
 
+TRANSFER_LABELS = ["account", "currency", "type"]
+
+
+def _transfers_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
+    """The money movements of the accounts that read them: one sample set per (currency,
+    type). Transfer ids, destinations and tx hashes go to the log, never into a label."""
+    reading = [s for s in accounts if s.target.transfers_interval_seconds is not None]
+    totals = [(snapshot.target.label, row) for snapshot in reading
+              for row in snapshot.transfers.poll.rows]
+
+    def by_pair(family: GaugeMetricFamily | CounterMetricFamily,
+                value: Callable[[TransferTotals], float | None]) -> Metric:
+        for label, row in totals:
+            sample = value(row)
+            if sample is not None:
+                family.add_metric([label, row.currency, row.type], sample)
+        return family
+    yield by_pair(CounterMetricFamily(
+        "gemini_transfers", "Transfers seen in the account's /v2/transfers (each counted once, "
+        "when first seen, in any status: a withdrawal counts when it starts), by currency and "
+        "type. The first poll after start counts only the pending ones it finds; with "
+        "--storage.path, those made while the exporter was stopped count after the restart.",
+        labels=TRANSFER_LABELS), lambda row: row.transfers)
+    yield by_pair(CounterMetricFamily(
+        "gemini_transferred_amount", "The amounts of the transfers counted in "
+        "gemini_transfers_total, in units of the currency (floored to its precision).",
+        labels=TRANSFER_LABELS), lambda row: float(row.amount))
+    yield by_pair(GaugeMetricFamily(
+        "gemini_transfers_pending", "Transfers of the account still Pending, by currency and "
+        "type (0 once none is).", labels=TRANSFER_LABELS), lambda row: row.pending)
+    yield by_pair(GaugeMetricFamily(
+        "gemini_transfers_pending_amount", "The amount of the transfers still Pending.",
+        labels=TRANSFER_LABELS), lambda row: float(row.pending_amount))
+    yield by_pair(GaugeMetricFamily(
+        "gemini_transfer_oldest_pending_timestamp_seconds", "When the oldest transfer still "
+        "Pending began (Gemini `timestampms`): its age is now minus this.",
+        labels=TRANSFER_LABELS), lambda row: _seconds_of_ms(row.oldest_pending_ms))
+    yield _account_counter(
+        "gemini_transfers_gaps", "Transfers pages that were full before the time asked: "
+        "transfers between them may have been missed (logged).", reading,
+        lambda s: s.transfers.gaps)
+    yield _account_counter(
+        "gemini_transfers_pending_dropped", "Pending transfers no longer tracked because more "
+        "than 1,000 were pending (the oldest go first, logged).", reading,
+        lambda s: s.transfers.dropped)
+    yield from _endpoint_health_families(reading, Movements.TRANSFERS, "/v2/transfers",
+                                         lambda s: s.transfers.poll, stamped=False)
+    yield _account_gauge(
+        "gemini_account_max_withdrawal_pending_seconds",
+        "Configured longest a withdrawal may stay pending (`max_withdrawal_pending_seconds`); "
+        "alert rules compare against it.", accounts,
+        lambda s: s.target.max_withdrawal_pending_seconds)
+    most = GaugeMetricFamily(
+        "gemini_account_max_withdrawn_per_hour", "Configured most that may be withdrawn within "
+        "an hour, per currency (`max_withdrawn_per_hour`); alert rules compare against it.",
+        labels=BALANCE_LABELS)
+    for snapshot in accounts:
+        for currency, value in snapshot.target.max_withdrawn_per_hour:
+            most.add_metric([snapshot.target.label, currency], value)
+    yield most
+
+
 def _seconds_of_ms(milliseconds: int | None) -> float | None:
     return None if milliseconds is None else milliseconds / 1e3
 
@@ -360,6 +426,7 @@ def account_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
     yield from _threshold_families(accounts)
     yield from _health_families(accounts)
     yield from _allow_list_families(accounts)
+    yield from _transfers_families(accounts)
 
 
 @dataclass

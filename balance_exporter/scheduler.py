@@ -38,6 +38,7 @@ from balance_exporter.gemini.client import (
     notional_request,
     roles_request,
     staking_request,
+    transfers_request,
 )
 from balance_exporter.gemini.errors import (
     GeminiError,
@@ -53,12 +54,14 @@ from balance_exporter.gemini.replies import (
     KeyRoles,
     ParsedReply,
     ReplyRules,
+    Transfer,
     parse_account_list,
     parse_approved_addresses,
     parse_balances_reply,
     parse_notional_reply,
     parse_roles,
     parse_staking_reply,
+    parse_transfers,
 )
 from balance_exporter.heap import burst_frozen
 from balance_exporter.ledger import KnownEntry
@@ -70,9 +73,11 @@ from balance_exporter.targets import (
     Endpoint,
     KeyPlan,
     ListedAccount,
+    Movements,
     Plan,
     planning,
 )
+from balance_exporter.transfers import PageOutcome, TransfersQuery
 
 log = structlog.get_logger("balance_exporter.scheduler")
 
@@ -126,7 +131,7 @@ class Job:
     """One request stream of a key: an account's endpoint, or a request of the key's own."""
 
     label: str  # the account's label; "" for a key's own request
-    endpoint: Endpoint | KeyRequest | AllowList
+    endpoint: Endpoint | KeyRequest | AllowList | Movements
 
     @property
     def log_fields(self) -> dict[str, str]:
@@ -148,7 +153,10 @@ ROLES = Job("", KeyRequest.ROLES)
 # When several jobs are due, the balances go first: no other endpoint delays them.
 _PRIORITY = {Endpoint.BALANCES.value: 0, KeyRequest.ACCOUNT_LIST.value: 1,
              KeyRequest.ROLES.value: 1, Endpoint.NOTIONAL.value: 2, Endpoint.STAKING.value: 2,
-             AllowList.value: 2}
+             AllowList.value: 2, Movements.TRANSFERS.value: 2}
+# Gemini allows one /v2/transfers request per 5 s per account; the margin covers the time between
+# this clock's start of a request and Gemini's arrival of it.
+TRANSFERS_ACCOUNT_SPACING_SECONDS = 5.25
 
 
 class SystemClock:
@@ -240,6 +248,9 @@ class KeySchedule:
         self._failures: dict[Job, int] = {}
         # When each endpoint but the balances may send again, by Job.kind (see `finished`).
         self._endpoint_free_at: dict[str, float] = {}
+        # When each Gemini account's transfers may be asked for again (Gemini's 5 s rule),
+        # kept through every new plan: a reload cannot send two within 5 s.
+        self._transfers_free_at: dict[str | None, float] = {}
         self.key_plan: KeyPlan | None = None
         self.update(key_plan, now)
 
@@ -293,7 +304,7 @@ class KeySchedule:
         earliest = self.pacing.earliest_start()
         ready_at = max(now, earliest)
         free_at = self._endpoint_free_at
-        available = {job: max(at, free_at.get(job.kind, at))
+        available = {job: max(at, free_at.get(job.kind, at), self._account_free_at(job))
                      for job, at in self.next_due.items()}
         due = [job for job, at in available.items() if at <= ready_at]
         job = (min(due, key=lambda job: (_PRIORITY[job.kind], available[job])) if due
@@ -311,8 +322,23 @@ class KeySchedule:
             self._endpoint_free_at[job.kind] = ended_at + excess * (
                 1 / SLOW_ENDPOINT_SHARE - 1)
 
-    def started(self, at: float) -> None:
+    def started(self, at: float, job: Job | None = None) -> None:
         self.pacing.last_start = at
+        if job is not None and job.endpoint is Movements.TRANSFERS and job.label in self.targets:
+            self._transfers_free_at[self.targets[job.label].gemini_account] = (
+                at + TRANSFERS_ACCOUNT_SPACING_SECONDS)
+
+    def _account_free_at(self, job: Job) -> float:
+        """When a job may send by its account's own limit (transfers only)."""
+        if job.endpoint is not Movements.TRANSFERS or job.label not in self.targets:
+            return float("-inf")
+        return self._transfers_free_at.get(self.targets[job.label].gemini_account, float("-inf"))
+
+    def soon(self, job: Job, now: float) -> None:
+        """Make a job due as soon as its limits allow (after a page that may have missed
+        transfers: more are coming than an interval's page holds)."""
+        if job in self._intervals:
+            self.next_due[job] = now
 
     def succeeded(self, job: Job, started_at: float) -> None:
         if job not in self._intervals:  # dropped by a new plan while it ran
@@ -451,7 +477,7 @@ class KeyWorker:
 
     async def poll(self, job: Job) -> None:
         started = self._clock.monotonic()
-        self.schedule.started(started)
+        self.schedule.started(started, job)
         self._store.record_request(self.key_name)
         fields = {"key": self.key_name, **job.log_fields}
         # What the request is for, as planned when it is sent: its reply or failure is this
@@ -469,6 +495,13 @@ class KeyWorker:
                 allow_list = await self._fetch(
                     approved_addresses_request(target.gemini_account, endpoint.network),
                     partial(_parse_allow_list, self._rules))
+            elif endpoint is Movements.TRANSFERS:
+                assert target is not None
+                # None: the store adopted a plan without them, and the worker's comes next.
+                query = self._store.transfers_query(job.label, int(self._clock.wall() * 1000))
+                transfers = () if query is None else await self._fetch(
+                    transfers_request(target.gemini_account, query.after_ms, query.currency),
+                    partial(_parse_transfers, self._rules))
             else:
                 assert target is not None  # a job of the plan is one of its targets'
                 request, parse = _request_for(target, endpoint, self._rules)
@@ -493,6 +526,9 @@ class KeyWorker:
         duration = self._clock.monotonic() - started
         if isinstance(endpoint, AllowList):
             self._adopt_allow_list(job.label, endpoint, allow_list, duration, target, fields)
+            return
+        if endpoint is Movements.TRANSFERS:
+            self._adopt_transfers(job, query, transfers, duration, target, fields)
             return
         assert isinstance(endpoint, Endpoint)
         verdict = self._store.record_reply(job.label, endpoint, reply, duration,
@@ -571,6 +607,19 @@ class KeyWorker:
         elif change is not None:
             _log_allow_list_change(change, len(reply.entries), fields)
 
+    def _adopt_transfers(
+        self, job: Job, query: TransfersQuery | None, rows: tuple[Transfer, ...],
+        duration: float, target: AccountTarget | None, fields: dict[str, str],
+    ) -> None:
+        outcome = None if query is None else self._store.record_transfers(
+            job.label, query, rows, duration, self._clock.wall(), sent=target)
+        if query is None or outcome is None:
+            log.info("reply dropped: the plan changed while it was on its way", **fields)
+            return
+        _log_transfers(outcome, query, len(rows), fields)
+        if outcome.gap:
+            self.schedule.soon(job, self._clock.monotonic())
+
     def _adopt_roles(self, roles: KeyRoles) -> None:
         self._store.record_roles(self.key_name, roles, self._clock.wall())
         if roles.beyond_auditor:
@@ -590,6 +639,9 @@ class KeyWorker:
         elif isinstance(job.endpoint, AllowList):
             self._store.record_allow_list_failure(job.label, job.endpoint, error.reason,
                                                   now - started, sent=target)
+        elif job.endpoint is Movements.TRANSFERS:
+            self._store.record_transfers_failure(job.label, error.reason, now - started,
+                                                 sent=target)
         else:
             self._store.record_failure(job.label, job.endpoint, error.reason, now - started,
                                        sent=target)
@@ -597,7 +649,13 @@ class KeyWorker:
                                       "error": error.message}
         if error.gemini_reason != error.reason:
             details["gemini_reason"] = error.gemini_reason
-        if isinstance(error, RateLimited):
+        if isinstance(error, RateLimited) and job.endpoint is Movements.TRANSFERS:
+            # Gemini's limit per account, not the key's: that account's transfers back off.
+            self._store.record_rate_limited(self.key_name)
+            retry = self.schedule.failed(job, now)
+            log.warning("transfers rate limited for the account, backing off", **details,
+                        retry_seconds=round(retry, 3))
+        elif isinstance(error, RateLimited):
             self._store.record_rate_limited(self.key_name)
             pause = self.schedule.rate_limited(now, error.retry_after)
             if error.retry_after is not None and pause < error.retry_after:
@@ -625,6 +683,41 @@ def _parse_roles(body: bytes, now_ns: int) -> KeyRoles:
 
 def _parse_allow_list(rules: ReplyRules, body: bytes, now_ns: int) -> AllowListReply:
     return parse_approved_addresses(body, rules, now_ns)
+
+
+def _parse_transfers(rules: ReplyRules, body: bytes, now_ns: int) -> tuple[Transfer, ...]:
+    return parse_transfers(body, rules)
+
+
+def _log_transfers(outcome: PageOutcome, query: TransfersQuery, rows: int,
+                   fields: dict[str, str]) -> None:
+    """The audit trail of an account's money: one line per new transfer (a warning for a
+    withdrawal), and what became of pending ones."""
+    if query.baseline:
+        log.info("transfers read for the first time: settled ones are the baseline, pending "
+                 "ones count", **fields, rows=rows, pending=len(outcome.new))
+    for transfer in outcome.new[:MAX_AUDIT_LINES]:
+        level = log.warning if transfer.type == "withdrawal" else log.info
+        level("transfer", **fields, type=transfer.type, status=transfer.status,
+              currency=transfer.currency, amount=format(transfer.amount, "f"),
+              network=transfer.network, eid=transfer.eid, destination=transfer.destination,
+              tx_hash=transfer.tx_hash)
+    if len(outcome.new) > MAX_AUDIT_LINES:
+        log.warning("transfers past the audit lines logged one by one", **fields,
+                    not_logged=len(outcome.new) - MAX_AUDIT_LINES)
+    for held in outcome.settled:
+        log.info("pending transfer settled", **fields, eid=held.eid, type=held.type,
+                 currency=held.currency, amount=format(held.amount, "f"))
+    for held in outcome.gone:
+        log.warning("pending transfer no longer listed (cancelled or returned)", **fields,
+                    eid=held.eid, type=held.type, currency=held.currency,
+                    amount=format(held.amount, "f"))
+    if outcome.dropped:
+        log.warning("pending transfers past the tracking limit dropped, oldest first", **fields,
+                    dropped=len(outcome.dropped), eids=[held.eid for held in outcome.dropped][:20])
+    if outcome.gap:
+        log.warning("transfers page full before the time asked: transfers may have been "
+                    "missed, polling again soon", **fields, after_ms=query.after_ms)
 
 
 def _entry_fields(entry: KnownEntry) -> dict[str, object]:

@@ -164,6 +164,31 @@ def _allow_lists_cell(snapshot: AccountSnapshot) -> str:
     return "; ".join(parts)
 
 
+def _duration_text(seconds: float) -> str:
+    minutes = int(max(0.0, seconds) // 60)
+    return f"{minutes // 60}h {minutes % 60}m" if minutes >= 60 else f"{minutes}m"
+
+
+def _withdrawals_cell(snapshot: AccountSnapshot, now: float) -> str:
+    """The account's pending withdrawals and the oldest one's age (HTML), marked past the
+    account's threshold."""
+    if snapshot.target.transfers_interval_seconds is None:
+        return "off"
+    state = snapshot.transfers.poll
+    if state.last_success_seconds is None:
+        return "not yet"
+    rows = [row for row in state.rows if row.type == "withdrawal" and row.pending]
+    if not rows:
+        return "none"
+    oldest = min(row.oldest_pending_ms for row in rows if row.oldest_pending_ms is not None)
+    age = now - oldest / 1000
+    amounts = ", ".join(f"{row.pending_amount.normalize():f} {row.currency}" for row in rows)
+    text = html.escape(f"{sum(row.pending for row in rows)} ({amounts}), oldest "
+                       f"{_duration_text(age)}")
+    limit = snapshot.target.max_withdrawal_pending_seconds
+    return f'<span class="warning">&#9888; {text}</span>' if limit and age > limit else text
+
+
 def _discovery_text(store: BalanceStore, now: float) -> str:
     lines = []
     for key in store.key_counters():
@@ -213,7 +238,8 @@ async def landing_handler(request: web.Request) -> web.Response:
             str(len(snapshot.balances.rows)),
             _value_cell(snapshot),
             _staked(snapshot),
-        )) + f"<td>{_allow_lists_cell(snapshot)}</td></tr>"
+        )) + f"<td>{_allow_lists_cell(snapshot)}</td>"
+        f"<td>{_withdrawals_cell(snapshot, now)}</td></tr>"
         for snapshot in snapshots
     )
     total = _totals_text(snapshots)
@@ -228,7 +254,7 @@ Health: <a href="/-/healthy">/-/healthy</a>, readiness: <a href="/-/ready">/-/re
 {total}{_discovery_text(store, now)}{_roles_text(store)}
 <table><thead><tr><th>Account</th><th>Key</th><th>Status</th><th>Data age</th>
 <th>Poll interval</th><th>Currencies</th><th>Total value</th><th>Staked</th>
-<th>Withdrawal allow-lists</th></tr></thead>
+<th>Withdrawal allow-lists</th><th>Pending withdrawals</th></tr></thead>
 <tbody>
 {rows}
 </tbody></table>

@@ -1,14 +1,15 @@
 """`--storage.path`: what the ledger remembers of each (key, Gemini account), kept across
 restarts: the last accepted `_timestamp` per stream, and a digest of each entry of each network's
-last good withdrawal allow-list.
+last good withdrawal allow-list, and where its transfers were read up to with those pending.
 
 Without it, the first reply after a restart is accepted whatever its stamp, so a stale server
-could win once, and the first allow-list after a restart is a baseline, so an address added
-while the exporter was stopped would never count. The file holds everything the store's ledger
-keeps, accounts that are not planned right now included (a discovering key that has not listed
-since the start, an account that left the plan a while ago): a save made before the first
-listing must not forget them. Allow-list entries are kept as a digest of (scope, address) with
-their scope and status, never their addresses or labels.
+could win once, and the first allow-list (or transfers poll) after a restart is a baseline, so
+an address added (or money moved) while the exporter was stopped would never count. The file
+holds everything the store's ledger keeps, accounts that are not planned right now included (a
+discovering key that has not listed since the start, an account that left the plan a while
+ago): a save made before the first listing must not forget them. Allow-list entries are kept
+as a digest of (scope, address) with their scope and status, never their addresses or labels;
+pending transfers by id, type, currency, amount and time, never their destinations.
 
 It is written atomically (a new temporary file, fsync, rename) whenever the ledger moved, at
 most every few seconds and at stop; it is read at start. An unreadable, odd or corrupt file is
@@ -20,6 +21,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,19 @@ from balance_exporter.files import read_regular_file, write_private_file
 from balance_exporter.gemini.replies import (
     APPROVED_ADDRESS_SCOPES,
     APPROVED_ADDRESS_STATUSES,
+    MAX_EID,
     OTHER,
+    TRANSFER_TYPES,
 )
 from balance_exporter.ledger import SavedAccount
 from balance_exporter.store import BalanceStore
 from balance_exporter.targets import AllowList, Endpoint
+from balance_exporter.transfers import (
+    MAX_IDS_AT_NEWEST,
+    MAX_PENDING_TRANSFERS,
+    PendingTransfer,
+    TransfersCursor,
+)
 
 log = structlog.get_logger("balance_exporter.storage")
 
@@ -51,6 +61,9 @@ _NETWORK = re.compile(r"[a-z0-9]{1,32}", re.ASCII)
 _DIGEST = re.compile(r"[0-9a-f]{32}", re.ASCII)
 _SCOPES = frozenset((*APPROVED_ADDRESS_SCOPES, OTHER))
 _STATUSES = frozenset((*APPROVED_ADDRESS_STATUSES.values(), OTHER))
+_TRANSFER_TYPES = frozenset((*TRANSFER_TYPES.values(), OTHER))
+_CURRENCY = re.compile(r"[A-Z0-9][A-Z0-9._-]{0,15}", re.ASCII)
+_AMOUNT = re.compile(r"[0-9]{1,30}(?:\.[0-9]{1,30})?", re.ASCII)
 # Nanoseconds since 1970 fit in a signed 64-bit integer until 2262: a larger stamp is no stamp.
 MAX_STAMP_NS = 2**63 - 1
 
@@ -143,6 +156,43 @@ def _allow_lists(raw: object) -> dict[str, dict[str, tuple[str, str]]] | None:
     return allow_lists
 
 
+def _whole(value: object, most: int) -> bool:
+    return type(value) is int and 0 <= value <= most
+
+
+def _pending(raw: object) -> PendingTransfer | None:
+    if not (isinstance(raw, list) and len(raw) == 5):
+        return None
+    eid, kind, currency, amount, timestamp = raw
+    if not (_whole(eid, MAX_EID) and kind in _TRANSFER_TYPES and isinstance(currency, str)
+            and _CURRENCY.fullmatch(currency) and isinstance(amount, str)
+            and _AMOUNT.fullmatch(amount) and _whole(timestamp, MAX_STAMP_NS)):
+        return None
+    return PendingTransfer(eid, kind, currency, Decimal(amount), timestamp)
+
+
+def _transfers(raw: object) -> TransfersCursor | None:
+    """An entry's `transfers`: the cursor, or None when there is none. Raises ValueError when it
+    is not what this exporter writes."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError("transfers: not an object")
+    at_newest, pending = raw.get("at_newest"), raw.get("pending")
+    if not (_whole(raw.get("newest_ms"), MAX_STAMP_NS) and _whole(raw.get("rechecks"), 2**62)
+            and isinstance(raw.get("last_was_recheck"), bool)
+            and isinstance(at_newest, list) and len(at_newest) <= MAX_IDS_AT_NEWEST
+            and all(_whole(eid, MAX_EID) for eid in at_newest)
+            and isinstance(pending, list) and len(pending) <= MAX_PENDING_TRANSFERS):
+        raise ValueError("transfers: a field is not what this exporter writes")
+    held = [_pending(item) for item in pending]
+    if None in held:
+        raise ValueError("transfers: a pending transfer is not what this exporter writes")
+    return TransfersCursor(raw["newest_ms"], frozenset(at_newest),
+                           tuple(item for item in held if item is not None),
+                           raw["rechecks"], raw["last_was_recheck"])
+
+
 def _saved_account(entry: object) -> SavedAccount | None:
     """One entry, or None when any part of it is not what this exporter writes."""
     if not isinstance(entry, dict):
@@ -153,9 +203,13 @@ def _saved_account(entry: object) -> SavedAccount | None:
     else:
         raw = entry.get("server_timestamps_ns")
     allow_lists = _allow_lists(entry.get("approved_addresses", {}))
+    try:
+        transfers = _transfers(entry.get("transfers"))
+    except ValueError:
+        return None
     if not isinstance(key, str) or not (account is None or isinstance(account, str)) or not (
             isinstance(raw, dict) and all(map(_stream_name, raw))) or allow_lists is None or not (
-            raw or allow_lists):
+            raw or allow_lists or transfers):
         return None
     stamps = {}
     for name, value in raw.items():
@@ -167,7 +221,7 @@ def _saved_account(entry: object) -> SavedAccount | None:
                                        and not isinstance(gone_since, bool)
                                        and math.isfinite(gone_since)):
         return None
-    return SavedAccount(key, account, stamps, gone_since, allow_lists)
+    return SavedAccount(key, account, stamps, gone_since, allow_lists, transfers)
 
 
 def save_state(directory: Path, accounts: Iterable[SavedAccount]) -> None:
@@ -176,10 +230,21 @@ def save_state(directory: Path, accounts: Iterable[SavedAccount]) -> None:
         {"key": saved.key_id, "account": saved.gemini_account,
          "server_timestamps_ns": dict(saved.stamps), "gone_since": saved.gone_since,
          "approved_addresses": {network: {digest: list(pair) for digest, pair in entries.items()}
-                                for network, entries in saved.allow_lists.items()}}
+                                for network, entries in saved.allow_lists.items()},
+         "transfers": _transfers_document(saved.transfers)}
         for saved in accounts]}
     directory.mkdir(parents=True, exist_ok=True)
     write_private_file(directory / STATE_FILE_NAME, json.dumps(document, separators=(",", ":")))
+
+
+def _transfers_document(cursor: TransfersCursor | None) -> dict[str, object] | None:
+    if cursor is None:
+        return None
+    return {"newest_ms": cursor.newest_ms, "at_newest": sorted(cursor.at_newest),
+            "pending": [[held.eid, held.type, held.currency, format(held.amount, "f"),
+                         held.timestamp_ms]
+                        for held in cursor.pending],
+            "rechecks": cursor.rechecks, "last_was_recheck": cursor.last_was_recheck}
 
 
 class StatePersister:

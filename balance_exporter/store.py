@@ -10,6 +10,7 @@ import enum
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Generic
 
@@ -23,15 +24,32 @@ from balance_exporter.gemini.replies import (
     ParsedReply,
     RowT,
     StakingBalance,
+    Transfer,
+    TransferTotals,
 )
 from balance_exporter.ledger import (
     AccountLedger,
     AllowListMemory,
     KnownEntry,
+    PlannedStreams,
     SavedAccount,
+    StampOwner,
     entry_digest,
 )
-from balance_exporter.targets import AccountTarget, AllowList, Endpoint, ListedAccount
+from balance_exporter.targets import (
+    AccountStream,
+    AccountTarget,
+    AllowList,
+    Endpoint,
+    ListedAccount,
+)
+from balance_exporter.transfers import (
+    PageOutcome,
+    PendingTransfer,
+    TransfersQuery,
+    apply_page,
+    next_query,
+)
 
 DEFAULT_ACCOUNT_TYPE = "exchange"
 # How many accounts `BalanceStore.configuring` prepares between two pauses.
@@ -173,6 +191,39 @@ def _counts(entries: tuple[ApprovedAddress, ...],
                  for (scope, status), count in sorted(counts.items()))
 
 
+@dataclass(frozen=True, slots=True)
+class TransfersState:
+    """What the account's transfers polls gave: its rows are the totals per (currency, type),
+    a pair seen once staying (its pending fields at 0 once nothing is pending)."""
+
+    poll: PollState[TransferTotals] = PollState()
+    gaps: int = 0  # pages that may have missed transfers
+    dropped: int = 0  # pending transfers no longer tracked past MAX_PENDING_TRANSFERS
+
+
+def _transfer_totals(before: tuple[TransferTotals, ...], new: tuple[Transfer, ...],
+                     pending: tuple[PendingTransfer, ...]) -> tuple[TransferTotals, ...]:
+    """The totals after a page: the counts and amounts of `before` with the `new` transfers
+    added, and the pending ones as they are now."""
+    totals = {(row.currency, row.type): row._replace(pending=0, pending_amount=Decimal(0),
+                                                     oldest_pending_ms=None)
+              for row in before}
+    for transfer in new:
+        pair = (transfer.currency, transfer.type)
+        row = totals.get(pair) or TransferTotals(*pair)
+        totals[pair] = row._replace(transfers=row.transfers + 1,
+                                    amount=row.amount + transfer.amount)
+    for held in pending:
+        pair = (held.currency, held.type)
+        row = totals.get(pair) or TransferTotals(*pair)
+        oldest = row.oldest_pending_ms
+        totals[pair] = row._replace(
+            pending=row.pending + 1, pending_amount=row.pending_amount + held.amount,
+            oldest_pending_ms=held.timestamp_ms if oldest is None else min(oldest,
+                                                                           held.timestamp_ms))
+    return tuple(totals[pair] for pair in sorted(totals))
+
+
 def _no_allow_lists() -> Mapping[str, AllowListState]:
     return MappingProxyType({})
 
@@ -186,6 +237,7 @@ class AccountSnapshot:
     account_type: str = DEFAULT_ACCOUNT_TYPE
     # By network, for the networks whose lists were polled (see `allow_list`).
     allow_lists: Mapping[str, AllowListState] = field(default_factory=_no_allow_lists)
+    transfers: TransfersState = TransfersState()
 
     def poll(self, endpoint: Endpoint) -> PollState[Any]:
         state: PollState[Any] = getattr(self, endpoint.value)
@@ -194,6 +246,14 @@ class AccountSnapshot:
     def allow_list(self, network: str) -> AllowListState:
         """The state of a network's allow-list (empty before its first poll)."""
         return self.allow_lists.get(network) or _NO_ALLOW_LIST
+
+    def stream(self, stream: AccountStream) -> PollState[Any]:
+        """The health of any of the account's request streams."""
+        if isinstance(stream, Endpoint):
+            return self.poll(stream)
+        if isinstance(stream, AllowList):
+            return self.allow_list(stream.network).poll
+        return self.transfers.poll
 
 
 _NO_ALLOW_LIST = AllowListState()
@@ -232,6 +292,8 @@ def _carried(previous: AccountSnapshot | None, target: AccountTarget) -> Account
         previous.staking if old_ids[2] == new_ids[2] else PollState(),
         previous.account_type if old.owner == target.owner else DEFAULT_ACCOUNT_TYPE,
         _carried_allow_lists(previous, target) if previous.allow_lists else previous.allow_lists,
+        previous.transfers if old.transfers_identity == target.transfers_identity
+        else TransfersState(),
     )
 
 
@@ -364,11 +426,13 @@ class BalanceStore:
             key = self._keys.get(names.get(key_id, key_id))
             return (key is None or key.discovery is None
                     or key.discovery.last_success_seconds is not None)
-        planned: dict[tuple[str, str | None], set[str]] = {}
+        planned: dict[StampOwner, PlannedStreams] = {}
         for snapshot in self._accounts.values():
-            networks = planned.setdefault(snapshot.target.owner, set())
-            if snapshot.target.allow_list_interval_seconds is not None:
-                networks.update(snapshot.target.allow_list_networks)
+            target = snapshot.target
+            streams = planned.get(target.owner, PlannedStreams())
+            planned[target.owner] = PlannedStreams(
+                streams.networks | {allow_list.network for allow_list in target.allow_lists},
+                streams.transfers or target.transfers_interval_seconds is not None)
         self.ledger.replan(planned, confirms_absence)
 
     def saved_accounts(self) -> list[SavedAccount]:
@@ -477,6 +541,54 @@ class BalanceStore:
                             state: AllowListState) -> None:
         allow_lists = MappingProxyType({**current.allow_lists, network: state})
         self._replace_account(label, replace(current, allow_lists=allow_lists))
+
+    def _planned_transfers(self, label: str, sent: AccountTarget | None) -> AccountSnapshot | None:
+        """As `_planned`, for the transfers."""
+        current = self._accounts.get(label)
+        if current is None or current.target.transfers_identity is None or (
+                sent is not None
+                and sent.transfers_identity != current.target.transfers_identity):
+            return None
+        return current
+
+    def transfers_query(self, label: str, now_ms: int) -> TransfersQuery | None:
+        """The next request of the account's transfers stream; None if it reads none."""
+        current = self._planned_transfers(label, None)
+        if current is None:
+            return None
+        lookback_ms = int(current.target.transfers_lookback_seconds * 1000)
+        return next_query(self.ledger.transfers(current.target.owner), now_ms, lookback_ms)
+
+    def record_transfers(
+        self, label: str, query: TransfersQuery, rows: tuple[Transfer, ...],
+        duration_seconds: float, wall_seconds: float, sent: AccountTarget | None = None,
+    ) -> PageOutcome | None:
+        """Apply a good page of `query` to the account's transfers (see `transfers`); None when
+        the account no longer reads them as it did when the request was sent."""
+        current = self._planned_transfers(label, sent)
+        if current is None:
+            return None
+        owner = current.target.owner
+        cursor = self.ledger.transfers(owner)
+        if cursor is None and not query.baseline:
+            return None  # the transfers were forgotten meanwhile: the next poll is a baseline
+        cursor, outcome = apply_page(cursor, query, rows)
+        self.ledger.remember_transfers(owner, cursor)
+        state = current.transfers
+        totals = _transfer_totals(state.poll.rows, outcome.new, cursor.pending)
+        poll, _ = state.poll.with_reply(ParsedReply(totals, None), duration_seconds,
+                                        wall_seconds, None)
+        self._replace_account(label, replace(current, transfers=TransfersState(
+            poll, state.gaps + outcome.gap, state.dropped + len(outcome.dropped))))
+        return outcome
+
+    def record_transfers_failure(self, label: str, reason: str, duration_seconds: float,
+                                 sent: AccountTarget | None = None) -> None:
+        current = self._planned_transfers(label, sent)
+        if current is not None:
+            state = current.transfers
+            self._replace_account(label, replace(current, transfers=replace(
+                state, poll=state.poll.with_failure(reason, duration_seconds))))
 
     def _replace_account(self, label: str, snapshot: AccountSnapshot) -> None:
         self._accounts[label] = snapshot

@@ -7,7 +7,7 @@ from the same targets. It is made again whenever a listing changes what a key po
 
 The budget rule: a key's requests per second are the sum, over every request stream it has (each
 account's balances, notional and staking polls, each of its networks' withdrawal allow-lists,
-and the key's listing and roles), of 1 / interval. When
+its transfers, and the key's listing and roles), of 1 / interval. When
 that is more than the key's `requests_per_second`, every interval of the key is multiplied by
 the same factor, demand / requests_per_second; a shared `gemini.requests_per_second` stretches
 every key by total demand / shared rate when that is larger.
@@ -49,8 +49,15 @@ class AllowList:
         return f"{self.value}/{self.network}"
 
 
+class Movements(enum.Enum):
+    """An account's money movements (/v2/transfers): a stream whose next request follows what
+    is known (see `transfers`), not a fixed one."""
+
+    TRANSFERS = "transfers"
+
+
 # A request stream of one account.
-AccountStream = Endpoint | AllowList
+AccountStream = Endpoint | AllowList | Movements
 
 # The share of a budget the plan fills. The rest absorbs what no plan foresees (retries after
 # failures, a listing that adds accounts, requests that had to wait for a slow one), so that
@@ -58,6 +65,8 @@ AccountStream = Endpoint | AllowList
 PLANNED_SHARE = 0.97
 # Gemini's /v1/account/list gives at most this many accounts a page (`limit_accounts`).
 LISTING_PAGE_ROWS = 500
+# Gemini's /v2/transfers gives at most this many transfers a page (`limit_transfers`).
+TRANSFERS_PAGE_ROWS = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +106,11 @@ class AccountTarget:
     # The networks whose withdrawal allow-lists are read, and how often (None: none are).
     allow_list_networks: tuple[str, ...] = ()
     allow_list_interval_seconds: float | None = None
+    transfers_interval_seconds: float | None = None
+    # How far back the first transfers poll looks (transfers.lookback_seconds).
+    transfers_lookback_seconds: float = 0.0
+    max_withdrawal_pending_seconds: float | None = None
+    max_withdrawn_per_hour: tuple[tuple[str, float], ...] = ()
     # From the key's listing, when it has one that shows the account.
     display_name: str = ""
     discovered: bool = False
@@ -120,6 +134,8 @@ class AccountTarget:
             return self.notional_interval_seconds
         if endpoint is Endpoint.STAKING:
             return self.staking_interval_seconds
+        if endpoint is Movements.TRANSFERS:
+            return self.transfers_interval_seconds
         return self.allow_list_interval_seconds if endpoint in self.allow_lists else None
 
     @property
@@ -138,6 +154,16 @@ class AccountTarget:
         if self.allow_list_interval_seconds is not None:
             for allow_list in self.allow_lists:
                 yield allow_list, self.allow_list_interval_seconds
+        if self.transfers_interval_seconds is not None:
+            yield Movements.TRANSFERS, self.transfers_interval_seconds
+
+    @property
+    def transfers_identity(self) -> tuple[object, ...] | None:
+        """What must stay the same for the transfers' state to carry over a new plan; None when
+        they are not read."""
+        if self.transfers_interval_seconds is None:
+            return None
+        return (self.label, self.key_id, self.gemini_account)
 
     @property
     def allow_list_identity(self) -> tuple[object, ...] | None:
@@ -228,6 +254,11 @@ def _target(
     if allow_lists is not None:
         configured = options.approved_addresses_interval_seconds
         allow_list_interval = allow_lists.interval_seconds if configured is None else configured
+    transfers = config.settings.transfers
+    transfers_interval = None
+    if transfers is not None:
+        configured = options.transfers_interval_seconds
+        transfers_interval = transfers.interval_seconds if configured is None else configured
     return AccountTarget(
         label=label,
         key_name=key_name,
@@ -242,6 +273,10 @@ def _target(
         min_available_notional=options.min_available_notional,
         allow_list_networks=tuple(allow_lists.networks) if allow_lists is not None else (),
         allow_list_interval_seconds=_positive(allow_list_interval),
+        transfers_interval_seconds=_positive(transfers_interval),
+        transfers_lookback_seconds=transfers.lookback_seconds if transfers is not None else 0.0,
+        max_withdrawal_pending_seconds=options.max_withdrawal_pending_seconds,
+        max_withdrawn_per_hour=tuple(sorted(options.max_withdrawn_per_hour.items())),
         display_name=listed.display_name if listed is not None else "",
         discovered=discovered,
         key_id=config.credentials[key_name].key_id,
@@ -283,6 +318,8 @@ def _stretched(target: AccountTarget, factor: float) -> AccountTarget:
                                   if target.staking_interval_seconds else None),
         allow_list_interval_seconds=(_times(target.allow_list_interval_seconds, factor)
                                      if target.allow_list_interval_seconds else None),
+        transfers_interval_seconds=(_times(target.transfers_interval_seconds, factor)
+                                    if target.transfers_interval_seconds else None),
     )
 
 

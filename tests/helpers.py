@@ -25,12 +25,14 @@ from balance_exporter.gemini.replies import (
     NotionalBalance,
     ParsedReply,
     StakingBalance,
+    Transfer,
 )
 from balance_exporter.metrics import build_registry
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator
 from balance_exporter.store import BalanceStore
 from balance_exporter.targets import AccountTarget, AllowList, Endpoint, ListedAccount
+from balance_exporter.transfers import TransfersQuery
 
 MASTER_KEY = "master-testkey"
 MASTER_SECRET = "TOPSECRET-master"
@@ -99,7 +101,10 @@ def fixed_store() -> BalanceStore:
                       notional_interval_seconds=60.0, staking_interval_seconds=300.0,
                       min_available_notional=250000.0, display_name="Primary",
                       allow_list_networks=("bitcoin", "ethereum"),
-                      allow_list_interval_seconds=900.0),
+                      allow_list_interval_seconds=900.0, transfers_interval_seconds=60.0,
+                      transfers_lookback_seconds=604800.0,
+                      max_withdrawal_pending_seconds=3600.0,
+                      max_withdrawn_per_hour=(("BTC", 2.0), ("USD", 50000.0))),
         AccountTarget("savings", "savings", None, False, 60.0),
         AccountTarget("never-polled", "treasury", "other", False, 30.0,
                       notional_currency="USD", notional_interval_seconds=300.0,
@@ -155,6 +160,16 @@ def fixed_store() -> BalanceStore:
         cold, ApprovedAddress("account", "pending_time", "bc1qnew", "", 1_710_547_000_000),
     )), 0.25, 1_710_548_110.0)
     store.record_allow_list_failure("treasury-primary", AllowList("ethereum"), "Timeout", 10.0)
+    baseline = TransfersQuery(1_709_942_400_000, baseline=True)
+    store.record_transfers("treasury-primary", baseline, (
+        Transfer(1, "deposit", "Complete", 1_710_000_000_000, "USD", Decimal("100.00")),),
+        0.25, 1_710_547_211.0)
+    store.record_transfers("treasury-primary", TransfersQuery(1_709_999_999_999), (
+        Transfer(3, "withdrawal", "Pending", 1_710_547_100_000, "BTC", Decimal("0.5"),
+                 "bitcoin", "bc1qdest", "ab12"),
+        Transfer(2, "deposit", "Complete", 1_710_547_000_000, "USD", Decimal("2500.50")),
+    ), 0.25, 1_710_547_271.0)
+    store.record_transfers_failure("treasury-primary", "RateLimit", 0.1)
     return store
 
 

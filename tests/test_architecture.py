@@ -20,8 +20,9 @@ STAGES: tuple[tuple[str, ...], ...] = (
     # The Gemini client: signing, nonces, HTTP, typed errors, reply parsing and validation.
     ("gemini", "gemini.signing", "gemini.nonce", "gemini.errors", "gemini.client",
      "gemini.replies"),
-    # The ledger is the store's memory of each account beyond what is shown.
-    ("ledger", "store"),
+    # What a page of an account's transfers means, the ledger (the store's memory of each
+    # account beyond what is shown) and the store.
+    ("transfers", "ledger", "store"),
     # Keeps the store's stamps across restarts.
     ("storage",),
     # Drives the client and writes what it learns into the store.
@@ -38,8 +39,8 @@ RANK = {module: rank for rank, modules in enumerate(STAGES) for module in module
 # Beyond the order: the stages that hold or render state do no network I/O, and the client knows
 # HTTP and signing, not metrics.
 FORBIDDEN_LIBRARIES = {
-    **{stage: {"aiohttp"} for stage in ("config", "targets", "ledger", "store", "metrics",
-                                         "encoding", "exposition")},
+    **{stage: {"aiohttp"} for stage in ("config", "targets", "transfers", "ledger", "store",
+                                         "metrics", "encoding", "exposition")},
     **{stage: {"prometheus_client"} for stage in STAGES[3]},
 }
 SIMULATOR = "balance_exporter.simulator"

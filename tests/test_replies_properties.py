@@ -22,6 +22,7 @@ from balance_exporter.gemini.replies import (
     parse_notional_reply,
     parse_roles,
     parse_staking_reply,
+    parse_transfers,
 )
 from balance_exporter.precision import Precision
 
@@ -97,6 +98,7 @@ TREASURY_PARSERS: dict[str, Callable[[bytes], object]] = {
     "staking": lambda body: parse_staking_reply(body, RULES, NOW_NS),
     "account_list": parse_account_list,
     "approved_addresses": lambda body: parse_approved_addresses(body, RULES, NOW_NS),
+    "transfers": lambda body: parse_transfers(body, RULES),
 }
 treasury_fields = st.sampled_from([
     "currency", "amountNotional", "availableNotional", "availableForWithdrawalNotional",
@@ -212,3 +214,29 @@ def test_an_allow_list_of_any_entries_is_read_whole_or_refused(listed: object) -
         assert entry.scope in ("account", "group", "other")
         assert entry.status in ("active", "pending_time", "pending_mua", "other")
         assert entry.created_ms is None or 0 <= entry.created_ms <= MAX_CREATED_MS
+
+
+transfer_fields = st.sampled_from(["type", "status", "timestampms", "eid", "currency", "amount",
+                                   "network", "destination", "txHash"])
+transfer_rows = st.dictionaries(transfer_fields, json_values | st.sampled_from([
+    "Deposit", "Withdrawal", "Pending", "Complete", "USD", "BTC", "1700000000000", "0.5"]),
+    max_size=9)
+
+
+@given(st.lists(transfer_rows, max_size=6))
+def test_transfer_rows_of_any_content_are_read_whole_or_refused(rows: list[object]) -> None:
+    try:
+        transfers = parse_transfers(json.dumps(rows).encode(), RULES)
+    except MalformedReply:
+        return
+    assert len(transfers) == len(rows)
+    assert len({transfer.eid for transfer in transfers}) == len(rows)
+
+
+@settings(max_examples=200)
+@given(amounts, st.sampled_from(["USD", "BTC", "ETH"]))
+def test_a_transfer_amount_is_never_above_what_was_sent(amount: Decimal, currency: str) -> None:
+    assume(amount >= 0)
+    row = {"eid": 1, "timestampms": 1, "currency": currency, "amount": str(amount)}
+    (transfer,) = parse_transfers(json.dumps([row]).encode(), RULES)
+    assert transfer.amount <= amount

@@ -24,6 +24,7 @@ from balance_exporter.gemini.replies import ReplyRules
 from balance_exporter.precision import Precision
 from balance_exporter.scheduler import (
     LISTING,
+    TRANSFERS_ACCOUNT_SPACING_SECONDS,
     Backoffs,
     Clock,
     Job,
@@ -35,7 +36,14 @@ from balance_exporter.scheduler import (
     jittered_backoff,
 )
 from balance_exporter.store import BalanceStore
-from balance_exporter.targets import AccountTarget, AllowList, Endpoint, KeyPlan, ListedAccount
+from balance_exporter.targets import (
+    AccountTarget,
+    AllowList,
+    Endpoint,
+    KeyPlan,
+    ListedAccount,
+    Movements,
+)
 from tests.helpers import VirtualClock, wait_until
 
 BACKOFFS = Backoffs(max_backoff_seconds=300, rejected_retry_seconds=600)
@@ -435,6 +443,31 @@ def test_each_network_of_an_allow_list_is_a_job_on_its_grid_spread_with_the_othe
     sent = [(job.label, job.endpoint.value, at) for job, at in run_jobs(plan, 4)]
     assert sent[:2] == [("a0", "balances", 0.0), ("a1", "balances", 0.5)]
     assert sent[2][1] == "approved_addresses"
+
+
+def test_two_transfers_requests_for_one_account_are_never_closer_than_5_s() -> None:
+    def reading(label: str) -> AccountTarget:
+        return AccountTarget(label, "k", label, False, 60.0, transfers_interval_seconds=5.0)
+    plan = KeySchedule(key_plan([reading("a0"), reading("a1")]), KeyPacing(10.0), BACKOFFS,
+                       now=0.0, rng=random.Random(1), shift=0.0)
+    sent: dict[str, list[float]] = {}
+    now = 0.0
+    while now < 60.0:
+        job, now = next_job(plan, now)
+        plan.started(now, job)
+        if job.endpoint is Movements.TRANSFERS:
+            sent.setdefault(job.label, []).append(now)
+            plan.soon(job, now)  # a gap: as soon as allowed
+            # A reload keeps the spacing: the same plan again, as a new object.
+            plan.update(key_plan([reading("a0"), reading("a1")]), now)
+        else:
+            plan.succeeded(job, now)
+    for starts in sent.values():
+        assert len(starts) >= 10
+        # Gemini's rule (the margin above it kept to float precision).
+        assert min(b - a for a, b in pairwise(starts)) >= 5.0
+        assert min(b - a for a, b in pairwise(starts)) == pytest.approx(
+            TRANSFERS_ACCOUNT_SPACING_SECONDS)
 
 
 def test_each_stream_keeps_its_own_interval_and_a_failing_one_backs_off_alone() -> None:

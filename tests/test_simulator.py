@@ -23,6 +23,7 @@ from tests.helpers import (
     MASTER_KEY,
     MASTER_SECRET,
     sim_call,
+    sim_state,
     simulator_document,
 )
 
@@ -378,3 +379,61 @@ def test_a_state_file_allow_list_entry_is_checked() -> None:
         {"network": "bitcoin", "address": "bc1q", "status": "pending-time", "created_ms": 5}]
     (entry,) = SimState.from_document(document).accounts["alpha"].approved_addresses
     assert entry.describe()["createdAt"] == "5"
+
+
+async def test_transfers_are_listed_newest_first_after_a_time_and_one_request_per_5_s(
+    caller: Caller, simulator: RunningSimulator,
+) -> None:
+    clock = [1000.0]
+    simulator.state.accounts["alpha"].transfers_spacing.clock = lambda: clock[0]
+    http, control = caller.http, f"{simulator.url}/_sim/accounts/alpha/transfers"
+    eids = []
+    for index, (kind, currency) in enumerate((("Deposit", "USD"), ("Withdrawal", "BTC"),
+                                              ("Reward", "ETH"), ("AdminCredit", "USD"))):
+        async with http.post(control, json={"type": kind, "currency": currency, "amount": "1.5",
+                                            "timestamp_ms": 5000 + index}) as reply:
+            assert reply.status == 200
+            eids.append((await reply.json())["eid"])
+
+    async def page(**params: Any) -> tuple[int, Any]:
+        clock[0] += 5.0  # the 5 s rule
+        status, body, _ = await caller.post("/v2/transfers", account="alpha", **params)
+        return status, body
+    status, rows = await page(timestamp=5000, limit_transfers=2)
+    assert status == 200
+    assert [row["eid"] for row in rows] == [eids[3], eids[2]]  # newest first, after 5000
+    assert rows[0] == {"type": "AdminCredit", "status": "Complete", "timestampms": 5003,
+                       "eid": eids[3], "currency": "USD", "amount": "1.5"}
+    _, rows = await page(timestamp=4999, currency="usd")
+    assert [row["eid"] for row in rows] == [eids[3], eids[0]]
+    # Cancelled transfers are no longer listed.
+    await sim_call(http, "PATCH", f"{control}/{eids[3]}", {"status": "Cancelled"})
+    _, rows = await page(timestamp=4999)
+    assert [row["eid"] for row in rows] == [eids[2], eids[1], eids[0]]
+    status, body = await page(limit_transfers=51)
+    assert (status, body["reason"]) == (400, "InvalidParameter")
+    # One request per 5 s per account, shared with /v1/custodyaccountfees; other accounts are
+    # not held up.
+    status, _, _ = await caller.post("/v1/custodyaccountfees", account="alpha")
+    assert status == 429
+    status, _, _ = await caller.post("/v2/transfers", account="beta")  # its own clock
+    assert status == 200
+    clock[0] += 4.9
+    status, _, headers = await caller.post("/v2/transfers", account="alpha")
+    assert (status, headers["Retry-After"]) == (429, "5")
+    clock[0] += 0.1
+    status, _, _ = await caller.post("/v1/custodyaccountfees", account="alpha")
+    assert status == 200
+    state = await sim_state(http, simulator)
+    assert state["accounts"]["alpha"]["transfers_refused"] == 2
+
+
+def test_a_state_file_transfer_is_checked() -> None:
+    document = simulator_document()
+    document["accounts"][0]["transfers"] = [{"type": "Gift", "currency": "USD", "amount": "1"}]
+    with pytest.raises(ValueError, match="accounts\\[0\\]: type"):
+        SimState.from_document(document)
+    document["accounts"][0]["transfers"] = [{"type": "Deposit", "currency": "USD",
+                                             "amount": "-1"}]
+    with pytest.raises(ValueError, match="amount"):
+        SimState.from_document(document)

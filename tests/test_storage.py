@@ -3,6 +3,7 @@
 import json
 import os
 import stat
+from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +19,7 @@ from balance_exporter.simulator.server import RunningSimulator
 from balance_exporter.storage import STATE_FILE_NAME, StatePersister, load_state, save_state
 from balance_exporter.store import BalanceStore
 from balance_exporter.targets import AccountTarget
+from balance_exporter.transfers import MAX_PENDING_TRANSFERS, PendingTransfer, TransfersCursor
 from tests.conftest import LOOPBACK_ANY_PORT
 from tests.helpers import add_fault, all_polled, exporter_document, sample, scrape, wait_until
 
@@ -29,7 +31,11 @@ STAMPS = [SavedAccount("treasury", "alpha", {"balances": NOW_NS - 10**9}),
           SavedAccount("solo", None, {"balances": NOW_NS - 2 * 10**9}, gone_since=1.8e9),
           SavedAccount("treasury", "beta", {"approved_addresses/bitcoin": NOW_NS - 10**9},
                        allow_lists={"bitcoin": {DIGEST: ("group", "pending_time")},
-                                    "ethereum": {}})]
+                                    "ethereum": {}}),
+          SavedAccount("treasury", "gamma", {}, transfers=TransfersCursor(
+              1_700_000_000_000, frozenset({5, 6}), (
+                  PendingTransfer(4, "withdrawal", "ETH", Decimal("0.000000000000000001"),
+                                  1_699_000_000_000),), rechecks=3, last_was_recheck=True))]
 
 
 def test_stamps_round_trip_through_an_owner_only_file(tmp_path: Path) -> None:
@@ -232,3 +238,40 @@ def test_a_version_3_file_is_still_read(tmp_path: Path) -> None:
          "gone_since": None}]}))
     assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == [
         SavedAccount("treasury", "alpha", {"balances": 5})]
+
+
+GOOD_CURSOR = {"newest_ms": 5, "at_newest": [1], "rechecks": 0, "last_was_recheck": False,
+               "pending": [[1, "withdrawal", "BTC", "0.5", 5]]}
+
+
+@pytest.mark.parametrize("cursor", [
+    [], {**GOOD_CURSOR, "newest_ms": -1}, {**GOOD_CURSOR, "at_newest": [True]},
+    {**GOOD_CURSOR, "pending": [[1, "gift", "BTC", "0.5", 5]]},
+    {**GOOD_CURSOR, "pending": [[1, "withdrawal", "btc", "0.5", 5]]},
+    {**GOOD_CURSOR, "pending": [[1, "withdrawal", "BTC", "-0.5", 5]]},
+    {**GOOD_CURSOR, "pending": [[1, "withdrawal", "BTC", "1e3", 5]]},
+    {**GOOD_CURSOR, "pending": [[1, "withdrawal", "BTC", "0.5"]]},
+    {**GOOD_CURSOR, "pending": [[1, "withdrawal", "BTC", "0.5", 5]] * (MAX_PENDING_TRANSFERS + 1)},
+    {**GOOD_CURSOR, "last_was_recheck": 0},
+], ids=["a list", "negative time", "a flag for an id", "unknown type", "lower-case currency",
+        "negative amount", "an exponent", "a field short", "past the bound", "a number flag"])
+def test_an_entry_with_a_transfers_cursor_this_exporter_never_writes_is_dropped(
+        tmp_path: Path, cursor: object) -> None:
+    good = {"key": "treasury", "account": "alpha", "server_timestamps_ns": {},
+            "transfers": GOOD_CURSOR}
+    (tmp_path / STATE_FILE_NAME).write_text(json.dumps({"version": 4, "stamps": [
+        good, {**good, "account": "beta", "transfers": cursor}]}))
+    with structlog.testing.capture_logs() as logs:
+        (kept,) = load_state(tmp_path, NOW_NS, 300, KEY_IDS)
+    assert kept.gemini_account == "alpha"
+    assert kept.transfers == TransfersCursor(5, frozenset({1}), (
+        PendingTransfer(1, "withdrawal", "BTC", Decimal("0.5"), 5),))
+    assert logs[0]["ignored"] == 1
+
+
+def test_a_cursor_at_the_pending_bound_is_read(tmp_path: Path) -> None:
+    pending = tuple(PendingTransfer(i, "deposit", "USD", Decimal(1), i)
+                    for i in range(MAX_PENDING_TRANSFERS))
+    saved = [SavedAccount("treasury", "alpha", {}, transfers=TransfersCursor(9, pending=pending))]
+    save_state(tmp_path, saved)
+    assert load_state(tmp_path, NOW_NS, 300, KEY_IDS) == saved

@@ -29,13 +29,14 @@ from balance_exporter.gemini.errors import (
 )
 from balance_exporter.gemini.nonce import NonceSource
 from balance_exporter.gemini.signing import PayloadValue, encode_payload, signed_headers
-from balance_exporter.targets import LISTING_PAGE_ROWS
+from balance_exporter.targets import LISTING_PAGE_ROWS, TRANSFERS_PAGE_ROWS
 
 BALANCES_PATH = "/v1/balances"
 STAKING_PATH = "/v1/balances/staking"
 ACCOUNT_LIST_PATH = "/v1/account/list"
 ROLES_PATH = "/v1/roles"
 APPROVED_ADDRESSES_PATH = "/v1/approvedAddresses/account"
+TRANSFERS_PATH = "/v2/transfers"
 # Gemini's maximum a page.
 LIST_ACCOUNTS_LIMIT = LISTING_PAGE_ROWS
 DEFAULT_MAX_REPLY_BYTES = 4 * 1024 * 1024
@@ -79,6 +80,15 @@ def approved_addresses_request(account: str | None, network: str) -> PrivateRequ
     """One network's withdrawal allow-list of the account (the network is a lower-case word:
     the config allows nothing else into the path)."""
     return _for_account(f"{APPROVED_ADDRESSES_PATH}/{network}", account)
+
+
+def transfers_request(account: str | None, after_ms: int, currency: str | None) -> PrivateRequest:
+    """A page of the account's transfers after a time (of one currency, for a re-check)."""
+    params: dict[str, PayloadValue] = {"timestamp": after_ms,
+                                       "limit_transfers": TRANSFERS_PAGE_ROWS}
+    if currency is not None:
+        params["currency"] = currency
+    return _for_account(TRANSFERS_PATH, account, **params)
 
 
 def roles_request() -> PrivateRequest:

@@ -1,6 +1,6 @@
 """Parsing and validating the replies of the polled endpoints: `/v1/balances`,
-`/v1/notionalbalances/{currency}`, `/v1/balances/staking`, `/v1/approvedAddresses`, `/v1/roles`
-and `/v1/account/list`.
+`/v1/notionalbalances/{currency}`, `/v1/balances/staking`, `/v1/approvedAddresses`, `/v2/transfers`,
+`/v1/roles` and `/v1/account/list`.
 
 Amounts go JSON text -> Decimal -> floored to the currency's precision -> float, never through
 float first, so a value like "0.1000000000000000055" cannot round up past what the account holds.
@@ -102,7 +102,21 @@ class AllowListCount(NamedTuple):
     entries: int
 
 
-RowT = TypeVar("RowT", CurrencyBalance, NotionalBalance, StakingBalance, AllowListCount)
+class TransferTotals(NamedTuple):
+    """An account's transfers of one currency and type: those counted (and their amount), and
+    those pending now (their amount, and when the oldest began)."""
+
+    currency: str
+    type: str
+    transfers: int = 0
+    amount: Decimal = Decimal(0)
+    pending: int = 0
+    pending_amount: Decimal = Decimal(0)
+    oldest_pending_ms: int | None = None
+
+
+RowT = TypeVar("RowT", CurrencyBalance, NotionalBalance, StakingBalance, AllowListCount,
+               TransferTotals)
 # The rows of the per-currency endpoints.
 CurrencyRowT = TypeVar("CurrencyRowT", CurrencyBalance, NotionalBalance, StakingBalance)
 
@@ -180,6 +194,34 @@ class AllowListReply:
     entries: tuple[ApprovedAddress, ...]
     # A top-level `_timestamp`, if the reply has one (Gemini documents none here).
     server_timestamp_ns: int | None = None
+
+
+# A transfer's `type` as a label value: Gemini's five, or "other".
+TRANSFER_TYPES = {"Deposit": "deposit", "Withdrawal": "withdrawal", "Reward": "reward",
+                  "AdminDebit": "admin_debit", "AdminCredit": "admin_credit"}
+TRANSFER_STATUSES = ("Complete", "Pending", "Advanced")
+# What a transfer row's free text may be in the log (an address, a tx hash, a network).
+MAX_TRANSFER_TEXT_CHARACTERS = 200
+MAX_EID = 2**63 - 1
+
+
+class Transfer(NamedTuple):
+    """One row of /v2/transfers. Its id, destination and tx hash are for the log: never label
+    values."""
+
+    eid: int
+    type: str  # deposit, withdrawal, reward, admin_debit, admin_credit or other
+    status: str  # Complete, Pending, Advanced or other
+    timestamp_ms: int
+    currency: str
+    amount: Decimal  # floored to the currency's precision: sums of them stay exact
+    network: str = ""
+    destination: str = ""
+    tx_hash: str = ""
+
+    @property
+    def pending(self) -> bool:
+        return self.status == "Pending"
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,8 +329,12 @@ def _iso_to_ns(match: re.Match[str]) -> int:
 
 
 def _floored(value: Decimal, currency: str, precision: Precision) -> float:
+    return float(_floored_decimal(value, currency, precision))
+
+
+def _floored_decimal(value: Decimal, currency: str, precision: Precision) -> Decimal:
     try:
-        return float(precision.floor(value, currency))
+        return precision.floor(value, currency)
     except InvalidOperation:  # unreachable within the range checked above; never a crash
         raise MalformedReply(f"{currency}: {_shown(str(value))} cannot be floored") from None
 
@@ -484,6 +530,57 @@ def _approved_address(entry: object, index: int) -> ApprovedAddress:
         label=label if isinstance(label, str) else "",
         created_ms=created_ms,
     )
+
+
+def parse_transfers(body: bytes, rules: ReplyRules) -> tuple[Transfer, ...]:
+    """A /v2/transfers page: an array of rows, each with an `eid` (an integer, how a transfer is
+    told apart), `timestampms` (milliseconds, a number or a string), a currency code and a
+    non-negative decimal `amount`, floored to the currency's precision. A page is used whole or
+    not at all: a movement read wrongly is worse than one read later."""
+    rows = []
+    seen: set[int] = set()
+    for index, row in enumerate(_array(body, "transfers")):
+        transfer = _transfer(row, index, rules.precision)
+        if transfer.eid in seen:
+            raise MalformedReply(f"row {index}: eid {transfer.eid} appears twice")
+        seen.add(transfer.eid)
+        rows.append(transfer)
+    return tuple(rows)
+
+
+def _transfer(raw: object, index: int, precision: Precision) -> Transfer:
+    row, currency = _row_currency(raw, index)
+    eid = row.get("eid")
+    if isinstance(eid, str) and eid.isascii() and eid.isdigit() and len(eid) <= 19:
+        eid = Decimal(eid)
+    if not (isinstance(eid, Decimal) and eid.is_finite() and eid == eid.to_integral_value()
+            and 0 <= eid <= MAX_EID):
+        raise MalformedReply(f"row {index}: eid {_shown(row.get('eid'))} is not a transfer id")
+    timestamp = _created_ms(row.get("timestampms"))
+    if timestamp is None:
+        raise MalformedReply(f"row {index}: timestampms {_shown(row.get('timestampms'))} is not "
+                             "milliseconds")
+    amount = _decimal_field(row, "amount", index)
+    if amount < 0:
+        raise MalformedReply(f"row {index}: amount {_shown(str(amount))} is negative")
+    kind, status = row.get("type"), row.get("status")
+    return Transfer(
+        eid=int(eid),
+        type=TRANSFER_TYPES.get(kind, OTHER) if isinstance(kind, str) else OTHER,
+        status=status if status in TRANSFER_STATUSES else OTHER,
+        timestamp_ms=timestamp,
+        currency=currency.upper(),
+        amount=_floored_decimal(amount, currency, precision),
+        network=_text(row.get("network")),
+        destination=_text(row.get("destination")),
+        tx_hash=_text(row.get("txHash")),
+    )
+
+
+def _text(value: object) -> str:
+    """A free-text field of a row as the log shows it: printable, short."""
+    text = "".join(c for c in value if c.isprintable()) if isinstance(value, str) else ""
+    return text[:MAX_TRANSFER_TEXT_CHARACTERS]
 
 
 def _known(value: object, known: tuple[str, ...]) -> str:

@@ -18,6 +18,7 @@ from balance_exporter.simulator.state import (
     SimKey,
     key_roles,
 )
+from balance_exporter.simulator.transfers import TRANSFER_STATUSES, SimTransfer
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -126,6 +127,30 @@ async def control_remove_address(request: web.Request) -> web.Response:
     return web.json_response({"approved_addresses": len(account.approved_addresses)})
 
 
+async def control_add_transfer(request: web.Request) -> web.Response:
+    """Add a transfer: `type`, `currency`, `amount`, and optionally `status` (Complete),
+    `timestamp_ms` (now), `network`, `destination` and `tx_hash`. Answers its row with its eid."""
+    account = _control_account(request)
+    body = await _json_body(request)
+    with _bad_input_is_400():
+        transfer = SimTransfer.from_document(body, int(time.time() * 1000))
+        account.transfers.append(transfer)
+    return web.json_response(transfer.describe())
+
+
+async def control_set_transfer_status(request: web.Request) -> web.Response:
+    """Change a transfer's `status` (Cancelled: it is no longer listed)."""
+    account = _control_account(request)
+    body = await _json_body(request)
+    with _bad_input_is_400():
+        transfer = account.transfer(int(request.match_info["eid"]))
+        status = body.get("status") if isinstance(body, dict) else None
+        if not isinstance(status, str) or status not in TRANSFER_STATUSES:
+            raise ValueError(f"status: expected one of {', '.join(TRANSFER_STATUSES)}")
+        transfer.status = status
+    return web.json_response(transfer.describe())
+
+
 async def control_set_prices(request: web.Request) -> web.Response:
     body = await _json_body(request)
     state = request.app[STATE_KEY]
@@ -204,6 +229,8 @@ CONTROL_ROUTES = (
     web.post("/_sim/accounts/{name}/approved-addresses", control_request_address),
     web.patch("/_sim/accounts/{name}/approved-addresses", control_set_address_status),
     web.delete("/_sim/accounts/{name}/approved-addresses", control_remove_address),
+    web.post("/_sim/accounts/{name}/transfers", control_add_transfer),
+    web.patch(r"/_sim/accounts/{name}/transfers/{eid:\d+}", control_set_transfer_status),
     web.delete("/_sim/accounts/{name}/faults", control_clear_faults),
     web.delete("/_sim/faults", control_clear_faults),
     web.post("/_sim/drift", control_drift),

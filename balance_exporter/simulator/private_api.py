@@ -25,6 +25,7 @@ from balance_exporter.simulator.state import (
     SimKey,
     SimState,
 )
+from balance_exporter.simulator.transfers import ACCOUNT_SPACING_SECONDS, transfers_page
 
 STATE_KEY = web.AppKey("sim_state", SimState)
 TIME_BASED_NONCE_WINDOW_SECONDS = 30
@@ -331,6 +332,38 @@ async def approved_addresses_handler(request: web.Request) -> web.StreamResponse
         entry.describe() for entry in state.approved_addresses(account, network)]})
 
 
+def _within_account_spacing(account: SimAccount) -> None:
+    """Gemini's one request per 5 s per account of /v2/transfers and /v1/custodyaccountfees."""
+    if not account.transfers_spacing.admit():
+        raise SimError(429, "RateLimit", f"one request per {ACCOUNT_SPACING_SECONDS:g} s for "
+                       f"the transfers of {account.name!r}",
+                       {"Retry-After": str(int(ACCOUNT_SPACING_SECONDS))})
+
+
+async def transfers_handler(request: web.Request) -> web.StreamResponse:
+    """An account's transfers after `timestamp`, newest first (Trader, Fund Manager or
+    Auditor)."""
+    key, payload = await _admit(request)
+    account = _account_for(key, payload, request.app[STATE_KEY])
+    _within_account_spacing(account)
+    fault = account.faults.take("transfers")
+    if fault is not None and fault.kind not in ("stale", "future") and (
+            replaced := await _apply_fault(request, fault)) is not None:
+        return replaced
+    try:
+        page = transfers_page(account.transfers, payload)
+    except ValueError as error:
+        raise SimError(400, "InvalidParameter", str(error)) from None
+    return web.json_response([transfer.describe() for transfer in page])
+
+
+async def custody_fees_handler(request: web.Request) -> web.StreamResponse:
+    """No custody fees: served only because it shares the transfers' limit per account."""
+    key, payload = await _admit(request)
+    _within_account_spacing(_account_for(key, payload, request.app[STATE_KEY]))
+    return web.json_response([])
+
+
 async def roles_handler(request: web.Request) -> web.StreamResponse:
     """The calling key's roles; any role may ask, so this runs past _admit's role check."""
     key, _ = await _admit(request, needs_role=False)
@@ -397,4 +430,6 @@ PRIVATE_ROUTES = (
     web.post("/v1/account/list", account_list_handler),
     web.post("/v1/roles", roles_handler),
     web.post("/v1/approvedAddresses/account/{network}", approved_addresses_handler),
+    web.post("/v2/transfers", transfers_handler),
+    web.post("/v1/custodyaccountfees", custody_fees_handler),
 )

@@ -2,11 +2,13 @@
 
 import random
 import secrets
+import time
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 from typing import Any, Literal
 
 from balance_exporter.simulator.ratelimit import RateLimiter
+from balance_exporter.simulator.transfers import AccountSpacing, SimTransfer
 
 TimestampFormat = Literal["ns", "iso", "none"]
 NumberFormat = Literal["string", "number"]
@@ -25,10 +27,10 @@ DEFAULT_USD_PRICES = {"USD": Decimal(1), "BTC": Decimal(65000), "ETH": Decimal(3
                       "SOL": Decimal(150), "GUSD": Decimal(1), "EUR": Decimal("1.08")}
 # Which endpoint a fault is served on: every private endpoint of the exporter, or any of them;
 # account_list_page: only the listing's later pages (those asked for with `timestamp`).
-FaultEndpoint = Literal["balances", "notional", "staking", "approved_addresses", "account_list",
-                        "account_list_page", "roles", "any"]
+FaultEndpoint = Literal["balances", "notional", "staking", "approved_addresses", "transfers",
+                        "account_list", "account_list_page", "roles", "any"]
 FAULT_ENDPOINTS: tuple[FaultEndpoint, ...] = ("balances", "notional", "staking",
-                                              "approved_addresses", "account_list",
+                                              "approved_addresses", "transfers", "account_list",
                                               "account_list_page", "roles", "any")
 ProviderFormat = Literal["amount", "object"]
 STAKING_FIELDS = ("balance", "available", "availableForWithdrawal")
@@ -147,6 +149,10 @@ class SimBalance:
         return cls(values)
 
 
+# How likely a drift step moves money in or out of an account, and how many transfers an account
+# keeps at most (a demo left running for days stays small).
+TRANSFER_CHANCE = 0.05
+MAX_DRIFTED_TRANSFERS = 500
 # The networks of Gemini's withdrawal allow-lists (/v1/approvedAddresses/account/{network}).
 APPROVED_ADDRESS_NETWORKS = ("bitcoin", "ethereum", "solana", "litecoin", "bitcoincash", "zcash",
                              "filecoin", "dogecoin", "tezos", "polkadot", "avalanche", "cosmos",
@@ -216,6 +222,8 @@ class SimAccount:
     # How `balanceByProvider` is sent: provider -> amount, or provider -> {"balance": amount}.
     provider_format: ProviderFormat = "amount"
     approved_addresses: list[SimApprovedAddress] = field(default_factory=list)
+    transfers: list[SimTransfer] = field(default_factory=list)
+    transfers_spacing: AccountSpacing = field(default_factory=AccountSpacing)
     # The last stamp served per endpoint (a stale fault goes back from it).
     last_stamps_ns: dict[str, int] = field(default_factory=dict)
     served: int = 0
@@ -235,6 +243,12 @@ class SimAccount:
                              f"({entry.scope} scope)")
         self.approved_addresses.append(entry)
         return entry
+
+    def transfer(self, eid: int) -> SimTransfer:
+        for transfer in self.transfers:
+            if transfer.eid == eid:
+                return transfer
+        raise ValueError(f"no transfer {eid} in {self.name!r}")
 
     def approved_address(self, document: object) -> SimApprovedAddress:
         """The entry a control call names by network, address and scope (default account)."""
@@ -294,6 +308,8 @@ class SimAccount:
                 for currency, balance in self.balances.items()
             },
             "approved_addresses": [entry.describe() for entry in self.approved_addresses],
+            "transfers": [transfer.describe() for transfer in self.transfers],
+            "transfers_refused": self.transfers_spacing.refused,
             "staking": {
                 currency: {**{name: str(value) for name, value in staking.values.items()},
                            "providers": {p: str(v) for p, v in staking.providers.items()}}
@@ -359,6 +375,11 @@ def account_from_document(entry: dict[str, Any], created_ms: int) -> SimAccount:
         raise ValueError("approved_addresses: expected a list")
     for document in addresses:
         account.add_approved_address(document, created_ms)
+    transfers = entry.get("transfers", [])
+    if not isinstance(transfers, list):
+        raise ValueError("transfers: expected a list")
+    now_ms = int(time.time() * 1000)
+    account.transfers = [SimTransfer.from_document(document, now_ms) for document in transfers]
     return account
 
 
@@ -444,8 +465,18 @@ class SimState:
         return cls(keys=keys, accounts=accounts)
 
     def drift(self, rng: random.Random) -> None:
-        """Move every balance a little, so that a demo dashboard is alive."""
+        """Move every balance a little, and now and then deposit or withdraw some, so that a
+        demo dashboard is alive."""
+        now_ms = int(time.time() * 1000)
         for account in self.accounts.values():
+            if account.balances and rng.random() < TRANSFER_CHANCE:
+                currency = rng.choice(sorted(account.balances))
+                amount = (account.balances[currency].values["amount"] * Decimal(
+                    str(rng.uniform(0.001, 0.01)))).quantize(Decimal("0.01"), ROUND_DOWN)
+                account.transfers.append(SimTransfer.from_document({
+                    "type": rng.choice(("Deposit", "Withdrawal")), "currency": currency,
+                    "amount": str(amount)}, now_ms))
+                del account.transfers[:-MAX_DRIFTED_TRANSFERS]
             for currency, balance in account.balances.items():
                 places = Decimal("0.01") if currency in ("USD", "EUR", "GBP") else Decimal(
                     "0.00000001")
@@ -461,9 +492,12 @@ class SimState:
 def demo_document() -> dict[str, Any]:
     """A master key over a group (three open exchange accounts, a custody and a closed one) and
     an account-scoped key, with fresh random secrets. The trading desk has a withdrawal address
-    in its 7-day hold: the demo shows the alert-worthy state of the allow-lists."""
+    in its 7-day hold and a withdrawal pending for two hours: the demo shows the alert-worthy
+    state of the allow-lists and of the money movements."""
     def secret() -> str:
         return secrets.token_urlsafe(24)
+
+    now_ms = int(time.time() * 1000)
 
     return {
         "keys": [
@@ -501,7 +535,15 @@ def demo_document() -> dict[str, Any]:
                 "SOL": {"amount": "830.5"},
             }, "approved_addresses": [
                 {"network": "bitcoin", "address": "bc1q9h7garjvkz0t4cl5k7z3h8gk8d3qv5yq5z6m2w",
-                 "label": "Requested today", "status": "pending-time"}]},
+                 "label": "Requested today", "status": "pending-time"}], "transfers": [
+                {"type": "Deposit", "currency": "USD", "amount": "50000.00",
+                 "timestamp_ms": now_ms - 26 * 3_600_000},
+                {"type": "Withdrawal", "status": "Pending", "currency": "BTC", "amount": "0.25",
+                 "timestamp_ms": now_ms - 2 * 3_600_000, "network": "bitcoin",
+                 "destination": "bc1q9h7garjvkz0t4cl5k7z3h8gk8d3qv5yq5z6m2w",
+                 "tx_hash": "8a3f0c2e9b1d4f6a7c5e3b2d1f0e9c8b7a6d5c4b3a2f1e0d9c8b7a6f5e4d3c2b"},
+                {"type": "Deposit", "status": "Pending", "currency": "USD",
+                 "amount": "10000.00", "timestamp_ms": now_ms - 600_000}]},
             {"name": "ops", "number_format": "number", "balances": {
                 "USD": {"amount": "42000.00", "available": "41000.00"},
             }},

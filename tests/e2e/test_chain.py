@@ -52,6 +52,7 @@ BALANCE_METRICS = {
     "pendingDeposit": "gemini_balance_pending_deposit",
 }
 GAMMA_MINIMUM = 40.0
+GAMMA_PENDING_SECONDS = 5
 DISCOVERY_REFRESH_SECONDS = 2
 STAKING = {"ETH": {"balance": "32.5", "available": "32", "availableForWithdrawal": "30",
                    "providers": {PROVIDER_A: "20.5", PROVIDER_B: "12"}}}
@@ -97,6 +98,11 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     alpha_state["staking"] = STAKING
     alpha_state["approved_addresses"] = [
         {"network": "bitcoin", "address": "bc1qcold", "label": "Cold", "status": "active"}]
+    # A withdrawal pending since a minute before the start: counted and timed from the first
+    # poll (alpha has no threshold for it).
+    alpha_state["transfers"] = [
+        {"type": "Withdrawal", "status": "Pending", "currency": "BTC", "amount": "0.1",
+         "timestamp_ms": int(time.time() * 1000) - 60_000}]
     (work / "sim.yml").write_text(yaml.safe_dump(world))
     exporter_config = exporter_document(simulator_url)
     gamma = next(a for a in exporter_config["accounts"] if a.get("account") == "gamma")
@@ -110,11 +116,15 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
                             "defaults": {"interval_seconds": 1}}
     alpha = next(a for a in exporter_config["accounts"] if a.get("account") == "alpha")
     alpha.update(staking_interval_seconds=1, min_available_notional=1000)
-    # Every account's bitcoin allow-list, read every second.
+    # Every account's bitcoin allow-list, read every second, and its transfers as often as
+    # Gemini allows; gamma's withdrawals have short thresholds.
     exporter_config["approved_addresses"] = {"networks": ["bitcoin"]}
+    exporter_config["transfers"] = {"interval_seconds": 5}
     for account in exporter_config["accounts"]:
         account["approved_addresses_interval_seconds"] = 1
     treasury["discover"]["defaults"]["approved_addresses_interval_seconds"] = 1
+    gamma.update(max_withdrawal_pending_seconds=GAMMA_PENDING_SECONDS,
+                 max_withdrawn_per_hour={"BTC": 1})
     (work / "exporter.yml").write_text(yaml.safe_dump(exporter_config))
     alert_rules(work / "alerts.yml")
     prometheus_config(work / "prometheus.yml", work / "alerts.yml", ports["exporter"],
@@ -316,6 +326,29 @@ def test_a_requested_address_pages_and_resolves_once_it_is_removed(chain: Chain)
     chain.sim("DELETE", "/_sim/accounts/gamma/approved-addresses", entry)
     wait_for(partial(resolved, chain, "GeminiBalanceApprovedAddressPending", account="gamma"),
              "GeminiBalanceApprovedAddressPending to be resolved", limit_seconds=120)
+
+
+def test_a_withdrawal_pending_too_long_and_above_the_limit_pages_and_resolves(
+    chain: Chain,
+) -> None:
+    withdrawal = chain.sim("POST", "/_sim/accounts/gamma/transfers", {
+        "type": "Withdrawal", "status": "Pending", "currency": "BTC", "amount": "2",
+        "destination": "bc1qsomewhere"})
+    for alertname in ("GeminiBalanceWithdrawnAboveLimit",
+                      "GeminiBalanceWithdrawalPendingTooLong"):
+        deliveries = wait_for(partial(firing, chain, alertname, account="gamma", currency="BTC"),
+                              f"{alertname} to reach the pager")
+        assert {path for path, _ in deliveries} == {"/treasury-pager"}
+    # alpha's pending withdrawal has no threshold: no page for it.
+    assert {got["account"] for _, got in chain.receiver.alerts(
+        "GeminiBalanceWithdrawalPendingTooLong", "firing")} == {"gamma"}
+    chain.sim("PATCH", f"/_sim/accounts/gamma/transfers/{withdrawal['eid']}",
+              {"status": "Complete"})
+    wait_for(partial(resolved, chain, "GeminiBalanceWithdrawalPendingTooLong", account="gamma"),
+             "GeminiBalanceWithdrawalPendingTooLong to be resolved", limit_seconds=120)
+    # Counted once, in the status it was first seen in.
+    assert chain.prometheus.query('gemini_transfers_total{account="gamma", currency="BTC", '
+                                  'type="withdrawal"} == 1')
 
 
 def test_a_stopped_exporter_raises_exporter_down_until_it_is_back(chain: Chain) -> None:
