@@ -42,9 +42,9 @@ def of_accounts(metric: str, *matchers: str) -> str:
     return f"{metric}{{{', '.join((ACCOUNT, *matchers))}}}"
 
 
-def of_balances(metric: str) -> str:
-    """`metric` of the selected accounts and currencies."""
-    return f"{metric}{{{ACCOUNT}, {CURRENCY}}}"
+def of_balances(metric: str, *matchers: str) -> str:
+    """`metric` of the selected accounts and currencies (and `matchers`)."""
+    return f"{metric}{{{', '.join((ACCOUNT, CURRENCY, *matchers))}}}"
 
 
 def query(expr: str, legend: str, *, instant: bool = False,
@@ -232,6 +232,43 @@ def controls_row() -> list[AnyPanel]:
     ]
 
 
+def movements_row() -> list[AnyPanel]:
+    withdrawals = 'type="withdrawal"'
+    return [
+        over_time("Deposits and withdrawals per hour", "Amounts moved in and out of each "
+                  "account per hour, by currency, from its /v2/transfers (each transfer counted "
+                  "once, when it starts).", "short",
+                  query("sum by (account, currency, type) (increase("
+                        f"{of_balances('gemini_transferred_amount_total')}[1h]))",
+                        "{{account}} {{currency}} {{type}}")),
+        over_time("Oldest pending withdrawal", "How long the oldest withdrawal still pending has "
+                  "been, per account and currency, against the account's threshold "
+                  "(GeminiBalanceWithdrawalPendingTooLong).", "s",
+                  query("time() - "
+                        f"{of_balances('gemini_transfer_oldest_pending_timestamp_seconds')}",
+                        "{{account}} {{currency}} {{type}}"),
+                  query(of_accounts("gemini_account_max_withdrawal_pending_seconds"),
+                        "{{account}} threshold")),
+        latest_table("Pending transfers", "Transfers still pending, with their amount, per "
+                     "account, currency and type.",
+                     query(of_balances("gemini_transfers_pending") + " > 0", "pending",
+                           instant=True, as_table=True),
+                     query(of_balances("gemini_transfers_pending_amount") + " > 0", "amount",
+                           instant=True, as_table=True),
+                     merged=True),
+        big_number("Transfer gaps (1h)", "Transfers pages that were full before the time asked "
+                   "in the last hour: transfers may have been missed (GeminiBalanceTransfersGap).",
+                   "none",
+                   query(f"sum(increase({of_accounts('gemini_transfers_gaps_total')}[1h])) "
+                         "or vector(0)", "gaps")),
+        big_number("Withdrawn in the last hour", "Withdrawals started in the last hour over the "
+                   "selected accounts, per currency.", "short",
+                   query(f"sum by (currency) (increase("
+                         f"{of_balances('gemini_transferred_amount_total', withdrawals)}[1h]))",
+                         "{{currency}}")),
+    ]
+
+
 def balances_row() -> list[AnyPanel]:
     amount, available = of_balances("gemini_balance_amount"), of_balances(
         "gemini_balance_available")
@@ -291,6 +328,7 @@ def build() -> dashboard.Dashboard:
              .variables(variables()))
     rows: list[tuple[str, Sequence[AnyPanel]]] = [
         ("Health", health_row()), ("Treasury", treasury_row()), ("Controls", controls_row()),
+        ("Movements", movements_row()),
         ("Balances", balances_row()), ("Polling", polling_row())]
     ids = itertools.count(1)
     for title, panels in rows:
