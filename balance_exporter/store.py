@@ -42,6 +42,7 @@ from balance_exporter.targets import (
     AllowList,
     Endpoint,
     ListedAccount,
+    Movements,
 )
 from balance_exporter.transfers import (
     PageOutcome,
@@ -440,13 +441,15 @@ class BalanceStore:
         return self.ledger.saved()
 
     def _planned(
-        self, label: str, endpoint: Endpoint, sent: AccountTarget | None
+        self, label: str, stream: AccountStream, sent: AccountTarget | None
     ) -> AccountSnapshot | None:
-        """The account's snapshot if the job that sent the request (`sent`; None: the account
-        as planned now) is still planned as it was."""
+        """The account's snapshot if it polls the stream, and the job that sent the request
+        (`sent`; None: the account as planned now) is still planned as it was."""
         current = self._accounts.get(label)
-        if current is None or (sent is not None
-                               and sent.identity(endpoint) != current.target.identity(endpoint)):
+        if current is None:
+            return None
+        identity = current.target.stream_identity(stream)
+        if identity is None or (sent is not None and sent.stream_identity(stream) != identity):
             return None
         return current
 
@@ -482,25 +485,13 @@ class BalanceStore:
             endpoint.value: current.poll(endpoint).with_failure(reason, duration_seconds)}
         self._replace_account(label, replace(current, **changes))
 
-    def _planned_allow_list(
-        self, label: str, allow_list: AllowList, sent: AccountTarget | None
-    ) -> AccountSnapshot | None:
-        """As `_planned`, for a network's allow-list."""
-        current = self._accounts.get(label)
-        if current is None or allow_list.network not in current.target.allow_list_networks or (
-                current.target.allow_list_identity is None) or (
-                sent is not None
-                and sent.allow_list_identity != current.target.allow_list_identity):
-            return None
-        return current
-
     def record_allow_list(
         self, label: str, allow_list: AllowList, reply: AllowListReply,
         duration_seconds: float, wall_seconds: float, sent: AccountTarget | None = None,
     ) -> tuple[ReplyVerdict, AllowListChange | None]:
         """Store a network's allow-list, unless it is stale or no longer planned (as
         `record_reply`), and say how it differs from the account's last good one."""
-        current = self._planned_allow_list(label, allow_list, sent)
+        current = self._planned(label, allow_list, sent)
         if current is None:
             return ReplyVerdict.NOT_PLANNED, None
         owner = current.target.owner
@@ -530,7 +521,7 @@ class BalanceStore:
         sent: AccountTarget | None = None,
     ) -> None:
         """A poll of a network's allow-list that gave no usable list: the last good one stays."""
-        current = self._planned_allow_list(label, allow_list, sent)
+        current = self._planned(label, allow_list, sent)
         if current is None:
             return
         state = current.allow_list(allow_list.network)
@@ -542,18 +533,9 @@ class BalanceStore:
         allow_lists = MappingProxyType({**current.allow_lists, network: state})
         self._replace_account(label, replace(current, allow_lists=allow_lists))
 
-    def _planned_transfers(self, label: str, sent: AccountTarget | None) -> AccountSnapshot | None:
-        """As `_planned`, for the transfers."""
-        current = self._accounts.get(label)
-        if current is None or current.target.transfers_identity is None or (
-                sent is not None
-                and sent.transfers_identity != current.target.transfers_identity):
-            return None
-        return current
-
     def transfers_query(self, label: str, now_ms: int) -> TransfersQuery | None:
         """The next request of the account's transfers stream; None if it reads none."""
-        current = self._planned_transfers(label, None)
+        current = self._planned(label, Movements.TRANSFERS, None)
         if current is None:
             return None
         lookback_ms = int(current.target.transfers_lookback_seconds * 1000)
@@ -565,7 +547,7 @@ class BalanceStore:
     ) -> PageOutcome | None:
         """Apply a good page of `query` to the account's transfers (see `transfers`); None when
         the account no longer reads them as it did when the request was sent."""
-        current = self._planned_transfers(label, sent)
+        current = self._planned(label, Movements.TRANSFERS, sent)
         if current is None:
             return None
         owner = current.target.owner
@@ -584,7 +566,7 @@ class BalanceStore:
 
     def record_transfers_failure(self, label: str, reason: str, duration_seconds: float,
                                  sent: AccountTarget | None = None) -> None:
-        current = self._planned_transfers(label, sent)
+        current = self._planned(label, Movements.TRANSFERS, sent)
         if current is not None:
             state = current.transfers
             self._replace_account(label, replace(current, transfers=replace(

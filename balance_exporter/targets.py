@@ -157,6 +157,16 @@ class AccountTarget:
         if self.transfers_interval_seconds is not None:
             yield Movements.TRANSFERS, self.transfers_interval_seconds
 
+    def stream_identity(self, stream: AccountStream) -> tuple[object, ...] | None:
+        """What must stay the same for a stream's state to carry over a new plan, and for a
+        reply to be this target's; None when the stream is not polled."""
+        if isinstance(stream, Endpoint):
+            return self.identity(stream)
+        if isinstance(stream, AllowList):
+            return (self.allow_list_identity if stream.network in self.allow_list_networks
+                    else None)
+        return self.transfers_identity
+
     @property
     def transfers_identity(self) -> tuple[object, ...] | None:
         """What must stay the same for the transfers' state to carry over a new plan; None when

@@ -8,15 +8,19 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from decimal import ROUND_FLOOR, Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from balance_exporter.config import load_config
 from balance_exporter.gemini.replies import (
     AllowListReply,
     ApprovedAddress,
@@ -28,6 +32,7 @@ from balance_exporter.gemini.replies import (
     Transfer,
 )
 from balance_exporter.metrics import build_registry
+from balance_exporter.server import ListenAddress, WebOptions
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator
 from balance_exporter.store import BalanceStore
@@ -383,3 +388,21 @@ def treasury_exporter_document(base_url: str) -> dict[str, Any]:
 def notional_value(amount: str, usd_price: str) -> float:
     """What the exporter shows for an amount at a price: the product floored to cents."""
     return float((Decimal(amount) * Decimal(usd_price)).quantize(Decimal("0.01"), ROUND_FLOOR))
+
+
+def write_config(path: Path, document: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(document))
+
+
+@asynccontextmanager
+async def running_exporter(config_path: Path,
+                           storage: Path | None = None) -> AsyncIterator[Service]:
+    """The exporter of a config file on a free loopback port, stopped on the way out."""
+    service = Service(load_config(config_path), config_path,
+                      WebOptions(listen_address=ListenAddress("127.0.0.1", 0)),
+                      storage_path=storage)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()

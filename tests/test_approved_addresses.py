@@ -4,14 +4,12 @@ changes and removals logged, a malformed list keeping the last good one, and the
 across a reload, a restart with --storage.path, and an account that leaves and comes back."""
 
 from collections.abc import AsyncIterator, Iterator, MutableMapping
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import structlog
-import yaml
 
 from balance_exporter.cli import config_summary
 from balance_exporter.config import build_config, load_config
@@ -26,12 +24,14 @@ from balance_exporter.store import AllowListChange
 from tests.conftest import LOOPBACK_ANY_PORT
 from tests.helpers import (
     Samples,
+    running_exporter,
     sample,
     scrape,
     scrape_until,
     sim_call,
     treasury_exporter_document,
     treasury_simulator_document,
+    write_config,
 )
 
 COLD = "bc1qcoldstorage0000000000000000000000000"
@@ -67,10 +67,6 @@ def allow_list_document(base_url: str, **changes: Any) -> dict[str, Any]:
     return document
 
 
-def write_config(path: Path, document: dict[str, Any]) -> None:
-    path.write_text(yaml.safe_dump(document))
-
-
 @pytest.fixture
 def config_path(group: RunningSimulator, tmp_path: Path) -> Path:
     path = tmp_path / "exporter.yml"
@@ -78,20 +74,9 @@ def config_path(group: RunningSimulator, tmp_path: Path) -> Path:
     return path
 
 
-@asynccontextmanager
-async def running(config_path: Path, storage: Path | None = None) -> AsyncIterator[Service]:
-    service = Service(load_config(config_path), config_path,
-                      WebOptions(listen_address=LOOPBACK_ANY_PORT), storage_path=storage)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop()
-
-
 @pytest.fixture
 async def exporter(config_path: Path) -> AsyncIterator[Service]:
-    async with running(config_path) as service:
+    async with running_exporter(config_path) as service:
         yield service
 
 
@@ -117,6 +102,24 @@ async def address_call(http: aiohttp.ClientSession, simulator: RunningSimulator,
                        account: str, body: dict[str, Any]) -> None:
     await sim_call(http, method, f"{simulator.url}/_sim/accounts/{account}/approved-addresses",
                    {"network": "bitcoin", **body})
+
+
+async def away_and_back(
+    http: aiohttp.ClientSession, group: RunningSimulator, exporter: Service, config_path: Path,
+    away: dict[str, Any], address: str, pending: int,
+) -> Samples:
+    """Reload with `away` (alpha's bitcoin list no longer read), request `address` on alpha
+    meanwhile, reload with the usual config: the samples once the list is read again and holds
+    `pending` entries in their hold."""
+    write_config(config_path, away)
+    assert await exporter.reload()
+    await scrape_until(http, exporter.url, "alpha's list gone",
+                       lambda s: added(s, "alpha") is None)
+    await address_call(http, group, "POST", "alpha", {"address": address})
+    write_config(config_path, allow_list_document(group.url))
+    assert await exporter.reload()
+    return await scrape_until(http, exporter.url, "alpha's list again", lambda s: counts(
+        s, "alpha").get(("account", "pending_time")) == pending)
 
 
 def audit(logs: list[MutableMapping[str, Any]]) -> Iterator[tuple[str, str, str, str, str | None]]:
@@ -230,13 +233,13 @@ async def test_a_restart_with_storage_counts_an_address_added_while_stopped_once
     http: aiohttp.ClientSession, group: RunningSimulator, config_path: Path, tmp_path: Path,
 ) -> None:
     storage = tmp_path / "state"
-    async with running(config_path, storage) as service:
+    async with running_exporter(config_path, storage) as service:
         await scrape_until(http, service.url, "the baselines",
                            lambda s: polls(s, "alpha") and polls(s, "delta"))
     await address_call(http, group, "POST", "alpha", {"address": NEW, "label": "While away"})
     await address_call(http, group, "DELETE", "delta", {"address": NEW})
     with structlog.testing.capture_logs() as logs:
-        async with running(config_path, storage) as service:
+        async with running_exporter(config_path, storage) as service:
             samples = await scrape_until(http, service.url, "the addition after the restart",
                                          lambda s: added(s, "alpha") == 1 and polls(s, "delta"))
             first = sample(samples, "gemini_approved_addresses_last_success_timestamp_seconds",
@@ -257,10 +260,10 @@ async def test_a_restart_with_storage_counts_an_address_added_while_stopped_once
 async def test_a_restart_without_storage_starts_from_a_new_baseline(
     http: aiohttp.ClientSession, group: RunningSimulator, config_path: Path,
 ) -> None:
-    async with running(config_path) as service:
+    async with running_exporter(config_path) as service:
         await scrape_until(http, service.url, "the baseline", lambda s: polls(s, "alpha"))
     await address_call(http, group, "POST", "alpha", {"address": NEW})
-    async with running(config_path) as service:
+    async with running_exporter(config_path) as service:
         samples = await scrape_until(http, service.url, "the new list", lambda s: counts(
             s, "alpha").get(("account", "pending_time")) == 1)
     assert added(samples, "alpha") == 0
@@ -277,14 +280,7 @@ async def test_a_reload_keeps_the_count_and_an_account_that_comes_back_counts_wh
     # Alpha leaves the plan, gains an address while away, and comes back.
     away = allow_list_document(group.url)
     away["keys"][0]["discover"]["exclude"] = ["test-*", "alpha"]
-    write_config(config_path, away)
-    assert await exporter.reload()
-    await scrape_until(http, exporter.url, "alpha gone", lambda s: added(s, "alpha") is None)
-    await address_call(http, group, "POST", "alpha", {"address": GROUP})
-    write_config(config_path, allow_list_document(group.url))
-    assert await exporter.reload()
-    samples = await scrape_until(http, exporter.url, "alpha back", lambda s: counts(
-        s, "alpha").get(("account", "pending_time")) == 2)
+    samples = await away_and_back(http, group, exporter, config_path, away, GROUP, pending=2)
     # Its count began again at 0 when it came back; the address added while it was away counts.
     assert added(samples, "alpha") == 1
 
@@ -293,15 +289,8 @@ async def test_a_network_read_again_after_a_pause_starts_from_a_new_baseline(
     http: aiohttp.ClientSession, group: RunningSimulator, exporter: Service, config_path: Path,
 ) -> None:
     await scrape_until(http, exporter.url, "the baseline", lambda s: polls(s, "alpha"))
-    write_config(config_path, allow_list_document(
-        group.url, approved_addresses={"networks": ["ethereum"]}))
-    assert await exporter.reload()
-    await scrape_until(http, exporter.url, "bitcoin off", lambda s: added(s, "alpha") is None)
-    await address_call(http, group, "POST", "alpha", {"address": NEW})
-    write_config(config_path, allow_list_document(group.url))
-    assert await exporter.reload()
-    samples = await scrape_until(http, exporter.url, "bitcoin again", lambda s: counts(
-        s, "alpha").get(("account", "pending_time")) == 1)
+    off = allow_list_document(group.url, approved_addresses={"networks": ["ethereum"]})
+    samples = await away_and_back(http, group, exporter, config_path, off, NEW, pending=1)
     assert added(samples, "alpha") == 0
 
 

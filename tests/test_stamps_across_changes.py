@@ -11,16 +11,14 @@ import aiohttp
 import pytest
 import yaml
 
-from balance_exporter.config import load_config
-from balance_exporter.server import WebOptions
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator, start_simulator
 from balance_exporter.simulator.state import SimState
 from balance_exporter.storage import STATE_FILE_NAME
-from tests.conftest import LOOPBACK_ANY_PORT
 from tests.helpers import (
     MASTER_KEY,
     add_fault,
+    running_exporter,
     sample,
     scrape,
     sim_call,
@@ -53,14 +51,8 @@ def write_config(group: RunningSimulator, tmp_path: Path, **changes: object) -> 
 async def running(group: RunningSimulator, tmp_path: Path, storage: Path | None = None,
                   ) -> AsyncIterator[Service]:
     """The exporter with the treasury config (reloaded from `write_config`'s file)."""
-    path = write_config(group, tmp_path)
-    service = Service(load_config(path), path, WebOptions(listen_address=LOOPBACK_ANY_PORT),
-                      storage_path=storage)
-    await service.start()
-    try:
+    async with running_exporter(write_config(group, tmp_path), storage) as service:
         yield service
-    finally:
-        await service.stop()
 
 
 async def alpha_btc(http: aiohttp.ClientSession, service: Service) -> float | None:

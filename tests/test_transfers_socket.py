@@ -5,14 +5,12 @@ requests for one account within Gemini's 5 s."""
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import structlog
-import yaml
 
 from balance_exporter.cli import config_summary
 from balance_exporter.config import build_config, load_config
@@ -24,12 +22,14 @@ from balance_exporter.simulator.state import SimState, demo_document
 from tests.conftest import LOOPBACK_ANY_PORT
 from tests.helpers import (
     Samples,
+    running_exporter,
     sample,
     scrape,
     scrape_until,
     sim_state,
     treasury_exporter_document,
     treasury_simulator_document,
+    write_config,
 )
 
 HOUR_MS = 3_600_000
@@ -69,10 +69,6 @@ def transfers_document(base_url: str) -> dict[str, Any]:
     return document
 
 
-def write_config(path: Path, document: dict[str, Any]) -> None:
-    path.write_text(yaml.safe_dump(document))
-
-
 @pytest.fixture
 def config_path(group: RunningSimulator, tmp_path: Path) -> Path:
     path = tmp_path / "exporter.yml"
@@ -80,20 +76,9 @@ def config_path(group: RunningSimulator, tmp_path: Path) -> Path:
     return path
 
 
-@asynccontextmanager
-async def running(config_path: Path, storage: Path | None = None) -> AsyncIterator[Service]:
-    service = Service(load_config(config_path), config_path,
-                      WebOptions(listen_address=LOOPBACK_ANY_PORT), storage_path=storage)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop()
-
-
 @pytest.fixture
 async def exporter(config_path: Path) -> AsyncIterator[Service]:
-    async with running(config_path) as service:
+    async with running_exporter(config_path) as service:
         yield service
 
 
@@ -221,13 +206,13 @@ async def test_a_restart_with_storage_neither_loses_nor_doubles_a_transfer(
     http: aiohttp.ClientSession, group: RunningSimulator, config_path: Path, tmp_path: Path,
 ) -> None:
     storage = tmp_path / "state"
-    async with running(config_path, storage) as service:
+    async with running_exporter(config_path, storage) as service:
         await scrape_until(http, service.url, "the first poll", up)
         await add_transfer(http, group, type="Deposit", currency="USD", amount="5")
         await scrape_until(http, service.url, "the deposit",
                            lambda s: counted(s, "USD", "deposit")[0] == 1, limit_seconds=20)
     await add_transfer(http, group, type="Withdrawal", currency="BTC", amount="1.25")
-    async with running(config_path, storage) as service:
+    async with running_exporter(config_path, storage) as service:
         samples = await scrape_until(
             http, service.url, "the withdrawal made while stopped",
             lambda s: counted(s, "BTC", "withdrawal")[0] == 1, limit_seconds=20)
