@@ -158,6 +158,11 @@ def config_summary(config: Config) -> str:
                          + (f", exclude {', '.join(discover.exclude)}" if discover.exclude else "")
                          + f", listed every {discover.refresh_seconds:g}s, "
                          f"at most {discover.max_pages} pages of 500")
+        if key.stream is not None and key.stream.enabled:
+            lines.append(f"  {key.name} streams balances@account from "
+                         f"{settings.gemini.websocket_url}: a change polls the account's "
+                         "balances as soon as the budget allows; regular polls at most every "
+                         f"{key.stream.reconcile_interval_seconds:g}s while it is up")
     lines.append(f"Each key's roles are read at start, at each reload and every "
                  f"{settings.polling.roles_refresh_seconds:g}s")
     if settings.notional is not None:

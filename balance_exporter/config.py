@@ -150,8 +150,11 @@ class GeminiSettings(_Strict):
     proxy_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+/?$")] | None = None
     # Extra CA certificates to trust for base_url (a private CA, a TLS-inspecting proxy).
     ca_file: Path | None = None
+    # Gemini's WebSocket API, for keys that stream (sandbox: wss://ws.sandbox.gemini.com).
+    websocket_url: Annotated[str, Field(pattern=r"^wss?://[^\s/]+(/[^\s]*)?$")] = (
+        "wss://ws.gemini.com")
 
-    @field_validator("base_url", mode="after")
+    @field_validator("base_url", "websocket_url", mode="after")
     @classmethod
     def _check_base_url(cls, url: str, info: ValidationInfo) -> str:
         scheme, _, rest = url.partition("://")
@@ -160,10 +163,10 @@ class GeminiSettings(_Strict):
             raise ValueError("must not carry a user or password (they would go with every "
                              "request and into logs)")
         host = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
-        if scheme == "http" and not info.data.get("allow_insecure_http") and not _is_loopback(
-                host):
-            raise ValueError("plain http:// is only for a loopback host; use https:// or set "
-                             "gemini.allow_insecure_http: true")
+        if scheme in ("http", "ws") and not info.data.get("allow_insecure_http") and not (
+                _is_loopback(host)):
+            raise ValueError(f"plain {scheme}:// is only for a loopback host; use {scheme}s:// "
+                             "or set gemini.allow_insecure_http: true")
         return url
 
 
@@ -264,6 +267,15 @@ class ApprovedAddressesSettings(_Strict):
         return networks
 
 
+class StreamSettings(_Strict):
+    """A key's balances@account stream: it says when an account's balances changed, and the
+    account's balances poll comes as soon as the key's budget allows."""
+
+    enabled: bool = True
+    # While the stream is up, the account's regular balances polls come this often at most.
+    reconcile_interval_seconds: Annotated[float, Field(ge=10, le=MAX_DURATION_SECONDS)] = 300.0
+
+
 class KeySettings(_Strict):
     name: LabelText
     api_key: Annotated[str, Field(min_length=1)] | None = None
@@ -274,6 +286,11 @@ class KeySettings(_Strict):
     nonce: NonceUnit = "milliseconds"
     requests_per_second: Annotated[float, Field(gt=0)] = 2.0
     discover: DiscoverSettings | None = None
+    stream: StreamSettings | None = None
+
+    @property
+    def streams(self) -> bool:
+        return self.stream is not None and self.stream.enabled
 
 
 class AccountSettings(AccountOptions):
@@ -348,6 +365,10 @@ def _key_problems(keys: list[KeySettings]) -> list[str]:
             problems.append(
                 f"{where}: set exactly one of api_secret_file, api_secret_env, api_secret"
             )
+        if key.streams and key.nonce != "seconds":
+            problems.append(f"{where}.stream: Gemini's WebSocket API takes only keys with "
+                            f"time-based nonces; set `nonce: seconds` on key {key.name!r} (and "
+                            "create the key in Gemini with time-based nonces)")
         limit = 1.0 if key.nonce == "seconds" else GEMINI_RATE_LIMIT_PER_SECOND
         if key.requests_per_second > limit:
             why = (
@@ -552,7 +573,13 @@ def _master_key_problems(settings: ExporterSettings, keys: dict[str, Credentials
         for index, key in enumerate(settings.keys)
         if key.discover is not None and key.name in keys and not keys[key.name].is_master
     ]
-    return discovering + [
+    streaming = [
+        f"keys[{index}].stream: key {key.name!r} is a master key; Gemini's WebSocket API "
+        "answers master keys 401 (stream with an account-scoped key)"
+        for index, key in enumerate(settings.keys)
+        if key.streams and key.name in keys and keys[key.name].is_master
+    ]
+    return discovering + streaming + [
         f"accounts[{index}].account: key {account.key!r} is a master key, which needs the "
         "account's short name (Gemini answers MissingAccounts without it)"
         for index, account in enumerate(settings.accounts)

@@ -21,10 +21,11 @@ def demo_exporter_document(simulator_state: SimState, base_url: str) -> dict[str
     """An exporter config for the demo simulator: its master key discovers the group's accounts
     (one of them configured with alert thresholds), and its account-scoped key; every account's
     value in USD, its staked coins, its bitcoin and ethereum withdrawal allow-lists and its
-    money movements."""
+    money movements; the account key streams balances@account."""
     master, account_key = simulator_state.keys.values()
     return {
-        "gemini": {"base_url": base_url, "timeout_seconds": 5},
+        "gemini": {"base_url": base_url, "timeout_seconds": 5,
+                   "websocket_url": base_url.replace("http", "ws", 1) + "/"},
         "notional": {"currency": "USD", "interval_seconds": 15},
         "approved_addresses": {"networks": ["bitcoin", "ethereum"]},
         "transfers": {"interval_seconds": 30},
@@ -37,7 +38,8 @@ def demo_exporter_document(simulator_state: SimState, base_url: str) -> dict[str
                  "max_withdrawal_pending_seconds": 3600,
                  "max_withdrawn_per_hour": {"BTC": 2, "USD": 100000}}}},
             {"name": "savings", "api_key": account_key.api_key,
-             "api_secret": account_key.api_secret, "requests_per_second": 1},
+             "api_secret": account_key.api_secret, "requests_per_second": 1,
+             "nonce": "seconds", "stream": {"reconcile_interval_seconds": 60}},
         ],
         "accounts": [
             {"key": "treasury", "account": "primary", "name": "treasury-primary",

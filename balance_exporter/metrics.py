@@ -237,8 +237,9 @@ def _health_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
     yield _account_gauge(
         "gemini_account_poll_interval_seconds",
         "Interval between polls of the account: the configured one, stretched to fit the "
-        "key's request budget.",
-        accounts, lambda s: s.target.interval_seconds)
+        "key's request budget (while its key's stream is up, at least the stream's "
+        "reconcile_interval_seconds).",
+        accounts, lambda s: s.balances_interval_seconds)
     yield _account_counter(
         "gemini_account_polls",
         "Background polls of the account's /v1/balances, successful or not.",
@@ -427,6 +428,11 @@ def account_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
     yield from _health_families(accounts)
     yield from _allow_list_families(accounts)
     yield from _transfers_families(accounts)
+    yield _account_gauge(
+        "gemini_account_last_update_timestamp_seconds", "When Gemini last changed the account's "
+        "balances, by `u` of its stream's last balanceUpdate frame (absent before the first; "
+        "never goes back; not compared with the REST replies' `_timestamp`).", accounts,
+        lambda s: _seconds(s.last_update_ns))
 
 
 @dataclass
@@ -557,6 +563,39 @@ def _roles_families(keys: tuple[KeyCounters, ...]) -> Iterator[Metric]:
     yield errors
 
 
+def _stream_families(keys: tuple[KeyCounters, ...]) -> Iterator[Metric]:
+    streaming = [(key, key.stream) for key in keys if key.stream is not None]
+    yield _key_gauge(
+        "gemini_stream_up", "1 while the key's balances@account stream is connected and "
+        "subscribed, else 0 (its account's balances are then polled at their planned "
+        "interval).", [key for key, _ in streaming],
+        lambda k: float(k.stream.up) if k.stream else None)
+    yield _key_gauge(
+        "gemini_stream_last_frame_timestamp_seconds", "Unix time the key's last balanceUpdate "
+        "frame came.", [key for key, _ in streaming],
+        lambda k: k.stream.last_frame_seconds if k.stream else None)
+    for name, help_text, field in (
+        ("gemini_stream_connects", "Stream connections that were opened and subscribed.",
+         "connects"),
+        ("gemini_stream_frames", "balanceUpdate frames the stream brought.", "frames"),
+        ("gemini_stream_triggered_polls", "Balances polls a frame made due (frames that came "
+         "while one was due already made none).", "triggered_polls"),
+    ):
+        family = CounterMetricFamily(name, help_text, labels=["key"])
+        for key, stream in streaming:
+            family.add_metric([key.name], getattr(stream, field))
+        yield family
+    errors = CounterMetricFamily(
+        "gemini_stream_errors", "Stream troubles by reason: rejected (401/403 on the upgrade), "
+        "connect_failed, upgrade_failed, subscribe_failed, subscribe_timeout, pong_timeout, "
+        "idle_timeout, frame_too_large, closed, malformed_frame (ignored) and future_update (a "
+        "`u` too far ahead of this clock, ignored).", labels=["key", "reason"])
+    for key, stream in streaming:
+        for reason, count in sorted(stream.errors.items()):
+            errors.add_metric([key.name, reason], count)
+    yield errors
+
+
 def exporter_families(store: BalanceStore, counters: ExporterCounters) -> Iterator[Metric]:
     """The families that are not per account: keys, build, and the collector's own errors."""
     keys = store.key_counters()
@@ -578,6 +617,7 @@ def exporter_families(store: BalanceStore, counters: ExporterCounters) -> Iterat
         keys, lambda k: float(k.worker_running))
     yield from _discovery_families(keys)
     yield from _roles_families(keys)
+    yield from _stream_families(keys)
     build = InfoMetricFamily("gemini_exporter_build", "The exporter's version.", labels=["version"])
     build.add_metric([__version__], {})
     yield build

@@ -235,6 +235,10 @@ class KeySchedule:
         self.targets: dict[str, AccountTarget] = {}
         self.next_due: dict[Job, float] = {}
         self._intervals: dict[Job, float] = {}
+        # The intervals as planned, and the least the balances polls' may be while a stream
+        # tells when they change (see set_balances_floor).
+        self._planned: dict[Job, float] = {}
+        self._balances_floor: float | None = None
         # Each job runs on a grid, origin + (phase + k) * interval, with the phases of one
         # endpoint's jobs spread evenly over the interval: the requests of a full budget then
         # come one after another instead of in bursts that make some wait longer than others.
@@ -273,7 +277,8 @@ class KeySchedule:
             for stream, interval in target.streams():
                 intervals[Job(target.label, stream)] = interval
         self.targets = {target.label: target for target in key_plan.targets}
-        self._intervals = intervals
+        self._planned = intervals
+        self._intervals = self._floored(intervals)
         self._phases = {job: self._phases.get(job, phase)
                         for job, phase in _even_phases(list(intervals)).items()}
         self.next_due = {job: self.next_due[job] if job in self.next_due
@@ -282,6 +287,35 @@ class KeySchedule:
                          else self._grid_at_or_after(job, now)
                          for job in intervals}
         self._failures = {job: self._failures.get(job, 0) for job in intervals}
+        return True
+
+    def _floored(self, intervals: dict[Job, float]) -> dict[Job, float]:
+        floor = self._balances_floor
+        if floor is None:
+            return dict(intervals)
+        return {job: max(interval, floor) if job.endpoint is Endpoint.BALANCES else interval
+                for job, interval in intervals.items()}
+
+    def set_balances_floor(self, floor: float | None, now: float) -> None:
+        """While a stream says when balances change, the regular balances polls come at most
+        every `floor` seconds (never more often than planned); None: as planned, at once."""
+        if floor == self._balances_floor:
+            return
+        self._balances_floor = floor
+        self._intervals = self._floored(self._planned)
+        if floor is None:
+            for job in self._intervals:
+                if job.endpoint is Endpoint.BALANCES:
+                    self.next_due[job] = min(self.next_due[job],
+                                             self._grid_at_or_after(job, now))
+
+    def trigger_balances(self, label: str, now: float) -> bool:
+        """A stream says the account's balances changed: poll them as soon as the key's budget
+        allows. False when that poll is due already (frames before it make one poll)."""
+        job = Job(label, Endpoint.BALANCES)
+        if job not in self.next_due or self.next_due[job] <= now:
+            return False
+        self.next_due[job] = now
         return True
 
     def due_now(self, job: Job, now: float) -> bool:
@@ -865,7 +899,8 @@ class Scheduler:
         old_labels = {snapshot.target.label for snapshot in self._store.account_snapshots()}
         for _ in self._store.configuring(
                 current.targets, config.credentials.keys(), discovering,
-                {name: key.key_id for name, key in config.credentials.items()}):
+                {name: key.key_id for name, key in config.credentials.items()},
+                [key.name for key in config.settings.keys if key.streams]):
             await slices.pause_if_due()
         for name, key_plan in current.keys.items():
             if name in discovering:
@@ -1002,6 +1037,11 @@ class Scheduler:
             self._store.record_worker_running(worker.key_name, False)
             log.error("key worker supervisor ended; the key is no longer polled",
                       key=worker.key_name, error=repr(task.exception()))
+
+    def worker_of(self, api_key: str) -> tuple[KeyWorker, NonceSource] | None:
+        """The running worker of an API key and its nonces (for its stream)."""
+        runtime = self._runtimes.get(api_key)
+        return None if runtime is None else (runtime.worker, self._nonces[api_key])
 
     async def stop(self) -> None:
         tasks = [runtime.task for runtime in self._runtimes.values()]

@@ -204,6 +204,20 @@ def _discovery_text(store: BalanceStore, now: float) -> str:
     return "".join(f"<p>{html.escape(line)}.</p>" for line in lines)
 
 
+def _streams_text(store: BalanceStore, now: float) -> str:
+    """Each streaming key's stream, and when its last frame came."""
+    lines = []
+    for key in store.key_counters():
+        stream = key.stream
+        if stream is None:
+            continue
+        last = (f"last frame {now - stream.last_frame_seconds:.0f}s ago"
+                if stream.last_frame_seconds is not None else "no frame yet")
+        state = "up" if stream.up else "down (balances polled at their interval)"
+        lines.append(f"<p>{html.escape(f'Key {key.name}: stream {state}, {last}')}.</p>")
+    return "".join(lines)
+
+
 def _roles_text(store: BalanceStore) -> str:
     """Each key's roles, with a warning beside a key that can trade or move funds."""
     lines = []
@@ -251,7 +265,7 @@ async def landing_handler(request: web.Request) -> web.Response:
 <h1>Gemini balance exporter</h1>
 <p>Version {html.escape(__version__)}. Metrics: <a href="{path}">{path}</a>.
 Health: <a href="/-/healthy">/-/healthy</a>, readiness: <a href="/-/ready">/-/ready</a>.</p>
-{total}{_discovery_text(store, now)}{_roles_text(store)}
+{total}{_discovery_text(store, now)}{_roles_text(store)}{_streams_text(store, now)}
 <table><thead><tr><th>Account</th><th>Key</th><th>Status</th><th>Data age</th>
 <th>Poll interval</th><th>Currencies</th><th>Total value</th><th>Staked</th>
 <th>Withdrawal allow-lists</th><th>Pending withdrawals</th></tr></thead>

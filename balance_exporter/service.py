@@ -24,6 +24,7 @@ from balance_exporter.scheduler import Clock, Scheduler, SystemClock
 from balance_exporter.server import WebOptions, WebServer
 from balance_exporter.storage import StatePersister, load_state
 from balance_exporter.store import BalanceStore
+from balance_exporter.streaming import StreamManager
 
 log = structlog.get_logger("balance_exporter.service")
 
@@ -54,6 +55,7 @@ class Service:
         self._server = WebServer(exposition, web_options)
         self._session: aiohttp.ClientSession | None = None
         self._scheduler: Scheduler | None = None
+        self._streams: StreamManager | None = None
 
     @property
     def url(self) -> str:
@@ -71,6 +73,8 @@ class Service:
         self._session = new_session(f"balance-exporter/{__version__}")
         self._scheduler = Scheduler(self._session, self.store, self._clock)
         await self._scheduler.apply(self.config)
+        self._streams = StreamManager(self._scheduler, self._session, self.store, self._clock)
+        await self._streams.apply(self.config)
         if self._persister is not None:
             self._persisting = asyncio.create_task(self._persister.run(), name="save-state")
         log.info("exporter started", url=self.url,
@@ -93,7 +97,9 @@ class Service:
         redactor.set_secrets(config.secrets)
         self.config = config
         assert self._scheduler is not None
+        assert self._streams is not None
         await self._scheduler.apply(config)
+        await self._streams.apply(config)
         for warning in config.warnings:
             log.warning("config warning", problem=warning)
         log.info("config reloaded", configured_accounts=len(config.settings.accounts))
@@ -101,6 +107,8 @@ class Service:
 
     async def stop(self) -> None:
         """Close whatever `start` opened, also after a start that failed half-way."""
+        if self._streams is not None:
+            await self._streams.stop()
         if self._scheduler is not None:
             await self._scheduler.stop()
         for task in (self._persisting, self._collecting):

@@ -239,6 +239,18 @@ class AccountSnapshot:
     # By network, for the networks whose lists were polled (see `allow_list`).
     allow_lists: Mapping[str, AllowListState] = field(default_factory=_no_allow_lists)
     transfers: TransfersState = TransfersState()
+    # Gemini's `u` of the account's last balanceUpdate frame (never backwards); None before one.
+    last_update_ns: int | None = None
+    # While its key's stream is up: the least interval of its regular balances polls.
+    reconcile_seconds: float | None = None
+
+    @property
+    def balances_interval_seconds(self) -> float:
+        """The interval its balances are polled at now (the reconcile one while a stream
+        says when they change)."""
+        interval = self.target.interval_seconds
+        return interval if self.reconcile_seconds is None else max(interval,
+                                                                   self.reconcile_seconds)
 
     def poll(self, endpoint: Endpoint) -> PollState[Any]:
         state: PollState[Any] = getattr(self, endpoint.value)
@@ -295,6 +307,8 @@ def _carried(previous: AccountSnapshot | None, target: AccountTarget) -> Account
         _carried_allow_lists(previous, target) if previous.allow_lists else previous.allow_lists,
         previous.transfers if old.transfers_identity == target.transfers_identity
         else TransfersState(),
+        previous.last_update_ns if old_ids[0] == new_ids[0] else None,
+        previous.reconcile_seconds if old.key_name == target.key_name else None,
     )
 
 
@@ -328,6 +342,19 @@ class RolesState:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamState:
+    """How a key's balances@account stream goes."""
+
+    up: bool = False  # connected and subscribed
+    connects: int = 0
+    frames: int = 0
+    # By a bounded set of reasons (see gemini.stream and streaming).
+    errors: Mapping[str, int] = field(default_factory=_no_errors)
+    triggered_polls: int = 0
+    last_frame_seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class KeyCounters:
     """What was sent with one key, for the `gemini_key_*` counters."""
 
@@ -342,6 +369,8 @@ class KeyCounters:
     # None: the key does not discover its accounts.
     discovery: DiscoveryState | None = None
     roles: RolesState = RolesState()
+    # None: the key does not stream.
+    stream: StreamState | None = None
 
 
 class BalanceStore:
@@ -367,16 +396,16 @@ class BalanceStore:
     def configure(
         self, targets: Iterable[AccountTarget], key_names: Iterable[str],
         discovering: Mapping[str, float] | None = None,
-        key_ids: Mapping[str, str] | None = None,
+        key_ids: Mapping[str, str] | None = None, streaming: Iterable[str] = (),
     ) -> None:
         """`configuring` all at once."""
-        for _ in self.configuring(targets, key_names, discovering, key_ids):
+        for _ in self.configuring(targets, key_names, discovering, key_ids, streaming):
             pass
 
     def configuring(
         self, targets: Iterable[AccountTarget], key_names: Iterable[str],
         discovering: Mapping[str, float] | None = None,
-        key_ids: Mapping[str, str] | None = None,
+        key_ids: Mapping[str, str] | None = None, streaming: Iterable[str] = (),
     ) -> Iterator[None]:
         """Adopt a (new) set of accounts, keeping what is known of those that did not change;
         `discovering` gives each discovering key's listing interval, `key_ids` each key's API
@@ -403,6 +432,7 @@ class BalanceStore:
         self._layout_version = self.accounts_version
         self._changes = {}
         discovering = discovering or {}
+        streaming_keys = set(streaming)
         keys = {}
         for name in key_names:
             counters = self._keys.get(name, KeyCounters(name))
@@ -415,7 +445,10 @@ class BalanceStore:
             # Roles are the API key's: a name given to another API key shows none until that
             # key has been asked.
             roles = counters.roles if counters.key_id == key_id else RolesState()
-            keys[name] = replace(counters, discovery=discovery, key_id=key_id, roles=roles)
+            stream = ((counters.stream if counters.key_id == key_id else None) or StreamState()
+                      if name in streaming_keys else None)
+            keys[name] = replace(counters, discovery=discovery, key_id=key_id, roles=roles,
+                                 stream=stream)
         self._keys = keys
         self.keys_version += 1
 
@@ -626,6 +659,44 @@ class BalanceStore:
         if key is not None:
             self._update_key(key_name, roles=replace(
                 key.roles, attempted=True, up=False, errors=_counted(key.roles.errors, reason)))
+
+    def _update_stream(self, key_name: str, **changes: Any) -> None:
+        key = self._keys.get(key_name)
+        if key is not None and key.stream is not None:
+            self._update_key(key_name, stream=replace(key.stream, **changes))
+
+    def record_stream_up(self, key_name: str, up: bool, connected: bool = False,
+                         reconcile_seconds: float | None = None) -> None:
+        """The stream is subscribed (up), or no longer; `connected`: a new connection. While it
+        is up, the key's accounts' balances are polled every `reconcile_seconds` at most."""
+        key = self._keys.get(key_name)
+        if key is not None and key.stream is not None:
+            self._update_stream(key_name, up=up, connects=key.stream.connects + connected)
+        # Also for a key whose stream a reload turned off: its accounts' interval is the
+        # planned one again.
+        floor = reconcile_seconds if up else None
+        for label, snapshot in list(self._accounts.items()):
+            if snapshot.target.key_name == key_name and snapshot.reconcile_seconds != floor:
+                self._replace_account(label, replace(snapshot, reconcile_seconds=floor))
+
+    def record_stream_error(self, key_name: str, reason: str) -> None:
+        key = self._keys.get(key_name)
+        if key is not None and key.stream is not None:
+            self._update_stream(key_name, errors=_counted(key.stream.errors, reason))
+
+    def record_stream_frame(self, key_name: str, wall_seconds: float, triggered: bool) -> None:
+        key = self._keys.get(key_name)
+        if key is not None and key.stream is not None:
+            self._update_stream(key_name, frames=key.stream.frames + 1,
+                                last_frame_seconds=wall_seconds,
+                                triggered_polls=key.stream.triggered_polls + triggered)
+
+    def record_account_update(self, label: str, update_ns: int) -> None:
+        """Gemini's `u` of a frame for the account: kept only if newer (it never goes back)."""
+        current = self._accounts.get(label)
+        if current is not None and (current.last_update_ns is None
+                                    or update_ns > current.last_update_ns):
+            self._replace_account(label, replace(current, last_update_ns=update_ns))
 
     def record_discovered_polled(self, key_name: str, polled: int, label_conflicts: int) -> None:
         key = self._keys.get(key_name)

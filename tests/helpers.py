@@ -114,7 +114,7 @@ def fixed_store() -> BalanceStore:
         AccountTarget("never-polled", "treasury", "other", False, 30.0,
                       notional_currency="USD", notional_interval_seconds=300.0,
                       display_name="Other desk", discovered=True),
-    ], ["treasury", "savings"], discovering={"treasury": 900.0})
+    ], ["treasury", "savings"], discovering={"treasury": 900.0}, streaming=["savings"])
     store.record_worker_running("treasury", True)
     store.record_worker_running("savings", True)
     store.record_request("treasury")
@@ -175,6 +175,12 @@ def fixed_store() -> BalanceStore:
         Transfer(2, "deposit", "Complete", 1_710_547_000_000, "USD", Decimal("2500.50")),
     ), 0.25, 1_710_547_271.0)
     store.record_transfers_failure("treasury-primary", "RateLimit", 0.1)
+    store.record_stream_up("savings", True, connected=True)
+    store.record_stream_frame("savings", 1_710_547_203.5, triggered=True)
+    store.record_stream_frame("savings", 1_710_547_203.75, triggered=False)
+    store.record_stream_error("savings", "malformed_frame")
+    store.record_account_update("savings", 1_710_547_203_000_000_000)
+    store.record_account_update("savings", 1_710_547_100_000_000_000)  # older: no effect
     return store
 
 

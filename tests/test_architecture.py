@@ -19,14 +19,14 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("targets",),
     # The Gemini client: signing, nonces, HTTP, typed errors, reply parsing and validation.
     ("gemini", "gemini.signing", "gemini.nonce", "gemini.errors", "gemini.client",
-     "gemini.replies"),
+     "gemini.replies", "gemini.stream"),
     # What a page of an account's transfers means, the ledger (the store's memory of each
     # account beyond what is shown) and the store.
     ("transfers", "ledger", "store"),
     # Keeps the store's stamps across restarts.
     ("storage",),
-    # Drives the client and writes what it learns into the store.
-    ("scheduler",),
+    # Drives the client and writes what it learns into the store; the streams trigger its polls.
+    ("scheduler", "streaming"),
     ("metrics",),
     # The sample-line encoder is the exposition's own.
     ("encoding", "exposition"),

@@ -37,6 +37,9 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert results["scrape_polling"]["scrapes"] > 0
     assert results["scrape_polling"]["polls_per_second"] > 0  # the store did change meanwhile
     assert "P2 (treasury) under polling" in result.stdout
+    assert "P11 balance change to /metrics with the stream, p50 / p99" in result.stdout
+    assert results["stream"]["stream"]["changes"] == 10
+    assert results["stream"]["polling"]["p50_s"] > 0
     # The figures that tell our code's cost from a virtual machine's stops.
     assert {"incremental_cpu_p99_ms", "incremental_loop_cpu_ms", "bare_gzip_cpu_median_ms"} <= set(
         results["scrape_treasury"])

@@ -251,6 +251,9 @@ def test_demo_serves_live_balances_without_credentials(tmp_path: Path) -> None:
         wait_for(lambda: 'gemini_balance_amount{account="savings",currency="BTC"} 12.5'
                  in http_get(f"http://127.0.0.1:{port}/metrics")[1], "demo balances")
         assert "treasury-primary" in http_get(f"http://127.0.0.1:{port}/")[1]
+        # The demo's account key streams balances@account.
+        wait_for(lambda: "Key savings: stream up" in http_get(f"http://127.0.0.1:{port}/")[1],
+                 "the demo's stream")
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=5) == 0
     finally:

@@ -470,6 +470,31 @@ def test_two_transfers_requests_for_one_account_are_never_closer_than_5_s() -> N
             TRANSFERS_ACCOUNT_SPACING_SECONDS)
 
 
+def test_frames_before_a_poll_make_one_poll_within_the_budget_and_the_floor_holds() -> None:
+    plan = KeySchedule(key_plan([AccountTarget("a0", "k", None, False, 30.0)]), KeyPacing(1.0),
+                       BACKOFFS, now=0.0, rng=random.Random(1), shift=0.0)
+    job = balances("a0")
+    plan.started(0.0, job)
+    plan.succeeded(job, 0.0)
+    plan.set_balances_floor(300.0, 0.0)  # the stream is up
+    plan.succeeded(job, 0.0)
+    assert plan.next_due[job] == 300.0  # the regular poll waits for the reconcile interval
+    # A burst of frames at 10 s: one poll, due at once; the key's spacing still holds.
+    assert [plan.trigger_balances("a0", 10.0) for _ in range(5)] == [True, False, False, False,
+                                                                        False]
+    assert plan.next_poll(10.0) == (job, 10.0)
+    plan.started(10.0, job)
+    plan.succeeded(job, 10.0)
+    assert plan.trigger_balances("a0", 10.2)
+    assert plan.next_poll(10.2) == (job, 11.0)  # 1 request a second
+    # The stream drops: the planned interval applies again at once.
+    plan.set_balances_floor(None, 12.0)
+    plan.started(11.0, job)
+    plan.succeeded(job, 11.0)
+    assert plan.next_due[job] == 30.0
+    assert not plan.trigger_balances("other", 12.0)
+
+
 def test_each_stream_keeps_its_own_interval_and_a_failing_one_backs_off_alone() -> None:
     plan = KeySchedule(key_plan([treasury_target("a0")]), KeyPacing(10.0), BACKOFFS, now=0.0,
                        rng=random.Random(1), shift=0.0)

@@ -583,6 +583,78 @@ def _text(value: object) -> str:
     return text[:MAX_TRANSFER_TEXT_CHARACTERS]
 
 
+# `u` below this is milliseconds; at or above STREAM_NS_FROM, nanoseconds; between, neither.
+STREAM_MS_BELOW = 10**14
+STREAM_NS_FROM = 10**17
+MAX_STREAM_ASSETS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceUpdate:
+    """A balances@account frame: when Gemini last changed the account, and which assets."""
+
+    update_ns: int  # `u`, in nanoseconds whatever unit it came in
+    currencies: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAnswer:
+    """An answer to one of our requests (`{"id", "status"}`)."""
+
+    id: object
+    status: int | None
+
+
+# What else a stream may send (other events, our own pings' answers): ignored.
+IGNORED = None
+StreamMessage = BalanceUpdate | StreamAnswer | None
+
+
+def parse_stream_message(text: str | bytes) -> StreamMessage:
+    """A WebSocket message, as strictly as a reply: a balanceUpdate frame of the documented
+    shape (at most MAX_STREAM_ASSETS assets, each with a currency code and `f` and `c` as
+    decimals), an answer to a request, or None for anything else that is an object."""
+    document = _load_json(text.encode() if isinstance(text, str) else text)
+    if not isinstance(document, dict):
+        raise MalformedReply(f"expected a JSON object, got {type(document).__name__}")
+    if "id" in document and ("status" in document or "result" in document
+                             or "error" in document):
+        status = document.get("status")
+        return StreamAnswer(document["id"], int(status) if isinstance(status, Decimal)
+                            and status == status.to_integral_value() else None)
+    if document.get("e") != "balanceUpdate":
+        return IGNORED
+    assets = document.get("B")
+    if not isinstance(assets, list) or len(assets) > MAX_STREAM_ASSETS:
+        raise MalformedReply(f"B is {_shown(assets)}, expected a list of at most "
+                             f"{MAX_STREAM_ASSETS} assets")
+    currencies = []
+    for index, asset in enumerate(assets):
+        if not isinstance(asset, dict):
+            raise MalformedReply(f"asset {index} is {type(asset).__name__}, expected an object")
+        currency = asset.get("a")
+        if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
+            raise MalformedReply(f"asset {index}: {_shown(currency)} is not a currency code")
+        for field in ("f", "c"):
+            _decimal_field(asset, field, index)
+        currencies.append(currency.upper())
+    return BalanceUpdate(_update_ns(document.get("u")), tuple(currencies))
+
+
+def _update_ns(value: object) -> int:
+    """`u` in nanoseconds: milliseconds below 10^14, nanoseconds from 10^17, nothing between."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 25:
+        value = Decimal(value)
+    if not (isinstance(value, Decimal) and value.is_finite()
+            and value == value.to_integral_value() and value > 0):
+        raise MalformedReply(f"u {_shown(value)} is not a time")
+    if value < STREAM_MS_BELOW:
+        return int(value) * 1_000_000
+    if value >= STREAM_NS_FROM and len(str(int(value))) <= MAX_TIMESTAMP_DIGITS:
+        return int(value)
+    raise MalformedReply(f"u {_shown(str(value))} is neither milliseconds nor nanoseconds")
+
+
 def _known(value: object, known: tuple[str, ...]) -> str:
     """The value if it is one of `known` (compared in lower case); the first of them when the
     row leaves it out (older listings have no status); "other", never polled, for the rest."""

@@ -1,7 +1,8 @@
-"""Request signing for Gemini's private REST API.
+"""Request signing for Gemini's private REST API and its WebSocket upgrade.
 
 The payload travels base64-encoded in a header and the signature is the hex HMAC-SHA384 of that
-base64 text (not of the raw JSON), keyed with the API secret.
+base64 text (not of the raw JSON), keyed with the API secret. The WebSocket upgrade signs the
+nonce alone: its payload is the base64 of the nonce's decimal text.
 """
 
 import base64
@@ -34,4 +35,15 @@ def signed_headers(api_key: str, api_secret: SecretStr, encoded_payload: bytes) 
         "X-GEMINI-APIKEY": api_key,
         "X-GEMINI-PAYLOAD": encoded_payload.decode(),
         "X-GEMINI-SIGNATURE": sign_payload(encoded_payload, api_secret),
+    }
+
+
+def stream_headers(api_key: str, api_secret: SecretStr, nonce: int) -> dict[str, str]:
+    """The headers that authenticate a WebSocket upgrade (time-based nonce, in seconds)."""
+    payload = base64.b64encode(str(nonce).encode())
+    return {
+        "X-GEMINI-APIKEY": api_key,
+        "X-GEMINI-NONCE": str(nonce),
+        "X-GEMINI-PAYLOAD": payload.decode(),
+        "X-GEMINI-SIGNATURE": sign_payload(payload, api_secret),
     }

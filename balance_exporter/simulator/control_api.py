@@ -66,7 +66,10 @@ async def _replace_rows(
 
 
 async def control_set_balances(request: web.Request) -> web.Response:
-    return await _replace_rows(request, SimAccount.set_balances)
+    response = await _replace_rows(request, SimAccount.set_balances)
+    account = _control_account(request)
+    request.app[STATE_KEY].balances_changed(account, sorted(account.balances))
+    return response
 
 
 async def control_set_staking(request: web.Request) -> web.Response:

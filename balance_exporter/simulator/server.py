@@ -17,14 +17,18 @@ from balance_exporter.simulator.private_api import (
     sim_errors,
 )
 from balance_exporter.simulator.state import SimState
+from balance_exporter.simulator.stream import HUB_KEY, STREAM_ROUTES, StreamHub
 
 
 def build_simulator_app(state: SimState) -> web.Application:
     app = web.Application(middlewares=[sim_errors])
     app[STATE_KEY] = state
     app[CLOCK_KEY] = ServerClock()
+    hub = app[HUB_KEY] = StreamHub()
+    state.balance_listeners.append(hub.balances_changed)
     app.add_routes(PRIVATE_ROUTES)
     app.add_routes(CONTROL_ROUTES)
+    app.add_routes(STREAM_ROUTES)
     return app
 
 
@@ -34,6 +38,10 @@ class RunningSimulator:
     runner: web.AppRunner
     url: str
     drift_task: asyncio.Task[None] | None = field(default=None)
+
+    @property
+    def websocket_url(self) -> str:
+        return self.url.replace("http", "ws", 1) + "/"
 
     async def close(self) -> None:
         if self.drift_task is not None:

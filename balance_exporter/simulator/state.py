@@ -3,6 +3,7 @@
 import random
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 from typing import Any, Literal
@@ -388,6 +389,13 @@ class SimState:
     keys: dict[str, SimKey]
     accounts: dict[str, SimAccount]
     usd_prices: dict[str, Decimal] = field(default_factory=lambda: dict(DEFAULT_USD_PRICES))
+    # Told of every balance change, with the currencies that changed (the WebSocket API).
+    balance_listeners: list[Callable[[SimAccount, list[str]], None]] = field(
+        default_factory=list)
+
+    def balances_changed(self, account: SimAccount, currencies: list[str]) -> None:
+        for listener in self.balance_listeners:
+            listener(account, currencies)
 
     def set_prices(self, document: dict[str, Any]) -> None:
         """Prices in USD for some currencies (others keep theirs); USD stays 1."""
@@ -487,6 +495,8 @@ class SimState:
                 available = (amount * (1 - held)).quantize(places, ROUND_DOWN)
                 values.update(amount=amount, available=available,
                               availableForWithdrawal=available)
+            if account.balances:
+                self.balances_changed(account, sorted(account.balances))
 
 
 def demo_document() -> dict[str, Any]:
@@ -506,7 +516,8 @@ def demo_document() -> dict[str, Any]:
              "roles": ["Auditor"]},
             {"api_key": "account-" + secrets.token_hex(8), "api_secret": secret(),
              # Trader as well as the balances: the demo shows the exporter's warning about it.
-             "accounts": ["savings"], "roles": ["Trader"]},
+             # Time-based nonces: it streams balances@account.
+             "accounts": ["savings"], "roles": ["Trader"], "nonce": "seconds"},
         ],
         "accounts": [
             {"name": "primary", "display_name": "Primary treasury", "staking": {

@@ -94,6 +94,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     ports = {name: free_port() for name in ("simulator", "exporter", "prometheus", "alertmanager")}
     simulator_url = f"http://127.0.0.1:{ports['simulator']}"
     world = simulator_document()
+    world["keys"][1]["nonce"] = "seconds"  # the account key streams
     alpha_state = next(a for a in world["accounts"] if a["name"] == "alpha")
     alpha_state["staking"] = STAKING
     alpha_state["approved_addresses"] = [
@@ -125,6 +126,10 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     treasury["discover"]["defaults"]["approved_addresses_interval_seconds"] = 1
     gamma.update(max_withdrawal_pending_seconds=GAMMA_PENDING_SECONDS,
                  max_withdrawn_per_hour={"BTC": 1})
+    # The account key streams balances@account (time-based nonces: one request a second).
+    exporter_config["gemini"]["websocket_url"] = f"ws://127.0.0.1:{ports['simulator']}/"
+    exporter_config["keys"][1].update(nonce="seconds", requests_per_second=1,
+                                      stream={"reconcile_interval_seconds": 10})
     (work / "exporter.yml").write_text(yaml.safe_dump(exporter_config))
     alert_rules(work / "alerts.yml")
     prometheus_config(work / "prometheus.yml", work / "alerts.yml", ports["exporter"],
@@ -349,6 +354,16 @@ def test_a_withdrawal_pending_too_long_and_above_the_limit_pages_and_resolves(
     # Counted once, in the status it was first seen in.
     assert chain.prometheus.query('gemini_transfers_total{account="gamma", currency="BTC", '
                                   'type="withdrawal"} == 1')
+
+
+def test_a_streamed_change_reaches_prometheus(chain: Chain) -> None:
+    wait_for(lambda: chain.prometheus.query('gemini_stream_up{key="solo"} == 1'),
+             "the stream to be up in Prometheus")
+    chain.sim("PUT", "/_sim/accounts/delta/balances", {"BTC": {"amount": "2.5"}})
+    wait_for(lambda: chain.prometheus.query(
+        'gemini_balance_amount{account="delta", currency="BTC"} == 2.5'),
+        "the streamed change in Prometheus")
+    assert chain.prometheus.query('gemini_stream_frames_total{key="solo"} > 0')
 
 
 def test_a_stopped_exporter_raises_exporter_down_until_it_is_back(chain: Chain) -> None:
