@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import hostile, memory, reload, scheduler, scrape
+from bench import hostile, memory, reload, scheduler, scrape, stream
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -116,6 +116,13 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool]]:
                results["reload"]["reload"]),
               (f"a listing change among {results['reload']['listing']['keys']:.0f} keys",
                results["reload"]["listing"]))),
+        ("P11 balance change to /metrics with the stream, p50 / p99",
+         f"{results['stream']['stream']['p50_s']:.2f} / "
+         f"{results['stream']['stream']['p99_s']:.2f} s",
+         f"{results['stream']['polling']['p50_s']:.2f} / "
+         f"{results['stream']['polling']['p99_s']:.2f} s polled every "
+         f"{results['stream']['polling']['interval_s']:.0f} s", "", "p50 <= 1.5 s",
+         results["stream"]["stream"]["p50_s"] <= 1.5),
     ]
 
 
@@ -153,6 +160,7 @@ def main() -> None:
     results["scheduler"] = scheduler.measure(args.quick)
     results["hostile"] = hostile.measure(args.quick)
     results["reload"] = reload.measure(args.quick)
+    results["stream"] = stream.measure(args.quick)
     results["targets_met"] = all(row[5] for row in rows(results))
     print_table(results)
     if args.json is not None:

@@ -223,6 +223,16 @@ def controls_row() -> list[AnyPanel]:
                      "allow-list per network, by scope and status (approved_addresses.networks).",
                      query(of_accounts("gemini_approved_addresses") + " > 0", "entries",
                            instant=True, as_table=True)),
+        big_number("Streams down", "Streaming keys whose balances@account stream is not "
+                   "connected and subscribed (their balances are polled at their planned "
+                   "interval meanwhile; GeminiBalanceStreamDown).", "none",
+                   query("count(gemini_stream_up == 0) or vector(0)", "keys")),
+        over_time("Stream frames per minute", "balanceUpdate frames per minute per streaming "
+                  "key, and the balances polls they made due.", "short",
+                  query("sum by (key) (rate(gemini_stream_frames_total[$__rate_interval])) * 60",
+                        "{{key}} frames"),
+                  query("sum by (key) (rate(gemini_stream_triggered_polls_total"
+                        "[$__rate_interval])) * 60", "{{key}} polls")),
         over_time("Allow-list additions", "Entries added to each account's allow-lists per "
                   "hour (the exporter logs each one as `approved withdrawal address added`).",
                   "short",
