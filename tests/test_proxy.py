@@ -20,7 +20,16 @@ from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator, start_simulator
 from balance_exporter.simulator.state import SimState
 from tests.conftest import LOOPBACK_ANY_PORT
-from tests.helpers import all_polled, exporter_document, free_port, simulator_document
+from tests.helpers import (
+    ACCOUNT_KEY,
+    ACCOUNT_SECRET,
+    all_polled,
+    exporter_document,
+    free_port,
+    sample,
+    scrape_until,
+    simulator_document,
+)
 
 
 def openssl(*args: str) -> None:
@@ -161,3 +170,34 @@ def test_a_ca_file_that_cannot_be_loaded_is_a_config_error(tmp_path: Path) -> No
     document["gemini"] = {"base_url": "https://127.0.0.1:1", "ca_file": "not-a-ca.pem"}
     with pytest.raises(ConfigError, match=r"gemini\.ca_file: cannot load 'not-a-ca\.pem'"):
         build_config(document, {}, tmp_path)
+
+
+async def test_the_stream_comes_through_the_proxy_with_the_private_ca(
+    private_ca: Path, tinyproxy: Proxy, http: aiohttp.ClientSession,
+) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(private_ca / "server.pem", private_ca / "server.key")
+    world = simulator_document()
+    world["keys"][1]["nonce"] = "seconds"
+    simulator = await start_simulator(SimState.from_document(world), tls=context)
+    try:
+        document = proxied_document(simulator, private_ca, tinyproxy.url)
+        gemini = document["gemini"]
+        assert isinstance(gemini, dict)
+        gemini["websocket_url"] = simulator.websocket_url  # wss://, the private CA's
+        document["keys"] = [{"name": "hot", "api_key": ACCOUNT_KEY, "api_secret": ACCOUNT_SECRET,
+                             "nonce": "seconds", "requests_per_second": 1, "stream": {}}]
+        document["accounts"] = [{"key": "hot", "name": "delta", "interval_seconds": 60}]
+        service = Service(build_config(document, {}), None,
+                          WebOptions(listen_address=LOOPBACK_ANY_PORT))
+        await service.start()
+        try:
+            # Up only if the upgrade trusted the private CA (the system's does not know it).
+            await scrape_until(http, service.url, "the stream over TLS", lambda s: sample(
+                s, "gemini_stream_up", key="hot") == 1)
+        finally:
+            await service.stop()
+    finally:
+        await simulator.close()
+    assert simulator.websocket_url.startswith("wss://")
+    assert tinyproxy.connects() > 0
