@@ -615,6 +615,10 @@ def exporter_families(store: BalanceStore, counters: ExporterCounters) -> Iterat
         "1 while the key's poll worker runs, 0 while it is down (between a crash and its "
         "restart, or for good): nothing is polled with the key then.",
         keys, lambda k: float(k.worker_running))
+    yield _key_gauge(
+        "gemini_key_poll_lag_seconds", "How late the key's last request started after it was "
+        "due: above its spacing, the key is behind its plan (its data ages, and the staleness "
+        "alerts follow).", keys, lambda k: k.poll_lag_seconds)
     yield from _discovery_families(keys)
     yield from _roles_families(keys)
     yield from _stream_families(keys)

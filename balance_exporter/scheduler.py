@@ -491,6 +491,9 @@ class KeyWorker:
                 await self._clock.sleep(slot - self._clock.monotonic())
             # A new plan (a reload, another key's listing) may have dropped the job meanwhile.
             if job in self.schedule.next_due:
+                # How late it starts: a key behind its plan shows it (and its data ages).
+                self._store.record_poll_lag(self.key_name, max(
+                    0.0, self._clock.monotonic() - self.schedule.next_due[job]))
                 await self.poll(job)
 
     async def _sleep_until(self, moment: float) -> bool:

@@ -371,6 +371,8 @@ class KeyCounters:
     roles: RolesState = RolesState()
     # None: the key does not stream.
     stream: StreamState | None = None
+    # How late the key's last request started after it was due (None before the first).
+    poll_lag_seconds: float | None = None
 
 
 class BalanceStore:
@@ -703,6 +705,12 @@ class BalanceStore:
         if key is not None and key.discovery is not None and (
                 key.discovery.polled, key.discovery.label_conflicts) != (polled, label_conflicts):
             self._update_discovery(key_name, polled=polled, label_conflicts=label_conflicts)
+
+    def record_poll_lag(self, key_name: str, seconds: float) -> None:
+        if key_name in self._keys:
+            self._keys[key_name] = replace(self._keys[key_name], poll_lag_seconds=seconds)
+            # The keys' version stays: a lag alone does not make the tail render again (it is
+            # rendered at most every second anyway), or every poll would.
 
     def record_request(self, key_name: str) -> None:
         self._update_key(key_name, requests=self._keys[key_name].requests + 1)

@@ -175,6 +175,7 @@ def fixed_store() -> BalanceStore:
         Transfer(2, "deposit", "Complete", 1_710_547_000_000, "USD", Decimal("2500.50")),
     ), 0.25, 1_710_547_271.0)
     store.record_transfers_failure("treasury-primary", "RateLimit", 0.1)
+    store.record_poll_lag("treasury", 0.125)
     store.record_stream_up("savings", True, connected=True)
     store.record_stream_frame("savings", 1_710_547_203.5, triggered=True)
     store.record_stream_frame("savings", 1_710_547_203.75, triggered=False)

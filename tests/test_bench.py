@@ -59,3 +59,15 @@ def test_steal_is_read_from_the_kernels_cpu_line(tmp_path: Path) -> None:
     stat.write_text("cpu  883287 0 97165\n")  # an old kernel: no steal field
     assert steal_seconds(stat) is None
     assert steal_seconds(tmp_path / "missing") is None
+
+
+def test_the_poll_cost_bench_reports_ours_the_floor_and_the_scrapes() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.poll_cost", "measure", "--quick"],
+                            cwd=ROOT, capture_output=True, text=True, check=False, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    figures = json.loads(result.stdout[result.stdout.index("{"):])
+    for workload in ("changing", "unchanged"):
+        assert figures[workload]["polls_per_second"] > 100
+        assert figures[workload]["ours_cpu_per_poll_ms"] > 0
+        assert figures[workload]["floor_cpu_per_request_ms"] > 0
+        assert figures[workload]["scrapes"] > 0

@@ -272,6 +272,14 @@ async def test_worker_polls_in_round_robin_within_the_budget() -> None:
     assert all(snapshot.balances.up for snapshot in store.account_snapshots())
 
 
+async def test_a_key_behind_its_plan_shows_its_lag() -> None:
+    # Five accounts due at once on a key that sends two requests a second: the fifth starts 2 s
+    # after it was due.
+    _, store = await run_worker({}, count=5, polls=5, rps=2.0)
+    (key,) = store.key_counters()
+    assert key.poll_lag_seconds == pytest.approx(2.0)
+
+
 async def test_worker_pauses_key_on_rate_limit_and_recovers() -> None:
     limited = RateLimited("RateLimit", "slow down", 429, retry_after=20.0)
     gemini, store = await run_worker({"a0": [limited, BTC]}, count=2, polls=4)

@@ -135,7 +135,9 @@ def _handle(data: str | bytes, handlers: StreamHandlers, subscribing: bool) -> b
         return False
     if isinstance(message, BalanceUpdate):
         handlers.on_update(message)
-    elif isinstance(message, StreamAnswer) and message.id == SUBSCRIBE_ID and subscribing:
+    # The id as sent, or as its text: an answer is ours either way.
+    elif isinstance(message, StreamAnswer) and str(message.id) == str(SUBSCRIBE_ID) and (
+            subscribing):
         if message.status != 200:
             raise StreamEnded("subscribe_failed", f"status {message.status}")
         handlers.on_subscribed()

@@ -1,0 +1,256 @@
+"""P9 and P10: what a poll costs against its floor, and scrapes while polling.
+
+Three processes, so that each one's CPU is its own:
+- a fake Gemini upstream on loopback (`upstream`), answering /v1/balances with 20 currencies,
+  whose values change on every reply or never (its `_timestamp` always moves on);
+- the floor (`floor`): a bare client that does what every poll must: build and sign the payload,
+  POST it with one aiohttp session at the same rate, read the body, parse it with `Decimal`;
+- ours (`ours`): the exporter, 50 keys of 10 accounts each at 10 requests/s (the plan keeps
+  97 % of that: about 485 polls/s), scraped with gzip every 50 ms from this process meanwhile.
+
+Each reports its own process CPU over the measured window divided by its requests: ours / floor
+is P9. P10 is the scrapes' p99 (and their count) while ours polls.
+"""
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+from bench.scrape import percentile
+
+KEYS = 50
+ACCOUNTS_PER_KEY = 10
+CURRENCIES = 20
+RATE_PER_KEY = 10.0
+SECRET = "bench-secret-0000"  # noqa: S105  # the fake upstream's, not a real one
+# What a child's lines of interest start with (the exporter logs to stdout too).
+URL, RESULT = "url: ", "result: "
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# The upstream.
+
+def _rows(generation: int, changing: bool) -> bytes:
+    stamp = time.time_ns()
+    base = generation if changing else 0
+    return json.dumps([
+        {"type": "exchange", "currency": f"C{index:02d}", "amount": f"{1000 + base}.123456",
+         "available": f"{900 + base}.5", "availableForWithdrawal": f"{900 + base}.5",
+         "_timestamp": stamp} for index in range(CURRENCIES)]).encode()
+
+
+async def upstream(changing: bool) -> None:
+    generation = 0
+
+    async def balances(request: web.Request) -> web.Response:
+        nonlocal generation
+        generation += 1
+        return web.Response(body=_rows(generation, changing), content_type="application/json")
+
+    async def roles(request: web.Request) -> web.Response:
+        return web.json_response({"isAuditor": True, "isFundManager": False,
+                                  "isTrader": False})
+
+    app = web.Application()
+    app.add_routes([web.post("/v1/balances", balances), web.post("/v1/roles", roles)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    print(runner.addresses[0][1], flush=True)  # the port
+    await asyncio.Event().wait()
+
+
+# The floor.
+
+async def floor(url: str, rate: float, warmup: float, window: float) -> dict[str, float]:
+    nonce = int(time.time() * 1000)
+    sent = 0
+
+    async def one(http: aiohttp.ClientSession) -> None:
+        nonlocal nonce, sent
+        nonce += 1
+        payload = base64.b64encode(json.dumps(
+            {"request": "/v1/balances", "nonce": nonce, "account": "a"}).encode())
+        signature = hmac.new(SECRET.encode(), payload, hashlib.sha384).hexdigest()
+        async with http.post(url + "/v1/balances", headers={
+                "X-GEMINI-APIKEY": "master-bench", "X-GEMINI-PAYLOAD": payload.decode(),
+                "X-GEMINI-SIGNATURE": signature}) as response:
+            body = await response.read()
+        json.loads(body, parse_float=Decimal, parse_int=Decimal)
+        sent += 1
+
+    async with aiohttp.ClientSession() as http:
+        tasks: set[asyncio.Task[None]] = set()
+        started = time.monotonic()
+        measured_from, cpu_from, sent_from = started + warmup, 0.0, 0
+        index = 0
+        while True:
+            now = time.monotonic()
+            if cpu_from == 0.0 and now >= measured_from:
+                cpu_from, sent_from = _cpu_seconds(), sent
+            if now >= measured_from + window:
+                break
+            index += 1
+            await asyncio.sleep(max(0.0, started + index / rate - now))
+            task = asyncio.create_task(one(http))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        cpu, requests = _cpu_seconds() - cpu_from, sent - sent_from
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"requests_per_second": requests / window, "cpu_per_request_ms": cpu / requests * 1e3,
+            "cpu_share": cpu / window}
+
+
+# Ours.
+
+def ours_document(base_url: str) -> dict[str, Any]:
+    keys, accounts = [], []
+    for key in range(KEYS):
+        keys.append({"name": f"k{key:02d}", "api_key": f"master-bench{key:02d}",
+                     "api_secret": SECRET, "requests_per_second": RATE_PER_KEY})
+        accounts += [{"key": f"k{key:02d}", "account": f"a{key:02d}x{account}",
+                      "interval_seconds": ACCOUNTS_PER_KEY / RATE_PER_KEY}
+                     for account in range(ACCOUNTS_PER_KEY)]
+    return {"gemini": {"base_url": base_url}, "keys": keys, "accounts": accounts,
+            "precision": {f"C{index:02d}": 6 for index in range(CURRENCIES)}}
+
+
+async def ours(base_url: str, warmup: float, window: float) -> dict[str, float]:
+    from balance_exporter.config import load_config
+    from balance_exporter.server import ListenAddress, WebOptions
+    from balance_exporter.service import Service
+
+    with TemporaryDirectory() as directory:
+        path = Path(directory) / "exporter.yml"
+        path.write_text(yaml.safe_dump(ours_document(base_url)))
+        service = Service(load_config(path), path,
+                          WebOptions(listen_address=ListenAddress("127.0.0.1", 0)))
+        await service.start()
+        print(f"{URL}{service.url}", flush=True)
+
+        def polls() -> int:
+            return sum(snapshot.balances.polls for snapshot in service.store.account_snapshots())
+        try:
+            await asyncio.sleep(warmup)
+            cpu_from, polls_from = _cpu_seconds(), polls()
+            await asyncio.sleep(window)
+            cpu, polled = _cpu_seconds() - cpu_from, polls() - polls_from
+        finally:
+            await service.stop()
+    return {"polls_per_second": polled / window, "cpu_per_poll_ms": cpu / polled * 1e3,
+            "cpu_share": cpu / window}
+
+
+# The driver.
+
+def _line(child: "subprocess.Popen[str]", prefix: str) -> str:
+    """The rest of the child's first line that starts with `prefix`."""
+    assert child.stdout is not None
+    for line in child.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix):].strip()
+    raise RuntimeError(f"the child ended without a {prefix!r} line")
+
+
+def _child(*args: str) -> "subprocess.Popen[str]":
+    return subprocess.Popen(  # noqa: S603  # this module, with its own arguments
+        [sys.executable, "-m", "bench.poll_cost", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+async def _scrape_while(url: str, child: "subprocess.Popen[str]", warmup: float) -> list[float]:
+    """Gzipped scrapes every 50 ms until the exporter stops: the latencies past the warm-up."""
+    latencies = []
+    measured_from = time.perf_counter() + warmup
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        while child.poll() is None:
+            started = time.perf_counter()
+            try:
+                async with http.get(url + "/metrics", headers={
+                        "Accept-Encoding": "gzip"}) as response:
+                    await response.read()
+            except aiohttp.ClientError:
+                break  # the exporter stopped at the end of its window
+            if started >= measured_from:
+                latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(0.05)
+    return latencies
+
+
+def run(changing: bool, warmup: float, window: float) -> dict[str, float]:
+    server = _child("upstream", "changing" if changing else "unchanged")
+    try:
+        assert server.stdout is not None
+        base_url = f"http://127.0.0.1:{int(server.stdout.readline())}"
+        exporter = _child("ours", base_url, str(warmup), str(window))
+        url = _line(exporter, URL)
+        results: list[str] = []
+
+        async def scraped_while_polling() -> list[float]:
+            # The exporter's lines are read meanwhile: a full pipe would stop it.
+            reading = asyncio.create_task(asyncio.to_thread(_line, exporter, RESULT))
+            latencies = await _scrape_while(url, exporter, warmup)
+            results.append(await reading)
+            return latencies
+        measured = asyncio.run(scraped_while_polling())
+        exporter.wait()
+        ours_figures = json.loads(results[0])
+        rate = ours_figures["polls_per_second"]
+        bare = _child("floor", base_url, str(rate), str(warmup), str(window))
+        floor_figures = json.loads(_line(bare, RESULT))
+        bare.wait()
+    finally:
+        server.terminate()
+        server.wait()
+    return {
+        "polls_per_second": rate, "ours_cpu_per_poll_ms": ours_figures["cpu_per_poll_ms"],
+        "ours_cpu_share": ours_figures["cpu_share"],
+        "floor_requests_per_second": floor_figures["requests_per_second"],
+        "floor_cpu_per_request_ms": floor_figures["cpu_per_request_ms"],
+        "ratio": ours_figures["cpu_per_poll_ms"] / floor_figures["cpu_per_request_ms"],
+        "scrapes": len(measured),
+        "scrape_gzip_p99_ms": percentile(measured, 0.99) * 1e3 if measured else 0.0,
+        "scrape_gzip_median_ms": statistics.median(measured) * 1e3 if measured else 0.0,
+    }
+
+
+def measure(quick: bool) -> dict[str, dict[str, float]]:
+    warmup, window = (3.0, 3.0) if quick else (10.0, 30.0)
+    return {"changing": run(True, warmup, window), "unchanged": run(False, warmup, window)}
+
+
+def main() -> None:
+    role, *args = sys.argv[1:]
+    if role == "upstream":
+        asyncio.run(upstream(args[0] == "changing"))
+    elif role == "floor":
+        figures = asyncio.run(floor(args[0], float(args[1]), float(args[2]), float(args[3])))
+        print(f"{RESULT}{json.dumps(figures)}", flush=True)
+    elif role == "ours":
+        figures = asyncio.run(ours(args[0], float(args[1]), float(args[2])))
+        print(f"{RESULT}{json.dumps(figures)}", flush=True)
+    else:
+        print(json.dumps(measure("--quick" in args), indent=1))
+
+
+if __name__ == "__main__":
+    main()
