@@ -11,6 +11,7 @@ from balance_exporter.gemini.replies import ReplyRules, Transfer, parse_transfer
 from balance_exporter.precision import Precision
 from balance_exporter.targets import TRANSFERS_PAGE_ROWS
 from balance_exporter.transfers import (
+    MAX_IDS_AT_NEWEST,
     MAX_PENDING_TRANSFERS,
     PageOutcome,
     PendingTransfer,
@@ -169,3 +170,16 @@ def test_an_eid_twice_in_a_page_is_malformed() -> None:
     good = {"timestampms": 1, "eid": 1, "currency": "USD", "amount": "1"}
     with pytest.raises(MalformedReply, match="eid 1 appears twice"):
         parse_transfers(json.dumps([good, good]).encode(), RULES)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_at_most_so_many_ids_are_kept_for_the_newest_millisecond(extra: int) -> None:
+    ids = frozenset(range(MAX_IDS_AT_NEWEST - 2 + extra))
+    cursor = TransfersCursor(5000, ids)
+    cursor, outcome = apply_page(cursor, TransfersQuery(4999), (
+        row(100_000, 5000), row(100_001, 5000)))
+    assert len(outcome.new) == 2
+    # The largest ids are kept: Gemini's ids grow, so the newest rows are those still to come.
+    assert len(cursor.at_newest) == MAX_IDS_AT_NEWEST
+    assert {100_000, 100_001} <= cursor.at_newest
+    assert (0 in cursor.at_newest) is (extra == 0)

@@ -5,6 +5,7 @@ requests for one account within Gemini's 5 s."""
 
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,13 @@ import structlog
 from balance_exporter.cli import config_summary
 from balance_exporter.config import build_config, load_config
 from balance_exporter.demo import demo_exporter_document
+from balance_exporter.gemini.replies import Transfer
+from balance_exporter.scheduler import MAX_AUDIT_LINES, _log_transfers
 from balance_exporter.server import WebOptions
 from balance_exporter.service import Service
 from balance_exporter.simulator.server import RunningSimulator, start_simulator
 from balance_exporter.simulator.state import SimState, demo_document
+from balance_exporter.transfers import PageOutcome, TransfersQuery
 from tests.conftest import LOOPBACK_ANY_PORT
 from tests.helpers import (
     Samples,
@@ -277,3 +281,15 @@ def test_config_check_says_how_often_transfers_are_read() -> None:
                       if line.startswith(("  primary:", "  quiet:")))
     assert "transfers every 5s" in primary
     assert "transfers" not in quiet
+
+
+@pytest.mark.parametrize("new", [MAX_AUDIT_LINES, MAX_AUDIT_LINES + 1])
+def test_the_transfer_lines_of_one_page_are_bounded_and_the_rest_counted(new: int) -> None:
+    transfers = tuple(Transfer(eid, "deposit", "Complete", 1, "USD", Decimal(1))
+                      for eid in range(new))
+    with structlog.testing.capture_logs() as logs:
+        _log_transfers(PageOutcome(new=transfers), TransfersQuery(0), new, {"account": "a"})
+    assert sum(entry["event"] == "transfer" for entry in logs) == min(new, MAX_AUDIT_LINES)
+    assert [entry["not_logged"] for entry in logs
+            if entry["event"].startswith("transfers past")] == (
+        [new - MAX_AUDIT_LINES] if new > MAX_AUDIT_LINES else [])
