@@ -27,6 +27,7 @@ slices of them and a scrape after a change costs the changed account's rendering
 
 import asyncio
 import gzip
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -41,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from balance_exporter.encoding import sample_lines
 from balance_exporter.metrics import (
+    ACCOUNT_FAMILY_GROUPS,
     ExporterCounters,
     account_families,
     exporter_families,
@@ -177,6 +179,9 @@ class _Fragments:
     # Tuples, not lists: a tuple of bytes is left out of the cyclic garbage collector's walks.
     text: tuple[bytes, ...]
     gzipped: tuple[bytes, ...]
+    # Made whole from `snapshot` (not kept from before a render that failed): only then may a
+    # family group whose parts did not change keep its lines.
+    complete: bool = True
 
 
 @dataclass
@@ -210,6 +215,11 @@ class ExpositionCache:
         self._formats = {exposition_format.content_type: _FormatCache.of(exposition_format)
                          for exposition_format in (TEXT, OPENMETRICS)}
         self._family_count = len(self._formats[TEXT.content_type].headers)
+        # Where each family group's families are among an account's.
+        ends = list(itertools.accumulate(len(list(group.families(())))
+                                         for group in ACCOUNT_FAMILY_GROUPS))
+        self._group_slices = [slice(start, end) for start, end in zip([0, *ends], ends,
+                                                                      strict=False)]
         self._accounts: dict[str, _Fragments] = {}
         # Per family, its part of each group (GROUP_ACCOUNTS consecutive accounts of `_order`),
         # in the body's order (`_slot`): a list, so that a body is joined from slices of it. A
@@ -432,12 +442,26 @@ class ExpositionCache:
             self.counters.collect_errors += 1
             log.exception("compacting the gzip body failed")
 
+    def _account_texts(self, snapshot: AccountSnapshot,
+                        previous: _Fragments | None) -> tuple[bytes, ...]:
+        """The account's lines per family: those of `previous` for each group whose parts did
+        not change, made anew for the others."""
+        texts: list[bytes] = []
+        for group, where in zip(ACCOUNT_FAMILY_GROUPS, self._group_slices, strict=True):
+            if previous is not None and previous.complete and (
+                    group.parts(previous.snapshot) == group.parts(snapshot)):
+                texts.extend(previous.text[where])
+            else:
+                texts.extend(sample_lines(family) for family in group.families((snapshot,)))
+        return tuple(texts)
+
     def _render_account(self, snapshot: AccountSnapshot) -> None:
         label = snapshot.target.label
         nothing = (b"",) * self._family_count
-        previous = self._accounts.get(label) or _Fragments(snapshot, nothing, nothing)
+        known = self._accounts.get(label)
+        previous = known or _Fragments(snapshot, nothing, nothing, complete=False)
         try:
-            texts = tuple(sample_lines(family) for family in account_families((snapshot,)))
+            texts = self._account_texts(snapshot, known)
             if len(texts) != self._family_count:
                 raise ValueError(f"{len(texts)} families rendered, {self._family_count} known")
         except Exception:

@@ -421,18 +421,41 @@ def _seconds(nanoseconds: int | None) -> float | None:
     return None if nanoseconds is None else nanoseconds / 1e9
 
 
-def account_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
-    """The families with one sample set per account, always the same families in one order."""
-    yield from _balance_families(accounts)
-    yield from _threshold_families(accounts)
-    yield from _health_families(accounts)
-    yield from _allow_list_families(accounts)
-    yield from _transfers_families(accounts)
+def _last_update_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
     yield _account_gauge(
         "gemini_account_last_update_timestamp_seconds", "When Gemini last changed the account's "
         "balances, by `u` of its stream's last balanceUpdate frame (absent before the first; "
         "never goes back; not compared with the REST replies' `_timestamp`).", accounts,
         lambda s: _seconds(s.last_update_ns))
+
+
+@dataclass(frozen=True)
+class FamilyGroup:
+    """Families made from the same parts of an account's snapshot: an account whose parts of a
+    group are equal to those its lines were made from has the same lines (`exposition` keeps
+    them instead of making them again: a poll that moved no balance makes the health lines
+    only)."""
+
+    parts: Callable[[AccountSnapshot], tuple[object, ...]]
+    families: Callable[[tuple[AccountSnapshot, ...]], Iterator[Metric]]
+
+
+ACCOUNT_FAMILY_GROUPS = (
+    FamilyGroup(lambda s: (s.target, s.balances.row_fields, s.notional.row_fields,
+                           s.staking.row_fields), _balance_families),
+    FamilyGroup(lambda s: (s.target,), _threshold_families),
+    FamilyGroup(lambda s: (s.target, s.balances, s.notional, s.staking, s.account_type,
+                           s.reconcile_seconds), _health_families),
+    FamilyGroup(lambda s: (s.target, s.allow_lists), _allow_list_families),
+    FamilyGroup(lambda s: (s.target, s.transfers), _transfers_families),
+    FamilyGroup(lambda s: (s.last_update_ns,), _last_update_families),
+)
+
+
+def account_families(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
+    """The families with one sample set per account, always the same families in one order."""
+    for group in ACCOUNT_FAMILY_GROUPS:
+        yield from group.families(accounts)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import gzip
 import shutil
 import threading
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import pytest
 import structlog
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client.metrics_core import Metric
 
-from balance_exporter import exposition, metrics
+from balance_exporter import encoding, exposition
 from balance_exporter.exposition import (
     GROUP_ACCOUNTS,
     ExpositionCache,
@@ -157,14 +157,14 @@ async def test_an_account_that_fails_to_render_costs_only_itself(
     store = large_store(3, 2)
     cache = ExpositionCache(store, process_metrics=False)
     before = await fast(cache)
-    working = metrics.account_families
+    working = encoding.sample_lines
 
-    def failing_for_acct_1(accounts: tuple[AccountSnapshot, ...]) -> Iterator[Metric]:
-        if accounts and accounts[0].target.label == "acct-1":
+    def failing_for_acct_1(family: Metric) -> bytes:
+        if any(sample.labels.get("account") == "acct-1" for sample in family.samples):
             raise RuntimeError("bug")
-        return working(accounts)
+        return working(family)
 
-    monkeypatch.setattr("balance_exporter.exposition.account_families", failing_for_acct_1)
+    monkeypatch.setattr("balance_exporter.exposition.sample_lines", failing_for_acct_1)
     update(store, "acct-1", 99)
     update(store, "acct-2", 99)
     after = await fast(cache)
@@ -175,6 +175,36 @@ async def test_an_account_that_fails_to_render_costs_only_itself(
     assert line in before
     assert line in after
     assert b'gemini_balance_amount{account="acct-2",currency="C0"} 99.5\n' in after
+
+
+async def test_a_poll_that_moved_no_balance_renders_only_what_changed_and_stays_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = large_store(3, 20)
+    cache = ExpositionCache(store, process_metrics=False)
+    await fast(cache)
+    rendered: list[str] = []
+    working = encoding.sample_lines
+
+    def recording(family: Metric) -> bytes:
+        rendered.append(family.name)
+        return working(family)
+
+    monkeypatch.setattr("balance_exporter.exposition.sample_lines", recording)
+    (snapshot,) = [s for s in store.account_snapshots() if s.target.label == "acct-1"]
+    # The same rows again in a newer reply: the health lines move, the balances do not.
+    store.record_reply("acct-1", BAL, BalanceReply(snapshot.balances.rows,
+                                                   1_700_000_000_000_000_999, None),
+                       0.02, 1_700_000_999.0)
+    assert await fast(cache) == reference_body(store)
+    assert "gemini_account_last_success_timestamp_seconds" in rendered
+    assert not {"gemini_balance_amount", "gemini_balance_available",
+                "gemini_balance_min_available"} & set(rendered)
+    # A balance that moved is rendered again, exactly.
+    rendered.clear()
+    update(store, "acct-1", 1000)  # newer than the reply before
+    assert await fast(cache) == reference_body(store)
+    assert "gemini_balance_amount" in rendered
 
 
 async def test_a_large_body_passes_promtool_check_metrics() -> None:
