@@ -54,6 +54,7 @@ from balance_exporter.gemini.replies import (
     KeyRoles,
     ParsedReply,
     ReplyRules,
+    RowCache,
     Transfer,
     parse_account_list,
     parse_approved_addresses,
@@ -457,6 +458,7 @@ class KeyWorker:
         self._clock = clock
         self._on_listing = on_listing
         self._woken = asyncio.Event()
+        self._row_caches: dict[Job, RowCache] = {}
         self.reconfigure(key_name, credentials, nonces, client, rules, shared_budget)
 
     def reconfigure(
@@ -541,7 +543,8 @@ class KeyWorker:
                     partial(_parse_transfers, self._rules))
             else:
                 assert target is not None  # a job of the plan is one of its targets'
-                request, parse = _request_for(target, endpoint, self._rules)
+                request, parse = _request_for(target, endpoint, self._rules,
+                                              self._row_cache(job))
                 reply = await self._fetch(request, parse)
         except GeminiError as error:
             self._record_error(job, target, error, started, fields)
@@ -579,6 +582,14 @@ class KeyWorker:
             log.warning("staking provider entries left out: their shape is not one this "
                         "exporter reads (the rows' totals were kept)", **fields,
                         entries=reply.skipped_entries)
+
+    def _row_cache(self, job: Job) -> RowCache:
+        """The job's cache of the rows it parsed last; those of jobs a new plan dropped go."""
+        caches = self._row_caches
+        if job not in caches and len(caches) >= len(self.schedule.next_due):
+            for gone in [known for known in caches if known not in self.schedule.next_due]:
+                del caches[gone]
+        return caches.setdefault(job, RowCache())
 
     async def _fetch(self, request: PrivateRequest, parse: Callable[[bytes, int], T]) -> T:
         body = await self._client.post(self._credentials, self._nonces, request)
@@ -789,18 +800,19 @@ def _log_allow_list_change(change: AllowListChange, entries: int,
 
 
 def _request_for(
-    target: AccountTarget, endpoint: Endpoint, rules: ReplyRules
+    target: AccountTarget, endpoint: Endpoint, rules: ReplyRules, cache: RowCache,
 ) -> tuple[PrivateRequest, Callable[[bytes, int], ParsedReply[Any]]]:
-    """An endpoint's request for the account, and the parser of its reply."""
+    """An endpoint's request for the account, and the parser of its reply (with the job's
+    `cache` of the rows it parsed last)."""
     account = target.gemini_account
     if endpoint is Endpoint.BALANCES:
         return (balances_request(account, target.show_pending_balances),
-                lambda body, now_ns: parse_balances_reply(body, rules, now_ns))
+                lambda body, now_ns: parse_balances_reply(body, rules, now_ns, cache))
     if endpoint is Endpoint.NOTIONAL:
         quote = target.notional_currency
         assert quote is not None  # the plan polls notional values only with a quote currency
         return (notional_request(account, quote),
-                lambda body, now_ns: parse_notional_reply(body, rules, now_ns, quote))
+                lambda body, now_ns: parse_notional_reply(body, rules, now_ns, quote, cache))
     return (staking_request(account),
             lambda body, now_ns: parse_staking_reply(body, rules, now_ns))
 

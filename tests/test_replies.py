@@ -6,7 +6,10 @@ import pytest
 from balance_exporter.gemini.errors import MalformedReply
 from balance_exporter.gemini.replies import (
     BalanceReply,
+    CurrencyBalance,
     ReplyRules,
+    RowCache,
+    _parse_rows,
     parse_balances_reply,
     parse_timestamp_ns,
 )
@@ -258,3 +261,26 @@ def test_timestamps_are_bounded_at_25_digits() -> None:
     assert parse_timestamp_ns("9" * 25) == int("9" * 25)
     with pytest.raises(MalformedReply):
         parse_timestamp_ns("9" * 26)
+
+
+def test_a_row_whose_fields_did_not_change_is_not_parsed_again() -> None:
+    calls = []
+
+    def counted(raw: object, index: int) -> tuple[CurrencyBalance, int]:
+        calls.append(index)
+        assert isinstance(raw, dict)
+        return CurrencyBalance(str(raw["currency"]), 1.0, 1.0, 1.0, 0.0, 0.0), 0
+    cache = RowCache()
+    rows = [{"currency": "BTC", "amount": "1", "_timestamp": 5},
+            {"currency": "USD", "amount": "2", "_timestamp": 5}]
+    first = _parse_rows(json.dumps(rows).encode(), RULES, NOW_NS, "balances", counted, cache)
+    rows[0]["_timestamp"] = rows[1]["_timestamp"] = 6  # a newer reply, the same values
+    rows[1]["amount"] = "3"  # but USD moved
+    again = _parse_rows(json.dumps(rows).encode(), RULES, NOW_NS, "balances", counted, cache)
+    assert calls == [0, 1, 1]  # only USD parsed again
+    assert again.rows == first.rows
+    assert again.server_timestamp_ns == 6
+    # Other rules: everything parsed again.
+    other = ReplyRules(RULES.precision, RULES.max_timestamp_skew_seconds + 1)
+    _parse_rows(json.dumps(rows).encode(), other, NOW_NS, "balances", counted, cache)
+    assert calls == [0, 1, 1, 0, 1]

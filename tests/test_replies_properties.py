@@ -16,6 +16,7 @@ from balance_exporter.gemini.replies import (
     MAX_NUMBER_CHARACTERS,
     BalanceReply,
     ReplyRules,
+    RowCache,
     parse_account_list,
     parse_approved_addresses,
     parse_balances_reply,
@@ -240,3 +241,29 @@ def test_a_transfer_amount_is_never_above_what_was_sent(amount: Decimal, currenc
     row = {"eid": 1, "timestampms": 1, "currency": currency, "amount": str(amount)}
     (transfer,) = parse_transfers(json.dumps([row]).encode(), RULES)
     assert transfer.amount <= amount
+
+
+cached_rows = st.lists(st.fixed_dictionaries({
+    "currency": st.sampled_from(["BTC", "USD", "ETH"]),
+    "amount": st.sampled_from(["1.5", "2", "0.123456789", "x"]),
+    "available": st.sampled_from(["1", "1.25"]),
+    "availableForWithdrawal": st.sampled_from(["1", "0"]),
+    "_timestamp": st.integers(1, 10**12),
+}), max_size=4)
+
+
+@settings(max_examples=200)
+@given(st.lists(cached_rows, min_size=1, max_size=6))
+def test_a_row_cache_never_changes_what_a_reply_parses_to(replies: list[object]) -> None:
+    """Replies one after another, through one cache and through none: the same rows, or the
+    same refusal, every time."""
+    cache = RowCache()
+    for rows in replies:
+        body = json.dumps(rows).encode()
+        try:
+            expected = parse_balances_reply(body, RULES, NOW_NS)
+        except MalformedReply:
+            with pytest.raises(MalformedReply):
+                parse_balances_reply(body, RULES, NOW_NS, cache)
+            continue
+        assert parse_balances_reply(body, RULES, NOW_NS, cache) == expected

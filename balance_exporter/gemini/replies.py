@@ -434,18 +434,69 @@ def _array(body: bytes, what: str) -> list[object]:
     return document
 
 
+class RowCache:
+    """The rows of one account's last reply of an endpoint, by their fields but the stamp. A row
+    whose fields are what they were is the row parsed then, not parsed again: a reply that
+    changed nothing costs its JSON, not 60 decimals through the regex, `Decimal` and the floor.
+    Rows are made by the same rules from the same fields, so the result is the same; anything
+    else (other rules, another quote currency) starts the cache afresh. It holds one reply."""
+
+    def __init__(self) -> None:
+        self._under: object = None
+        self._rows: dict[tuple[object, ...], tuple[Any, int]] = {}
+        self._used: dict[tuple[object, ...], tuple[Any, int]] = {}
+
+    def start(self, under: object) -> None:
+        if under != self._under:
+            self._under, self._rows = under, {}
+        self._used = {}
+
+    def parse(self, raw: object, index: int,
+              parse_row: "RowParser[CurrencyRowT]") -> tuple[CurrencyRowT, int]:
+        key = _row_key(raw)
+        parsed = self._rows.get(key) if key is not None else None
+        if parsed is None:
+            parsed = parse_row(raw, index)
+        if key is not None:
+            self._used[key] = parsed
+        return parsed
+
+    def finish(self) -> None:
+        """Keep this (good) reply's rows only."""
+        self._rows, self._used = self._used, {}
+
+
+def _row_key(raw: object) -> tuple[object, ...] | None:
+    """A row's fields but its stamp, as a key; None for a row that cannot be one (not an object,
+    or one with nested values)."""
+    if not isinstance(raw, dict):
+        return None
+    key = tuple(item for item in raw.items() if item[0] != "_timestamp")
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def _parse_rows(
     body: bytes, rules: ReplyRules, now_ns: int, what: str, parse_row: RowParser[CurrencyRowT],
+    cache: RowCache | None = None, under: object = None,
 ) -> ParsedReply[CurrencyRowT]:
     """The rules every per-account reply meets: an array of one row per currency, any bad row
-    makes it malformed, its stamp is the largest `_timestamp` and may not be from the future."""
+    makes it malformed, its stamp is the largest `_timestamp` and may not be from the future.
+    With a `cache`, rows whose fields did not change since its last reply are not parsed again
+    (`under`: what else the rows depend on)."""
     rows: list[CurrencyRowT] = []
     stamps: list[int] = []
     seen: set[str] = set()
     account_types: set[str] = set()
     skipped = 0
+    if cache is not None:
+        cache.start((rules, what, under))
     for index, raw in enumerate(_array(body, what)):
-        row, row_skipped = parse_row(raw, index)
+        row, row_skipped = (cache.parse(raw, index, parse_row) if cache is not None
+                            else parse_row(raw, index))
         # Precision matches currencies case-insensitively; so does "the same currency twice".
         if row.currency.upper() in seen:
             raise MalformedReply(f"row {index}: currency {row.currency!r} appears twice")
@@ -461,6 +512,8 @@ def _parse_rows(
     server_timestamp_ns = max(stamps) if stamps else None
     if server_timestamp_ns is not None:
         _check_not_from_the_future(server_timestamp_ns, now_ns, rules)
+    if cache is not None:  # only a good reply's rows are kept
+        cache.finish()
     return ParsedReply(
         rows=tuple(rows),
         server_timestamp_ns=server_timestamp_ns,
@@ -469,17 +522,19 @@ def _parse_rows(
     )
 
 
-def parse_balances_reply(body: bytes, rules: ReplyRules, now_ns: int) -> BalanceReply:
+def parse_balances_reply(body: bytes, rules: ReplyRules, now_ns: int,
+                         cache: RowCache | None = None) -> BalanceReply:
     """The reply's balances; `now_ns` is this host's wall clock, for the future-stamp check."""
-    return _parse_rows(body, rules, now_ns, "balances", _balance_row(rules.precision))
+    return _parse_rows(body, rules, now_ns, "balances", _balance_row(rules.precision), cache)
 
 
 def parse_notional_reply(
-    body: bytes, rules: ReplyRules, now_ns: int, quote_currency: str
+    body: bytes, rules: ReplyRules, now_ns: int, quote_currency: str,
+    cache: RowCache | None = None,
 ) -> ParsedReply[NotionalBalance]:
     """A /v1/notionalbalances/{quote_currency} reply: each currency's value in the quote."""
     return _parse_rows(body, rules, now_ns, "notional balances",
-                       _notional_row(rules.precision, quote_currency))
+                       _notional_row(rules.precision, quote_currency), cache, quote_currency)
 
 
 def parse_staking_reply(body: bytes, rules: ReplyRules, now_ns: int) -> ParsedReply[
