@@ -68,6 +68,12 @@ def _stamp_text(stamp_ns: int) -> str:
     return f"{moment}.{nanos // 1000:06d}Z"
 
 
+def signed_by(key: SimKey, payload: bytes, signature: str) -> bool:
+    """Whether `signature` is the key's: hex HMAC-SHA384 of the base64 payload."""
+    expected = hmac.new(key.api_secret.encode(), payload, hashlib.sha384).hexdigest()
+    return hmac.compare_digest(expected, signature.lower())
+
+
 def _authenticate(request: web.Request, state: SimState) -> tuple[SimKey, dict[str, Any]]:
     """Gemini's header, signature and payload checks, in Gemini's order."""
     headers = request.headers
@@ -80,8 +86,7 @@ def _authenticate(request: web.Request, state: SimState) -> tuple[SimKey, dict[s
     if key is None:
         raise SimError(400, "InvalidSignature", "unknown API key")
     encoded = headers["X-GEMINI-PAYLOAD"].encode()
-    expected = hmac.new(key.api_secret.encode(), encoded, hashlib.sha384).hexdigest()
-    if not hmac.compare_digest(expected, headers["X-GEMINI-SIGNATURE"].lower()):
+    if not signed_by(key, encoded, headers["X-GEMINI-SIGNATURE"]):
         key.count("invalid_signature")
         raise SimError(400, "InvalidSignature", "signature does not match the payload")
     try:

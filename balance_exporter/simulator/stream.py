@@ -13,8 +13,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hashlib
-import hmac
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ from typing import Any, Literal
 
 from aiohttp import WSMsgType, web
 
-from balance_exporter.simulator.private_api import STATE_KEY
+from balance_exporter.simulator.private_api import STATE_KEY, signed_by
 from balance_exporter.simulator.state import SimAccount
 
 TIME_BASED_NONCE_WINDOW_SECONDS = 30
@@ -127,8 +125,7 @@ def _authenticated(request: web.Request) -> SimAccount | web.Response:
     if key is None:
         return _refused(401, "InvalidApiKey", "unknown API key")
     payload = headers["X-GEMINI-PAYLOAD"].encode()
-    expected = hmac.new(key.api_secret.encode(), payload, hashlib.sha384).hexdigest()
-    if not hmac.compare_digest(expected, headers["X-GEMINI-SIGNATURE"].lower()):
+    if not signed_by(key, payload, headers["X-GEMINI-SIGNATURE"]):
         return _refused(401, "InvalidSignature", "signature does not match the payload")
     try:
         decoded = base64.b64decode(payload, validate=True).decode()
