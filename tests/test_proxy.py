@@ -175,16 +175,19 @@ def test_a_ca_file_that_cannot_be_loaded_is_a_config_error(tmp_path: Path) -> No
 async def test_the_stream_comes_through_the_proxy_with_the_private_ca(
     private_ca: Path, tinyproxy: Proxy, http: aiohttp.ClientSession,
 ) -> None:
+    """REST to a plain-http simulator (proxied as absolute-URI requests), the stream to a TLS one
+    of the private CA: only the stream's upgrade makes the proxy open a CONNECT tunnel."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(private_ca / "server.pem", private_ca / "server.key")
     world = simulator_document()
     world["keys"][1]["nonce"] = "seconds"
-    simulator = await start_simulator(SimState.from_document(world), tls=context)
+    rest = await start_simulator(SimState.from_document(world))
+    streaming = await start_simulator(SimState.from_document(world), tls=context)
     try:
-        document = proxied_document(simulator, private_ca, tinyproxy.url)
+        document = proxied_document(rest, private_ca, tinyproxy.url)
         gemini = document["gemini"]
         assert isinstance(gemini, dict)
-        gemini["websocket_url"] = simulator.websocket_url  # wss://, the private CA's
+        gemini["websocket_url"] = streaming.websocket_url  # wss://, the private CA's
         document["keys"] = [{"name": "hot", "api_key": ACCOUNT_KEY, "api_secret": ACCOUNT_SECRET,
                              "nonce": "seconds", "requests_per_second": 1, "stream": {}}]
         document["accounts"] = [{"key": "hot", "name": "delta", "interval_seconds": 60}]
@@ -194,10 +197,13 @@ async def test_the_stream_comes_through_the_proxy_with_the_private_ca(
         try:
             # Up only if the upgrade trusted the private CA (the system's does not know it).
             await scrape_until(http, service.url, "the stream over TLS", lambda s: sample(
-                s, "gemini_stream_up", key="hot") == 1)
+                s, "gemini_stream_up", key="hot") == 1 and sample(
+                s, "gemini_account_up", account="delta") == 1)
         finally:
             await service.stop()
     finally:
-        await simulator.close()
-    assert simulator.websocket_url.startswith("wss://")
-    assert tinyproxy.connects() > 0
+        await rest.close()
+        await streaming.close()
+    # The upgrade's tunnel to the TLS simulator (REST to the plain one needs none).
+    port = streaming.websocket_url.rsplit(":", 1)[1].strip("/")
+    assert f"CONNECT 127.0.0.1:{port} " in tinyproxy.log.read_text()

@@ -165,6 +165,24 @@ async def test_the_stream_comes_back_after_a_fault_and_rest_goes_on(
     assert (sample(samples, "gemini_account_polls_total", account="delta") or 0) > polls + 1
 
 
+async def test_a_connection_with_no_message_at_all_is_closed_and_opened_again(
+    http: aiohttp.ClientSession, world: RunningSimulator, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Pings too far apart to matter: the silence alone ends the connection.
+    monkeypatch.setattr(stream, "TIMING", stream.StreamTiming(
+        ping_seconds=100, pong_seconds=100, idle_seconds=2, subscribe_seconds=2))
+    async for service in streaming(world, tmp_path, 15):
+        await scrape_until(http, service.url, "the stream", stream_up)
+        await stream_fault(http, world, "silent")
+        samples = await scrape_until(http, service.url, "the silence seen", lambda s: sample(
+            s, "gemini_stream_errors_total", key="hot", reason="idle_timeout"))
+        assert sample(samples, "gemini_stream_errors_total", key="hot",
+                      reason="pong_timeout") is None
+        await scrape_until(http, service.url, "the stream back", lambda s: stream_up(s) and sample(
+            s, "gemini_stream_connects_total", key="hot") == 2, limit_seconds=20)
+
+
 async def test_a_garbage_frame_is_counted_and_triggers_nothing(
     http: aiohttp.ClientSession, world: RunningSimulator, faulted: Service,
 ) -> None:
