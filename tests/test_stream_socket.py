@@ -110,16 +110,16 @@ async def stream_fault(http: aiohttp.ClientSession, simulator: RunningSimulator,
     await sim_call(http, "POST", f"{simulator.url}/_sim/stream/faults", {"kind": kind})
 
 
-async def test_a_change_shows_within_2_s_while_the_interval_is_a_minute(
+async def test_a_change_shows_at_once_while_the_interval_is_a_minute(
     http: aiohttp.ClientSession, world: RunningSimulator, exporter: Service,
 ) -> None:
     samples = await scrape_until(http, exporter.url, "the stream", polled)
     polls = sample(samples, "gemini_account_polls_total", account="delta") or 0
+    # The regular poll is two minutes away (the reconcile interval): a change that shows within
+    # the wait came through the stream (how fast is bench P11's figure, not a test's).
     for amount in ("1234.56", "2345.67", "3456.78"):
-        changed = time.monotonic()
         await set_usd(http, world, amount)
         samples = await scrape_until(http, exporter.url, f"USD {amount}", shows(amount))
-        assert time.monotonic() - changed < 2.0
     assert (sample(samples, "gemini_account_polls_total", account="delta") or 0) <= polls + 3
     # Each change's frame made a poll due, unless one was due already (the subscription's).
     assert 2 <= (sample(samples, "gemini_stream_triggered_polls_total", key="hot") or 0) <= 3
