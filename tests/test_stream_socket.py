@@ -183,6 +183,27 @@ async def test_a_connection_with_no_message_at_all_is_closed_and_opened_again(
             s, "gemini_stream_connects_total", key="hot") == 2, limit_seconds=20)
 
 
+@pytest.mark.parametrize(("size", "closed"), [(stream.MAX_MESSAGE_BYTES, False),
+                                             (stream.MAX_MESSAGE_BYTES + 1, True)])
+async def test_a_message_past_1_mib_closes_the_connection_and_one_of_1_mib_does_not(
+    http: aiohttp.ClientSession, world: RunningSimulator, faulted: Service, size: int,
+    closed: bool,
+) -> None:
+    await scrape_until(http, faulted.url, "the stream", stream_up)
+    await sim_call(http, "POST", f"{world.url}/_sim/stream/faults",
+                   {"kind": "huge", "size_bytes": size})
+    await set_usd(http, world, "1.25")  # a frame after it: read on the same connection or not
+    samples = await scrape_until(http, faulted.url, "the change", lambda s: usd(s) == 1.25)
+    if closed:
+        samples = await scrape_until(http, faulted.url, "a new connection", lambda s: sample(
+            s, "gemini_stream_errors_total", key="hot", reason="frame_too_large") == 1
+            and sample(s, "gemini_stream_connects_total", key="hot") == 2, limit_seconds=20)
+    else:
+        assert sample(samples, "gemini_stream_errors_total", key="hot",
+                      reason="frame_too_large") is None
+        assert sample(samples, "gemini_stream_connects_total", key="hot") == 1
+
+
 async def test_a_garbage_frame_is_counted_and_triggers_nothing(
     http: aiohttp.ClientSession, world: RunningSimulator, faulted: Service,
 ) -> None:

@@ -74,7 +74,8 @@ async def stream_balances(
     try:
         socket = await asyncio.wait_for(session.ws_connect(
             url, headers=headers, proxy=proxy_url, ssl=tls if tls is not None else True,
-            autoping=False, max_msg_size=MAX_MESSAGE_BYTES), timing.upgrade_seconds)
+            # aiohttp refuses a message as long as its limit: one of MAX_MESSAGE_BYTES passes.
+            autoping=False, max_msg_size=MAX_MESSAGE_BYTES + 1), timing.upgrade_seconds)
     except aiohttp.WSServerHandshakeError as error:
         if error.status in (401, 403):
             raise StreamRejected(error.status) from None

@@ -69,7 +69,7 @@ class StreamHub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def fault(self, kind: StreamFault) -> None:
+    async def fault(self, kind: StreamFault, size_bytes: int = HUGE_FRAME_BYTES) -> None:
         if kind == "reject_next":
             self.reject_next = True
             return
@@ -80,10 +80,15 @@ class StreamHub:
                 connection.silent = True
             elif kind == "garbage":
                 await connection.send('{"e": "balanceUpdate", "B": [')
-            elif kind == "huge":
-                await connection.send(json.dumps({"e": "noise", "pad": "x" * HUGE_FRAME_BYTES}))
+            elif kind == "huge":  # a message of `size_bytes`, an event nobody subscribed to
+                await connection.send(_noise(size_bytes))
             else:
                 self._spawn(_flood(connection))
+
+
+def _noise(size_bytes: int) -> str:
+    empty = json.dumps({"e": "noise", "pad": ""})
+    return json.dumps({"e": "noise", "pad": "x" * max(0, size_bytes - len(empty))})
 
 
 async def _flood(connection: StreamConnection) -> None:
@@ -192,17 +197,20 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
 
 
 async def control_stream_fault(request: web.Request) -> web.Response:
-    """A fault on the stream: `{"kind": drop | silent | garbage | huge | flood | reject_next}`."""
+    """A fault on the stream: `{"kind": drop | silent | garbage | huge | flood | reject_next}`;
+    `size_bytes` for huge (2 MiB by default)."""
     try:
         body = await request.json()
     except ValueError:
         body = None
     kind = body.get("kind") if isinstance(body, dict) else None
-    if kind not in STREAM_FAULTS:
-        return web.json_response({"error": f"kind: expected one of {', '.join(STREAM_FAULTS)}"},
-                                 status=400)
+    size = body.get("size_bytes", HUGE_FRAME_BYTES) if isinstance(body, dict) else None
+    if kind not in STREAM_FAULTS or not isinstance(size, int) or not 0 < size <= 2 * (
+            HUGE_FRAME_BYTES):
+        return web.json_response({"error": f"kind: expected one of {', '.join(STREAM_FAULTS)}; "
+                                           "size_bytes (huge): up to 4 MiB"}, status=400)
     hub = request.app[HUB_KEY]
-    await hub.fault(kind)
+    await hub.fault(kind, size)
     return web.json_response({"connections": len(hub.connections)})
 
 
