@@ -18,6 +18,7 @@ import aiohttp
 import structlog
 
 from balance_exporter.config import Config, Credentials, KeySettings, StreamSettings
+from balance_exporter.gemini.client import proxy_for
 from balance_exporter.gemini.nonce import NonceSource
 from balance_exporter.gemini.replies import BalanceUpdate
 from balance_exporter.gemini.stream import (
@@ -195,8 +196,9 @@ class StreamManager:
             if api_key in self._running or found is None or key.stream is None:
                 continue
             worker, nonces = found
-            endpoint = StreamEndpoint(self._session, gemini.websocket_url, gemini.proxy_url,
-                                      config.gemini_tls)
+            endpoint = StreamEndpoint(
+                self._session, gemini.websocket_url,
+                proxy_for(gemini.websocket_url, gemini.proxy_url), config.gemini_tls)
             supervisor = StreamSupervisor(worker, credentials, nonces, key.stream, endpoint,
                                           self._store, self._clock, backoffs,
                                           gemini.max_timestamp_skew_seconds)

@@ -22,6 +22,7 @@ from balance_exporter.gemini.client import (
     balances_request,
     new_session,
     parse_retry_after,
+    proxy_for,
 )
 from balance_exporter.gemini.errors import (
     GeminiError,
@@ -305,3 +306,58 @@ async def test_every_gzip_member_is_read_and_part_of_a_reply_is_never_the_whole(
             with pytest.raises(MalformedReply) as caught:
                 await capped.post(key, nonces, balances_request(None, False))
     assert caught.value.reason == (expected or "MalformedReply")
+
+
+@pytest.mark.parametrize(("url", "environment", "configured", "expected"), [
+    ("https://api.gemini.com", {"HTTPS_PROXY": "http://egress:3128"}, None, "http://egress:3128"),
+    ("https://api.gemini.com", {"HTTPS_PROXY": "http://egress:3128"}, "http://mine:8080",
+     "http://mine:8080"),
+    ("https://api.gemini.com", {"HTTPS_PROXY": "http://egress:3128", "NO_PROXY": "gemini.com"},
+     None, None),
+    ("https://api.gemini.com", {"HTTP_PROXY": "http://egress:3128"}, None, None),
+    ("wss://api.gemini.com", {"HTTPS_PROXY": "http://egress:3128"}, None, None),
+    ("wss://api.gemini.com", {"WSS_PROXY": "http://egress:3128"}, None, "http://egress:3128"),
+    ("https://api.gemini.com", {"HTTPS_PROXY": "http://user:pw@egress:3128"}, None,
+     "http://user:pw@egress:3128"),
+    ("https://api.gemini.com", {}, None, None),
+])
+def test_the_proxy_is_the_configured_one_else_the_environments_for_the_scheme(
+    url: str, environment: dict[str, str], configured: str | None, expected: str | None,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+) -> None:
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "WSS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert proxy_for(url, configured) == expected
+
+
+def test_the_proxy_takes_its_credentials_from_netrc(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+) -> None:
+    (tmp_path / "netrc").write_text("machine egress login bob password s3cret\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://egress:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert proxy_for("https://api.gemini.com", None) == "http://bob:s3cret@egress:3128"
+
+
+async def test_the_environment_is_read_when_the_client_is_made_not_on_every_request(
+    key: Credentials, nonces: NonceSource, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    async with new_session("test") as session:
+        client = GeminiClient(session, BASE, timeout_seconds=0.5)
+        # A proxy named after the client was made is not taken: the request goes straight.
+        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+        with aioresponses() as mocked:
+            mocked.post(URL_BALANCES, payload=[])
+            assert await client.post(key, nonces, balances_request("a", False)) == b"[]"
+            assert sent(mocked)[0].kwargs["proxy"] is None
+        # Nor does aiohttp read it (and ~/.netrc) again for each request.
+        assert not session.trust_env

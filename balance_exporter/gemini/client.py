@@ -17,6 +17,7 @@ from email.utils import parsedate_to_datetime
 from time import time
 
 import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from balance_exporter.config import Credentials
@@ -105,13 +106,29 @@ def account_list_request(created_at_or_before_ms: int | None = None) -> PrivateR
 
 
 def new_session(user_agent: str) -> aiohttp.ClientSession:
-    """The session the client needs: it decompresses bodies itself (under the cap), and takes
-    HTTPS_PROXY / NO_PROXY from the environment as an egress proxy."""
+    """The session the client needs: it decompresses bodies itself (under the cap). It does not
+    trust the environment: aiohttp would then read the proxy variables and ~/.netrc in a thread
+    on every request (a third of a poll's cost); `proxy_for` reads the proxy once instead."""
     return aiohttp.ClientSession(
         headers={"User-Agent": user_agent, "Accept-Encoding": "gzip, deflate"},
         auto_decompress=False,
-        trust_env=True,
     )
+
+
+def proxy_for(url: str, configured: str | None) -> str | None:
+    """The proxy requests to `url` go through: `configured`, else the environment's for the
+    URL's scheme (HTTPS_PROXY for https://, WSS_PROXY for wss://, with its ~/.netrc
+    credentials) unless NO_PROXY exempts the host, as aiohttp's trust_env has it. Read when a
+    client is made (at start and on every reload), not on every request."""
+    if configured is not None:
+        return configured
+    try:
+        proxy, auth = get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return None
+    if auth is not None:
+        proxy = proxy.with_user(auth.login).with_password(auth.password)
+    return str(proxy)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -261,7 +278,7 @@ class GeminiClient:
         self._base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._max_reply_bytes = max_reply_bytes
-        self._proxy = proxy_url
+        self._proxy = proxy_for(base_url, proxy_url)
         self._tls: ssl.SSLContext | bool = tls if tls is not None else True
 
     async def post(
