@@ -1,9 +1,10 @@
-"""The garbage collection policy: young generations every second, what was made since the last
-freeze every minute, the whole heap only once its frozen part has grown by a quarter, and no
-pass while a burst of long-lived objects is being made."""
+"""The garbage collection policy: what survived frozen every second without a walk, the whole
+heap walked only once its frozen part has grown by a quarter, and no pass while a burst of
+long-lived objects is being made."""
 
 import asyncio
 import gc
+import sys
 import weakref
 from collections.abc import Iterator
 
@@ -14,11 +15,12 @@ from tests.helpers import wait_until
 
 
 class FakeCollector:
-    """The `gc` functions the policy uses, with a frozen part of a size the test sets."""
+    """The `gc` functions the policy uses, and a heap of a size (`size`) the test sets."""
 
-    def __init__(self, frozen: int) -> None:
-        self.frozen = frozen
+    def __init__(self, blocks: int) -> None:
+        self.blocks = blocks
         self.enabled = True
+        self.threshold = (700, 10, 10)
         self.calls: list[str] = []
 
     def collect(self, generation: int = 2) -> int:
@@ -31,69 +33,80 @@ class FakeCollector:
     def unfreeze(self) -> None:
         self.calls.append("unfreeze")
 
-    def get_freeze_count(self) -> int:
-        return self.frozen
+    def size(self) -> int:
+        return self.blocks
 
     def isenabled(self) -> bool:
         return self.enabled
 
+    def get_threshold(self) -> tuple[int, int, int]:
+        return self.threshold
+
+    def set_threshold(self, *threshold: int) -> None:
+        self.threshold = (threshold[0], threshold[1], threshold[2])
+
 
 @pytest.fixture
 def collector(monkeypatch: pytest.MonkeyPatch) -> FakeCollector:
-    fake = FakeCollector(frozen=1000)
+    fake = FakeCollector(blocks=1000)
     monkeypatch.setattr(heap, "gc", fake)
     return fake
 
 
-@pytest.mark.parametrize(("frozen", "walks_whole_heap"), [(1249, False), (1250, False),
+@pytest.mark.parametrize(("blocks", "walks_whole_heap"), [(1249, False), (1250, False),
                                                           (1251, True)])
-def test_the_whole_heap_is_walked_only_once_its_frozen_part_grew_by_more_than_a_quarter(
-    collector: FakeCollector, frozen: int, walks_whole_heap: bool,
+def test_the_whole_heap_is_walked_only_once_it_grew_by_more_than_a_quarter(
+    collector: FakeCollector, blocks: int, walks_whole_heap: bool,
 ) -> None:
-    walks = heap.HeapWalks()  # last walked at 1,000 frozen objects
-    collector.frozen = frozen
-    walks.collect_recent()
-    recent = ["collect(2)", "freeze"]
-    assert collector.calls == ([*recent, "unfreeze", "collect(2)", "freeze"] if walks_whole_heap
-                               else recent)
+    walks = heap.HeapWalks(collector.size)  # last walked at 1,000 blocks
+    collector.blocks = blocks
+    walks.freeze_young()
+    assert collector.calls == (["freeze", "unfreeze", "collect(2)", "freeze"] if walks_whole_heap
+                               else ["freeze"])
 
 
 def test_the_growth_counts_from_the_last_walk_of_the_whole_heap(
     collector: FakeCollector,
 ) -> None:
-    walks = heap.HeapWalks()
-    collector.frozen = 1300
-    walks.collect_recent()  # walks the whole heap: 1,300 is the new mark
+    walks = heap.HeapWalks(collector.size)
+    collector.blocks = 1300
+    walks.freeze_young()  # walks the whole heap: 1,300 is the new mark
     collector.calls.clear()
-    collector.frozen = 1600  # 1.23 times 1,300
-    walks.collect_recent()
+    collector.blocks = 1600  # 1.23 times 1,300
+    walks.freeze_young()
     assert "unfreeze" not in collector.calls
 
 
-async def test_young_generations_every_interval_the_recent_objects_now_and_then(
+async def test_survivors_are_frozen_every_interval_and_nothing_is_walked_unless_the_heap_grew(
     collector: FakeCollector, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(heap, "YOUNG_COLLECTION_SECONDS", 0.001)
-    monkeypatch.setattr(heap, "RECENT_COLLECTION_SECONDS", 0.02)
-    task = asyncio.create_task(heap.collect_garbage_regularly())
+    monkeypatch.setattr(heap, "YOUNG_FREEZE_SECONDS", 0.001)
+    task = asyncio.create_task(heap.collect_garbage_regularly(collector.size))
 
-    async def two_recent_collections() -> bool:
+    async def frozen_twice() -> bool:
         return collector.calls.count("freeze") >= 2
 
-    await wait_until(two_recent_collections, "two collections of the recent objects")
+    await wait_until(frozen_twice, "two freezes")
+    assert collector.threshold == (heap.YOUNG_THRESHOLD, 10, 10)
+    # No pass walks anything: the heap did not grow.
+    assert collector.calls == ["freeze"] * len(collector.calls)
+    collector.blocks = 2000
+
+    async def walked() -> bool:
+        return "unfreeze" in collector.calls
+
+    await wait_until(walked, "a walk of the whole heap once it grew")
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    assert collector.calls.count("collect(1)") > collector.calls.count("collect(2)") >= 2
-    assert "unfreeze" not in collector.calls  # the frozen part did not grow
+    assert collector.threshold == (700, 10, 10)  # the process's own, once the task ends
 
 
 async def test_no_pass_while_a_burst_is_being_made(
     collector: FakeCollector, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(heap, "YOUNG_COLLECTION_SECONDS", 0.001)
-    monkeypatch.setattr(heap, "RECENT_COLLECTION_SECONDS", 0.0)
+    monkeypatch.setattr(heap, "YOUNG_FREEZE_SECONDS", 0.001)
     collector.enabled = False  # what `burst_frozen` does while its block runs
-    task = asyncio.create_task(heap.collect_garbage_regularly())
+    task = asyncio.create_task(heap.collect_garbage_regularly(collector.size))
     await asyncio.sleep(0.05)
     assert collector.calls == []
     collector.enabled = True
@@ -133,10 +146,10 @@ def test_a_cycle_frozen_with_a_burst_is_reclaimed_by_the_next_walk_of_the_whole_
         watched = weakref.ref(cycle)
     assert gc.isenabled()
     del cycle
-    walks.collect_recent()  # the frozen part barely grew: the cycle stays out of sight
+    walks.freeze_young()  # the heap barely grew: the cycle stays out of sight
     assert watched() is not None
     with heap.burst_frozen():
-        grown = [[index] for index in range(gc.get_freeze_count() // 2 + 1)]
-    walks.collect_recent()
+        grown = [[index] for index in range(sys.getallocatedblocks() // 2 + 1)]
+    walks.freeze_young()
     assert watched() is None
     assert len(grown) > 0
