@@ -13,7 +13,7 @@ output over arbitrary names, label values and numbers.
 """
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import cast
 
@@ -58,6 +58,17 @@ def _escaped(value: str) -> str:
     if "\\" in value or "\n" in value or '"' in value:
         return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
     return value
+
+
+def gauge_lines(name: str, label_names: tuple[str, ...],
+                samples: Iterable[tuple[Sequence[str], float]]) -> bytes:
+    """The lines `sample_lines` writes for a gauge family `name` of these samples (label values
+    in the order of `label_names`), without the family."""
+    template, ordered = _line_template(name, name, label_names)
+    where = [label_names.index(label) for label in ordered]
+    return "".join([template.format(*[_escaped(values[index]) for index in where],
+                                    _go_float(value))
+                    for values, value in samples]).encode()
 
 
 def sample_lines(family: Metric) -> bytes:

@@ -4,32 +4,41 @@ prometheus_client renders about 100k series a second and blocks the event loop (
 poller) while it does. Here each account's sample lines are written once per change of that
 account, by `encoding` (held byte for byte to prometheus_client), and serve both formats: only
 the families' HELP and TYPE lines differ between them, and those are rendered once per format
-by prometheus_client itself. The lines are kept per (account, family), with a gzip member of
-each: concatenated gzip members are a valid gzip stream, so a gzipped body is assembled without
-compressing anything that did not change. Changed accounts are rendered in the background as
+by prometheus_client itself. The lines are kept per (account, family), with a deflate segment of
+each: compressed on its own and ended by a full flush, so that segments put one after another
+are one valid deflate stream, and a gzipped body is assembled without compressing anything that
+did not change (one compressor is kept warm for them: a fresh one costs 50 microseconds to set
+up, five times a segment's compression). Changed accounts are rendered in the background as
 the pollers change them (`start`), in slices of a few milliseconds that give the event loop a
 turn between them, so a scrape finds at most an account or two to render. What is not per
 account (keys, build, process metrics) is small, and rendered again for a scrape when a key's or
 the exporter's counters changed, or when it is more than a second old (process metrics: an HA
 pair scraping at once shares them).
 
-A member per (account, family) compresses poorly: each has its own header and no history, and
-a body of them is about four times one gzip stream of the same text. So the members are
-compacted: per family, one member for each group of GROUP_ACCOUNTS consecutive accounts (a
-part). A part whose accounts' lines of its family change is made again from the accounts' own
-members at once, so a change costs no compression beyond the changed account's, and compacted
-again by the next background pass (not by the scrape, whose reply is still being written): on
-the event loop when it is small, in a thread when it is large. A poll that moved no balance
+Per family, each group of GROUP_ACCOUNTS consecutive accounts is one gzip member (a part): the
+accounts' segments between a gzip header and a trailer (the CRC of the group's text). Segments
+compress poorly, each with no history, about two and a half times one deflate stream of the same
+text, so the parts are compacted: compressed as one stream. A part whose accounts' lines of its
+family change is made again from the accounts' segments at once, so a change costs no
+compression beyond the changed account's, and compacted again by a background pass once it has
+been so for COMPACTION_DELAY_SECONDS (not by the scrape, whose reply is still being written): on
+the event loop when it is small, in a thread when it is large. The delay bounds the compression
+to a part's text once a second however often its accounts change: at 500 polls a second every
+part changes every few tens of milliseconds, and compacting them as often took a third of the
+exporter's CPU. A poll that moved no balance
 changes a few families of a line per account; the families of the balances keep their
 compacted parts. The parts are kept in the body's order, so a gzipped body is one join of
 slices of them and a scrape after a change costs the changed account's rendering and a copy.
 """
 
 import asyncio
+import contextlib
 import gzip
 import itertools
 import math
+import struct
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import astuple, dataclass, field
 
@@ -40,7 +49,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
-from balance_exporter.encoding import sample_lines
+from balance_exporter.encoding import gauge_lines, sample_lines
 from balance_exporter.metrics import (
     ACCOUNT_FAMILY_GROUPS,
     ExporterCounters,
@@ -59,14 +68,28 @@ OPENMETRICS_EOF = b"# EOF\n"
 # it for this plus one account's rendering (a millisecond or two for 200 series). Short, because
 # in one turn the loop may also run a poll, a scrape's reply and a compaction step.
 RENDER_SLICE_SECONDS = 0.002
-# How often changed accounts are rendered (and their gzip members compacted) between scrapes:
-# at a production rate (1,000 accounts polled every 30 s) a scrape then finds an account or two
-# left to render.
+# How long after a change the accounts changed meanwhile are rendered, all at once, between
+# scrapes: at a production rate (1,000 accounts polled every 30 s) a scrape then finds an account
+# or two left to render. Nothing changed, no pass: an idle exporter does not wake.
 BACKGROUND_RENDER_SECONDS = 0.05
+# A scrape renders at most this many changed accounts itself. With more (the pollers are ahead
+# of the background pass, the process is saturated) it is answered at once with the body the last
+# pass made, so that it never waits for the pollers' work: polling falls behind instead, in the
+# open (`gemini_key_poll_lag_seconds`, the data's age).
+SCRAPE_RENDER_ACCOUNTS = 8
+# A body (a format, gzipped or not) scraped within this long is made again by every background
+# pass, for such a scrape to find.
+PUBLISH_SECONDS = 300.0
 # Parts of at most this much text are compressed on the event loop (a tenth of a millisecond or
 # so: families of a line an account, which every poll changes); larger ones in a thread.
 INLINE_COMPACTION_BYTES = 16 * 1024
 GZIP_LEVEL = 6
+# How long a part's lines may have changed before it is compacted again (see the docstring).
+COMPACTION_DELAY_SECONDS = 1.0
+# A gzip member's header (deflate, no name, no time, unknown system) and the deflate stream's
+# end: an empty final block with fixed codes.
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+_FINAL_BLOCK = b"\x03\x00"
 # Accounts per compacted gzip member: enough text per family for deflate's 32 KiB window to find
 # its repeats, few enough that a group compresses in a few milliseconds.
 GROUP_ACCOUNTS = 32
@@ -171,14 +194,39 @@ def _gzip_members(texts: list[list[bytes]]) -> tuple[bytes, ...]:
     return tuple(_gzip_member(b"".join(family)) for family in texts)
 
 
+class _Segments:
+    """Deflate segments of texts, each compressed on its own: one compressor, kept warm, whose
+    every segment ends with a full flush (which forgets what came before)."""
+
+    def __init__(self) -> None:
+        self._compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+
+    def of(self, text: bytes) -> bytes:
+        if not text:
+            return b""
+        return self._compressor.compress(text) + self._compressor.flush(zlib.Z_FULL_FLUSH)
+
+
+def _member_of_segments(texts: list[bytes], segments: list[bytes]) -> bytes:
+    """One gzip member of the texts, from their segments; nothing for no text."""
+    crc, size = 0, 0
+    for text in texts:
+        crc = zlib.crc32(text, crc)
+        size += len(text)
+    if not size:
+        return b""
+    return b"".join([_GZIP_HEADER, *segments, _FINAL_BLOCK,
+                     struct.pack("<II", crc, size & 0xFFFFFFFF)])
+
+
 @dataclass(frozen=True, slots=True)
 class _Fragments:
-    """One account's sample lines per family, as text and as a gzip member (both formats')."""
+    """One account's sample lines per family, as text and as a deflate segment (both formats')."""
 
     snapshot: AccountSnapshot
     # Tuples, not lists: a tuple of bytes is left out of the cyclic garbage collector's walks.
     text: tuple[bytes, ...]
-    gzipped: tuple[bytes, ...]
+    deflated: tuple[bytes, ...]
     # Made whole from `snapshot` (not kept from before a render that failed): only then may a
     # family group whose parts did not change keep its lines.
     complete: bool = True
@@ -223,9 +271,9 @@ class ExpositionCache:
         self._accounts: dict[str, _Fragments] = {}
         # Per family, its part of each group (GROUP_ACCOUNTS consecutive accounts of `_order`),
         # in the body's order (`_slot`): a list, so that a body is joined from slices of it. A
-        # part is one family's gzip members for a group: one compacted member, or the accounts'
-        # own members one after another. When one of its accounts' lines of the family change,
-        # the part is made again (its slot is `_unmade` until then) from the accounts' members.
+        # part is one gzip member of a family's lines for a group: compacted, or the accounts'
+        # segments one after another. When one of its accounts' lines of the family change,
+        # the part is made again (its slot is `_unmade` until then) from the accounts' segments.
         self._parts: list[bytes] = []
         self._unmade: set[int] = set()
         # Moves on whenever a part is compacted: a body joined across that is not kept.
@@ -235,12 +283,18 @@ class ExpositionCache:
         self._order: tuple[str, ...] | None = None
         self._positions: dict[str, int] = {}
         self._store_version = -1
-        # (group, family) of the parts not compacted since their lines changed.
-        self._stale: set[tuple[int, int]] = set()
+        # (group, family) of the parts not compacted since their lines changed, and since when
+        # (monotonic).
+        self._stale: dict[tuple[int, int], float] = {}
+        self._segments = _Segments()
         self._compacting: asyncio.Task[None] | None = None
         # Compacting is only worth it once a scraper asked for gzip.
         self._gzip_asked = False
         self._rendering: asyncio.Task[None] | None = None
+        # With the background pass: the last body made of each (content type, gzipped), and
+        # when each was last scraped.
+        self._published: dict[tuple[str, bool], bytes] = {}
+        self._scraped: dict[tuple[str, bool], float] = {}
         self._tail = CollectorRegistry(auto_describe=False)
         self._tail.register(_TailCollector(self))
         if process_metrics:
@@ -248,19 +302,27 @@ class ExpositionCache:
         self._lock = asyncio.Lock()
 
     def start(self) -> None:
-        """Render changed accounts in the background from now on, every
-        BACKGROUND_RENDER_SECONDS, so that a scrape finds them rendered: the pollers change
-        hundreds of accounts between two scrapes."""
+        """Render changed accounts in the background from now on, BACKGROUND_RENDER_SECONDS
+        after a change, so that a scrape finds them rendered (the pollers change hundreds of
+        accounts between two scrapes), and make again the bodies scraped lately."""
         if self._rendering is None:
             self._rendering = asyncio.create_task(self._keep_rendered(), name="render-accounts")
 
     async def _keep_rendered(self) -> None:
         failing = False
         while True:
+            # Wakes for a change only, or for parts left to compact (their delay).
+            compacting_later = self._gzip_asked and bool(self._stale)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.store.changed.wait(),
+                                       COMPACTION_DELAY_SECONDS if compacting_later else None)
             await asyncio.sleep(BACKGROUND_RENDER_SECONDS)
+            self.store.changed.clear()
             try:
                 async with self._lock:
-                    await self._refresh(Slices(RENDER_SLICE_SECONDS))
+                    slices = Slices(RENDER_SLICE_SECONDS)
+                    await self._refresh(slices)
+                    await self._publish(slices)
             except Exception:  # a bug: scrapes render on their own; counted, logged once a run
                 self.counters.collect_errors += 1
                 if not failing:
@@ -275,31 +337,62 @@ class ExpositionCache:
         exposition_format = choose_format(accept)
         cache = self._formats[exposition_format.content_type]
         gzipped = accepts_gzip(accept_encoding)
-        async with self._lock:  # two scrapes at once render each account once
-            slices = Slices(RENDER_SLICE_SECONDS)
-            await self._refresh(slices)
-            text_tail, gzipped_tail = self._tail_of(cache)
-            tail = gzipped_tail if gzipped else text_tail
-            known = cache.bodies.get(gzipped)
-            if known is not None and known[0] is tail:
-                body = known[1]
-            else:
-                compactions = self._compactions
-                body = await (self._gzipped_body(cache, tail, slices) if gzipped
-                              else self._text_body(cache, tail, slices))
-                if compactions == self._compactions:  # else compacted meanwhile: join again
-                    cache.bodies[gzipped] = (tail, body)
+        variant = (exposition_format.content_type, gzipped)
+        published = self._published.get(variant)
+        if self._rendering is not None:
+            self._scraped[variant] = time.monotonic()
+        if published is not None and self._behind():
+            body = published
+        else:
+            async with self._lock:  # two scrapes at once render each account once
+                slices = Slices(RENDER_SLICE_SECONDS)
+                await self._refresh(slices)
+                body = await self._joined(cache, gzipped, slices)
+                if self._rendering is not None:
+                    self._published[variant] = body
         if gzipped:
             self._gzip_asked = True
             if self._rendering is None:  # else the background pass compacts, after this reply
-                self._start_compacting()
+                self._start_compacting(every=True)
             return Exposition(body, exposition_format.content_type, "gzip")
         return Exposition(body, exposition_format.content_type, None)
 
-    def _tail_of(self, cache: _FormatCache) -> tuple[bytes, bytes]:
+    def _behind(self) -> bool:
+        """Whether more accounts changed since the last render than a scrape renders itself
+        (a new set of accounts, after a reload, is rendered by the scrape all the same)."""
+        changed = self.store.changed_since(self._store_version)
+        return changed is not None and len(changed) > SCRAPE_RENDER_ACCOUNTS
+
+    async def _publish(self, slices: Slices) -> None:
+        """Make again the bodies scraped lately (their tails within TAIL_MAX_AGE_SECONDS: the
+        keys' counters move with every request)."""
+        now = time.monotonic()
+        for (content_type, gzipped), scraped in list(self._scraped.items()):
+            if now - scraped <= PUBLISH_SECONDS:
+                self._published[content_type, gzipped] = await self._joined(
+                    self._formats[content_type], gzipped, slices, exact_tail=False)
+
+    async def _joined(self, cache: _FormatCache, gzipped: bool, slices: Slices,
+                      exact_tail: bool = True) -> bytes:
+        """The whole body, from the rendered accounts and the tail."""
+        text_tail, gzipped_tail = self._tail_of(cache, exact_tail)
+        tail = gzipped_tail if gzipped else text_tail
+        known = cache.bodies.get(gzipped)
+        if known is not None and known[0] is tail:
+            return known[1]
+        compactions = self._compactions
+        body = await (self._gzipped_body(cache, tail, slices) if gzipped
+                      else self._text_body(cache, tail, slices))
+        if compactions == self._compactions:  # else compacted meanwhile: join again
+            cache.bodies[gzipped] = (tail, body)
+        return body
+
+    def _tail_of(self, cache: _FormatCache, exact: bool = True) -> tuple[bytes, bytes]:
+        """The tail: rendered again when the keys' or the exporter's counters changed
+        (`exact`), and when it is older than TAIL_MAX_AGE_SECONDS."""
         now = time.monotonic()
         source = (now, self.store.keys_version, astuple(self.counters))
-        if (cache.tail is None or cache.tail[0][1:] != source[1:]
+        if (cache.tail is None or (exact and cache.tail[0][1:] != source[1:])
                 or now - cache.tail[0][0] > TAIL_MAX_AGE_SECONDS):
             tail = cache.exposition_format.encode(self._tail)
             cache.tail = (source, tail, _gzip_member(tail))
@@ -328,7 +421,8 @@ class ExpositionCache:
             self._parts = [b""] * slots  # other accounts in each group now
             self._unmade = set(range(slots))
             self._positions = {label: position for position, label in enumerate(order or ())}
-            self._stale = {(index, family)
+            now = time.monotonic()
+            self._stale = {(index, family): now
                            for index in range(_groups_of(len(order or ())))
                            for family in range(self._family_count)}
             for label in set(self._accounts) - set(self._positions):
@@ -358,8 +452,10 @@ class ExpositionCache:
     def _part(self, index: int, family: int) -> bytes:
         slot = self._slot(index, family)
         if slot in self._unmade:
-            self._parts[slot] = b"".join(
-                [fragments.gzipped[family] for fragments in self._group_accounts(index)])
+            accounts = self._group_accounts(index)
+            self._parts[slot] = _member_of_segments(
+                [fragments.text[family] for fragments in accounts],
+                [fragments.deflated[family] for fragments in accounts])
             self._unmade.discard(slot)
         return self._parts[slot]
 
@@ -376,21 +472,34 @@ class ExpositionCache:
         or it was compacted."""
         if compacted is None:
             self._unmade.add(self._slot(index, family))
-            self._stale.add((index, family))
+            self._stale.setdefault((index, family), time.monotonic())
         else:
             self._parts[self._slot(index, family)] = compacted
-            self._stale.discard((index, family))
+            self._stale.pop((index, family), None)
             self._compactions += 1
 
-    def _start_compacting(self) -> None:
-        if self._stale and (self._compacting is None or self._compacting.done()):
-            self._compacting = asyncio.create_task(self._compact(), name="compact-gzip")
+    def _due(self, every: bool) -> list[tuple[int, int]]:
+        """The stale parts to compact: those stale for COMPACTION_DELAY_SECONDS, or `every`."""
+        since = time.monotonic() - COMPACTION_DELAY_SECONDS
+        return sorted(key for key, stale_since in self._stale.items()
+                      if every or stale_since <= since)
+
+    def _start_compacting(self, every: bool = False) -> None:
+        if (self._compacting is None or self._compacting.done()) and self._due(every):
+            self._compacting = asyncio.create_task(self._compact(every), name="compact-gzip")
 
     async def compacted(self) -> None:
-        """Compact every part now, and wait until it is done (for tests and benchmarks)."""
-        self._start_compacting()
-        if self._compacting is not None:
-            await asyncio.shield(self._compacting)
+        """Compact every stale part now, and wait until it is done (for tests and benchmarks);
+        a compaction that fails ends it."""
+        errors = self.counters.collect_errors
+        while True:
+            if self._compacting is not None and not self._compacting.done():
+                await asyncio.shield(self._compacting)
+            if self.counters.collect_errors != errors:
+                return
+            self._start_compacting(every=True)
+            if self._compacting is None or self._compacting.done():
+                return  # nothing is stale
 
     async def close(self) -> None:
         tasks = [task for task in (self._compacting, self._rendering) if task is not None]
@@ -398,47 +507,49 @@ class ExpositionCache:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _compact(self) -> None:
-        """Compress every part whose accounts' lines changed since: small ones on the event
-        loop, large ones a group at a time in a thread. A part whose lines changed meanwhile
-        stays stale, for the next round."""
+    async def _compact(self, every: bool) -> None:
+        """Compress the parts due (`_due`): small ones on the event loop, large ones a group at
+        a time in a thread. A part whose lines changed meanwhile stays stale, from now."""
         try:
             slices = Slices(RENDER_SLICE_SECONDS)
-            while self._stale:
-                groups: dict[int, list[int]] = {}
-                for index, family in sorted(self._stale):
-                    groups.setdefault(index, []).append(family)
-                for index, families in groups.items():
-                    members: dict[int, bytes] = {}
-                    async with self._lock:  # the accounts as a scrape sees them
+            groups: dict[int, list[int]] = {}
+            for index, family in self._due(every):
+                groups.setdefault(index, []).append(family)
+            for index, families in groups.items():
+                members: dict[int, bytes] = {}
+                async with self._lock:  # the accounts as a scrape sees them
+                    if index >= self._group_count():
+                        continue  # fewer accounts now: the stale set was made anew
+                    accounts = self._group_accounts(index)
+                    parts = [(family, self._part(index, family)) for family in families]
+                    large: list[tuple[int, list[bytes]]] = []
+                    for family in families:
+                        text = [fragments.text[family] for fragments in accounts]
+                        if sum(map(len, text)) <= INLINE_COMPACTION_BYTES:
+                            members[family] = _gzip_member(b"".join(text))
+                        else:
+                            large.append((family, text))
+                if large:
+                    compressed = await asyncio.to_thread(
+                        _gzip_members, [text for _, text in large])
+                    members.update(zip([family for family, _ in large], compressed,
+                                       strict=True))
+                # Under the lock again: a render may be half-way through a new set of
+                # accounts, whose parts cannot be looked at until it is done.
+                async with self._lock:
+                    for family, part in parts:
                         if index >= self._group_count():
-                            continue  # fewer accounts now: the stale set was made anew
-                        accounts = self._group_accounts(index)
-                        parts = [(family, self._part(index, family)) for family in families]
-                        large: list[tuple[int, list[bytes]]] = []
-                        for family in families:
-                            text = [fragments.text[family] for fragments in accounts]
-                            if sum(map(len, text)) <= INLINE_COMPACTION_BYTES:
-                                members[family] = _gzip_member(b"".join(text))
-                            else:
-                                large.append((family, text))
-                    if large:
-                        compressed = await asyncio.to_thread(
-                            _gzip_members, [text for _, text in large])
-                        members.update(zip([family for family, _ in large], compressed,
-                                           strict=True))
-                    # Under the lock again: a render may be half-way through a new set of
-                    # accounts, whose parts cannot be looked at until it is done.
-                    async with self._lock:
-                        for family, part in parts:
-                            # Else its lines changed meanwhile. Equal members hold equal lines,
-                            # so the compacted member is right for a part made again alike.
-                            if index < self._group_count() and self._part(index, family) == part:
-                                self._replace_part(index, family, compacted=members[family])
-                    for cache in self._formats.values():
-                        cache.bodies.pop(True, None)
-                    await slices.pause_if_due()
-        except Exception:  # the per-account members keep serving; never a crash of the loop
+                            continue
+                        # Equal members hold equal lines, so the compacted member is right for
+                        # a part made again alike.
+                        if self._part(index, family) == part:
+                            self._replace_part(index, family, compacted=members[family])
+                        elif (index, family) in self._stale:  # its lines changed meanwhile
+                            self._stale[index, family] = time.monotonic()
+                for cache in self._formats.values():
+                    cache.bodies.pop(True, None)
+                await slices.pause_if_due()
+        except Exception:  # the segments keep serving; never a crash of the loop
             self.counters.collect_errors += 1
             log.exception("compacting the gzip body failed")
 
@@ -451,6 +562,9 @@ class ExpositionCache:
             if previous is not None and previous.complete and (
                     group.parts(previous.snapshot) == group.parts(snapshot)):
                 texts.extend(previous.text[where])
+            elif group.gauges is not None:  # the same lines, without making the families
+                texts.extend(gauge_lines(gauge.name, gauge.label_names, gauge.samples)
+                             for gauge in group.gauges((snapshot,)))
             else:
                 texts.extend(sample_lines(family) for family in group.families((snapshot,)))
         return tuple(texts)
@@ -477,8 +591,8 @@ class ExpositionCache:
             snapshot,
             tuple(old if same else text
                   for text, old, same in zip(texts, previous.text, unchanged, strict=True)),
-            tuple(old if same else _gzip_member(text)
-                  for text, old, same in zip(texts, previous.gzipped, unchanged, strict=True)))
+            tuple(old if same else self._segments.of(text)
+                  for text, old, same in zip(texts, previous.deflated, unchanged, strict=True)))
         position = self._positions.get(label)
         if position is not None:
             for family, same in enumerate(unchanged):

@@ -6,6 +6,7 @@ The staleness rule lives here because the store owns each account's last accepte
 one per endpoint: a notional reply is never compared with a balances reply's stamp.
 """
 
+import asyncio
 import enum
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -385,6 +386,9 @@ class BalanceStore:
         self.accounts_version = 0
         # Likewise for the keys' counters.
         self.keys_version = 0
+        # Set whenever either version moves on: a reader waits on it instead of looking again
+        # and again (an idle exporter wakes for nothing).
+        self.changed = asyncio.Event()
         # Plans after a listing that could not be made (a bug): the last plan stayed in use.
         self.plan_errors = 0
         # The accounts_version of each account's last change, oldest first, since the last
@@ -430,7 +434,7 @@ class BalanceStore:
             accounts[label] = snapshot if current is previous else _carried(current,
                                                                            snapshot.target)
         self._accounts = accounts
-        self.accounts_version += 1
+        self._accounts_moved_on()
         self._layout_version = self.accounts_version
         self._changes = {}
         discovering = discovering or {}
@@ -452,7 +456,7 @@ class BalanceStore:
             keys[name] = replace(counters, discovery=discovery, key_id=key_id, roles=roles,
                                  stream=stream)
         self._keys = keys
-        self.keys_version += 1
+        self._keys_moved_on()
 
         names = {key_id: name for name, key_id in (key_ids or {}).items()}
 
@@ -609,9 +613,17 @@ class BalanceStore:
 
     def _replace_account(self, label: str, snapshot: AccountSnapshot) -> None:
         self._accounts[label] = snapshot
-        self.accounts_version += 1
+        self._accounts_moved_on()
         self._changes.pop(label, None)  # to the end: the log stays in the order of changes
         self._changes[label] = self.accounts_version
+
+    def _accounts_moved_on(self) -> None:
+        self.accounts_version += 1
+        self.changed.set()
+
+    def _keys_moved_on(self) -> None:
+        self.keys_version += 1
+        self.changed.set()
 
     def changed_since(self, version: int) -> tuple[AccountSnapshot, ...] | None:
         """The snapshots that changed after accounts_version `version`, in the order of their
@@ -629,7 +641,7 @@ class BalanceStore:
     def _update_key(self, key_name: str, **changes: Any) -> None:
         if key_name in self._keys:  # a key dropped by a reload has no counters any more
             self._keys[key_name] = replace(self._keys[key_name], **changes)
-            self.keys_version += 1
+            self._keys_moved_on()
 
     def _update_discovery(self, key_name: str, **changes: Any) -> None:
         key = self._keys.get(key_name)
@@ -727,7 +739,7 @@ class BalanceStore:
 
     def record_plan_error(self) -> None:
         self.plan_errors += 1
-        self.keys_version += 1  # shown with the keys' counters
+        self._keys_moved_on()  # shown with the keys' counters
 
     def stopped_workers(self) -> list[str]:
         """Keys whose poll worker is not running: nothing is polled with them right now."""

@@ -19,7 +19,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.samples import Exemplar, Sample
 
 from balance_exporter import exposition
-from balance_exporter.encoding import UnsupportedSample, sample_lines
+from balance_exporter.encoding import UnsupportedSample, gauge_lines, sample_lines
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
 from balance_exporter.store import BalanceStore
 from balance_exporter.targets import AccountTarget, Endpoint
@@ -84,6 +84,22 @@ def test_lines_are_prometheus_clients_in_both_formats(family: Metric) -> None:
     lines = sample_lines(family)
     assert lines == library_sample_lines(family, openmetrics=False)
     assert lines == library_sample_lines(family, openmetrics=True)
+
+
+@settings(max_examples=300)
+@given(metric_names.filter(lambda name: ":" not in name),
+       st.lists(label_names, unique=True, max_size=4).flatmap(lambda names: st.tuples(
+           st.just(tuple(names)),
+           st.lists(st.tuples(st.lists(label_values, min_size=len(names), max_size=len(names)),
+                              numbers), max_size=6))))
+def test_gauge_lines_are_the_lines_of_the_gauge_family_they_stand_for(
+    name: str, gauge: tuple[tuple[str, ...], list[tuple[list[str], float]]],
+) -> None:
+    names, samples = gauge
+    family = GaugeMetricFamily(name, "help", labels=names)
+    for values, value in samples:
+        family.add_metric(values, value)
+    assert gauge_lines(name, names, samples) == library_sample_lines(family, openmetrics=False)
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, 7, 0.1, 123456789.0, -1e300])

@@ -7,7 +7,7 @@ import gzip
 import shutil
 import threading
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import pytest
 import structlog
@@ -23,6 +23,7 @@ from balance_exporter.exposition import (
     choose_format,
 )
 from balance_exporter.gemini.replies import BalanceReply, CurrencyBalance
+from balance_exporter.slices import Slices
 from balance_exporter.store import AccountSnapshot, BalanceStore
 from balance_exporter.targets import AccountTarget, Endpoint
 from tests.helpers import OPENMETRICS_ACCEPT, fixed_store, reference_body, wait_until
@@ -184,13 +185,19 @@ async def test_a_poll_that_moved_no_balance_renders_only_what_changed_and_stays_
     cache = ExpositionCache(store, process_metrics=False)
     await fast(cache)
     rendered: list[str] = []
-    working = encoding.sample_lines
+    working, working_gauges = encoding.sample_lines, encoding.gauge_lines
 
     def recording(family: Metric) -> bytes:
         rendered.append(family.name)
         return working(family)
 
+    def recording_gauges(name: str, label_names: tuple[str, ...],
+                         samples: Iterable[tuple[Sequence[str], float]]) -> bytes:
+        rendered.append(name)
+        return working_gauges(name, label_names, samples)
+
     monkeypatch.setattr("balance_exporter.exposition.sample_lines", recording)
+    monkeypatch.setattr("balance_exporter.exposition.gauge_lines", recording_gauges)
     (snapshot,) = [s for s in store.account_snapshots() if s.target.label == "acct-1"]
     # The same rows again in a newer reply: the health lines move, the balances do not.
     store.record_reply("acct-1", BAL, BalanceReply(snapshot.balances.rows,
@@ -270,21 +277,21 @@ async def test_gzip_members_are_compacted_per_group_and_a_change_stays_exact() -
     await cache.compacted()
     compact = (await cache.render("", "gzip")).body
     assert gzip.decompress(compact) == gzip.decompress(first) == reference_body(store)
-    # Far fewer members (one per family and group of accounts beside the families' headers,
-    # which are members of their own in both), and smaller.
+    # One member per family and group of accounts (3) beside the families' headers, whether
+    # made of the accounts' segments or compacted; compacted, far smaller.
     headers = reference_body(store).count(b"# HELP ")
-    assert members(compact) - headers < (members(first) - headers) / 10
+    assert members(compact) == members(first) <= headers * 4
     assert len(compact) < len(first) / 2
-    # One account changes: its group is served from per-account members at once, exact...
+    # One account changes: its group is served from the accounts' segments at once, exact...
     update(store, "acct-40", 99_999)
     changed = (await cache.render("", "gzip")).body
     assert gzip.decompress(changed) == reference_body(store)
-    assert members(compact) < members(changed)
+    assert len(changed) > len(compact) * 1.1
     # ...and compacted again in the background.
     await cache.compacted()
     again = (await cache.render("", "gzip")).body
     assert gzip.decompress(again) == reference_body(store)
-    assert members(again) == members(compact)
+    assert len(again) < len(compact) * 1.01
 
 
 async def test_compacted_members_follow_removed_and_reordered_accounts() -> None:
@@ -412,6 +419,87 @@ async def test_changed_accounts_are_rendered_in_the_background_between_scrapes(
         await cache.close()
 
 
+@pytest.mark.parametrize("gzipped", [False, True], ids=["text", "gzip"])
+async def test_a_scrape_behind_many_changes_is_answered_with_the_last_body_and_never_renders(
+    monkeypatch: pytest.MonkeyPatch, gzipped: bool,
+) -> None:
+    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", 3600.0)
+    store = large_store(20, 3)
+    cache = ExpositionCache(store, process_metrics=False)
+    cache.start()  # its pass will not come round during the test
+    try:
+        last = await fast(cache, gzipped=gzipped)
+        assert last == reference_body(store)
+        rendered = rendered_labels(cache, monkeypatch)
+        # As many changes as a scrape renders itself: it does, and is exact.
+        for index in range(exposition.SCRAPE_RENDER_ACCOUNTS):
+            update(store, f"acct-{index}", 1_000 + index, 3)
+        last = await fast(cache, gzipped=gzipped)
+        assert last == reference_body(store)
+        assert len(rendered) == exposition.SCRAPE_RENDER_ACCOUNTS
+        # One more than that: the scrape is the last body, rendering nothing.
+        rendered.clear()
+        for index in range(exposition.SCRAPE_RENDER_ACCOUNTS + 1):
+            update(store, f"acct-{index}", 2_000 + index, 3)
+        assert await fast(cache, gzipped=gzipped) == last != reference_body(store)
+        assert rendered == []
+    finally:
+        await cache.close()
+
+
+async def test_the_background_pass_makes_the_scraped_bodies_again_after_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", 0.001)
+    store = large_store(20, 3)
+    cache = ExpositionCache(store, process_metrics=False)
+    cache.start()
+    try:
+        await fast(cache, gzipped=True)
+        for index in range(exposition.SCRAPE_RENDER_ACCOUNTS + 1):
+            update(store, f"acct-{index}", 3_000 + index, 3)
+
+        async def made_again() -> bool:  # the last body is the new one
+            last = cache._published.get((exposition.TEXT_TYPE, True))
+            return last is not None and gzip.decompress(last) == reference_body(store)
+
+        await wait_until(made_again, "the body made again by the background pass")
+        assert await fast(cache, gzipped=True) == reference_body(store)
+    finally:
+        await cache.close()
+
+
+async def test_an_idle_exporter_renders_nothing_and_its_pass_does_not_wake(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", 0.001)
+    store = large_store(5, 3)
+    cache = ExpositionCache(store, process_metrics=False)
+    passes: list[int] = []
+    original = cache._refresh
+
+    async def counting(slices: Slices) -> None:
+        passes.append(1)
+        await original(slices)
+
+    monkeypatch.setattr(cache, "_refresh", counting)
+    cache.start()
+    try:
+        await fast(cache, gzipped=True)
+        await asyncio.sleep(0.1)  # a hundred pass intervals
+        before = len(passes)
+        await asyncio.sleep(0.2)
+        assert len(passes) == before  # nothing changed: no pass came round
+        update(store, "acct-1", 7, 3)
+
+        async def passed() -> bool:
+            return len(passes) > before
+
+        await wait_until(passed, "a pass after a change")
+    finally:
+        await cache.close()
+
+
 async def test_a_background_render_that_fails_is_counted_and_logged_once_in_a_row(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -426,6 +514,7 @@ async def test_a_background_render_that_fails_is_counted_and_logged_once_in_a_ro
     with structlog.testing.capture_logs() as logs:
         cache.start()
         async def failed_thrice() -> bool:
+            update(store, "acct-1", cache.counters.collect_errors)  # a pass follows a change
             return cache.counters.collect_errors >= 3
 
         await wait_until(failed_thrice, "three failed background passes")
@@ -469,10 +558,10 @@ async def test_parts_up_to_the_inline_bound_are_compacted_on_the_loop_larger_one
 
 
 async def wait_compacted(cache: ExpositionCache, first: bytes, what: str) -> None:
-    """Wait until `cache`'s gzip body is in compacted members: fewer than a fifth of those of
-    `first`, a body of the accounts' own members."""
+    """Wait until `cache`'s gzip body is in compacted members: less than half `first`, a body of
+    the accounts' own segments."""
     async def compacted() -> bool:
-        return members((await cache.render("", "gzip")).body) < members(first) / 5
+        return len((await cache.render("", "gzip")).body) < len(first) / 2
 
     await wait_until(compacted, what)
 
@@ -517,6 +606,19 @@ async def test_the_background_pass_compacts_what_a_gzip_scrape_left(
         await wait_compacted(cache, first, "the background pass's compaction")
         assert (gzip.decompress((await cache.render("", "gzip")).body)
                 == reference_body(cache.store))
+
+
+async def test_the_background_pass_compacts_a_part_only_once_it_has_been_stale_for_the_delay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("balance_exporter.exposition.COMPACTION_DELAY_SECONDS", 3600.0)
+    async with with_background_pass(monkeypatch, 0.001) as cache:
+        first = (await cache.render("", "gzip")).body
+        await asyncio.sleep(0.1)  # a hundred passes came round, none compacted a part
+        assert (await cache.render("", "gzip")).body == first
+        monkeypatch.setattr("balance_exporter.exposition.COMPACTION_DELAY_SECONDS", 0.0)
+        update(cache.store, "acct-1", 5)  # the next pass: every stale part is due now
+        await wait_compacted(cache, first, "the compaction once the delay is over")
 
 
 @pytest.mark.parametrize("meanwhile", ["changed-again", "group-removed"])
