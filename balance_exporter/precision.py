@@ -16,10 +16,13 @@ class Precision:
     def __init__(self, places: Mapping[str, int], default_places: int) -> None:
         self._places = {currency.upper(): value for currency, value in places.items()}
         self.default_places = default_places
+        # Each configured number of places as the quantum it floors to, made once: every
+        # amount of every reply is floored.
+        self._quanta = {value: Decimal(1).scaleb(-value)
+                        for value in {*self._places.values(), default_places}}
 
     def places_for(self, currency: str) -> int:
         return self._places.get(currency.upper(), self.default_places)
 
     def floor(self, value: Decimal, currency: str) -> Decimal:
-        quantum = Decimal(1).scaleb(-self.places_for(currency))
-        return value.quantize(quantum, context=_DECIMAL_CONTEXT)
+        return value.quantize(self._quanta[self.places_for(currency)], context=_DECIMAL_CONTEXT)

@@ -278,19 +278,24 @@ def _load_json(body: bytes) -> object:
 
 def _decimal_field(row: Mapping[str, Any], field: str, index: int) -> Decimal:
     raw = row.get(field)
-    where = f"row {index} field {field!r}"
     # bool is an int in Python, and True is no balance.
     if isinstance(raw, bool) or not isinstance(raw, str | Decimal):
-        raise MalformedReply(f"{where}: expected a number or numeric string, got {_shown(raw)}")
+        raise MalformedReply(f"{_where(index, field)}: expected a number or numeric string, "
+                             f"got {_shown(raw)}")
     if isinstance(raw, str):
         if len(raw) > MAX_NUMBER_CHARACTERS or not _JSON_NUMBER.fullmatch(raw):
-            raise MalformedReply(f"{where}: {_shown(raw)} is not a JSON number")
+            raise MalformedReply(f"{_where(index, field)}: {_shown(raw)} is not a JSON number")
         raw = Decimal(raw)
     if raw.is_zero():
         return Decimal(0)
     if raw.adjusted() > MAX_AMOUNT_ADJUSTED_EXPONENT:
-        raise MalformedReply(f"{where}: {_shown(str(raw))} is out of range for a balance")
+        raise MalformedReply(f"{_where(index, field)}: {_shown(str(raw))} is out of range for "
+                             "a balance")
     return raw
+
+
+def _where(index: int, field: str) -> str:
+    return f"row {index} field {field!r}"
 
 
 def parse_timestamp_ns(raw: object) -> int:
@@ -471,7 +476,11 @@ def _row_key(raw: object) -> tuple[object, ...] | None:
     or one with nested values)."""
     if not isinstance(raw, dict):
         return None
-    key = tuple(item for item in raw.items() if item[0] != "_timestamp")
+    if "_timestamp" in raw:
+        raw = raw.copy()
+        del raw["_timestamp"]
+    # Its names, then its values: one flat tuple (a tuple of pairs made seven a row).
+    key = (*raw.keys(), *raw.values())
     try:
         hash(key)
     except TypeError:
