@@ -4,28 +4,27 @@ prometheus_client renders about 100k series a second and blocks the event loop (
 poller) while it does. Here each account's sample lines are written once per change of that
 account, by `encoding` (held byte for byte to prometheus_client), and serve both formats: only
 the families' HELP and TYPE lines differ between them, and those are rendered once per format
-by prometheus_client itself. The lines are kept per (account, family), with a deflate segment of
-each: compressed on its own and ended by a full flush, so that segments put one after another
-are one valid deflate stream, and a gzipped body is assembled without compressing anything that
-did not change (one compressor is kept warm for them: a fresh one costs 50 microseconds to set
-up, five times a segment's compression). Changed accounts are rendered in the background as
+by prometheus_client itself. The lines are kept per (account, family), with a gzip member of
+each: concatenated gzip members are a valid gzip stream, so a gzipped body is assembled without
+compressing anything that did not change. The members come from one compressor kept warm (a
+fresh one costs 50 microseconds to set up, five times an account's family), a full flush ending
+each. Changed accounts are rendered in the background as
 the pollers change them (`start`), in slices of a few milliseconds that give the event loop a
 turn between them, so a scrape finds at most an account or two to render. What is not per
 account (keys, build, process metrics) is small, and rendered again for a scrape when a key's or
 the exporter's counters changed, or when it is more than a second old (process metrics: an HA
 pair scraping at once shares them).
 
-Per family, each group of GROUP_ACCOUNTS consecutive accounts is one gzip member (a part): the
-accounts' segments between a gzip header and a trailer (the CRC of the group's text). Segments
-compress poorly, each with no history, about two and a half times one deflate stream of the same
-text, so the parts are compacted: compressed as one stream. A part whose accounts' lines of its
-family change is made again from the accounts' segments at once, so a change costs no
-compression beyond the changed account's, and compacted again by a background pass once it has
-been so for COMPACTION_DELAY_SECONDS (not by the scrape, whose reply is still being written): on
-the event loop when it is small, in a thread when it is large. The delay bounds the compression
-to a part's text once a second however often its accounts change: at 500 polls a second every
-part changes every few tens of milliseconds, and compacting them as often took a third of the
-exporter's CPU. A poll that moved no balance
+A member per (account, family) compresses poorly: each has its own header and no history, and
+a body of them is about three times one gzip stream of the same text. So the members are
+compacted: per family, one member for each group of GROUP_ACCOUNTS consecutive accounts (a
+part). A part whose accounts' lines of its family change is made again from the accounts' own
+members at once, so a change costs no compression beyond the changed account's, and compacted
+again by a background pass once it has been so for COMPACTION_DELAY_SECONDS (not by the scrape,
+whose reply is still being written): on the event loop when it is small, in a thread when it is
+large. The delay bounds the compression to a part's text once a second however often its
+accounts change: at 500 polls a second every part changes every few tens of milliseconds, and
+compacting them as often took a third of the exporter's CPU. A poll that moved no balance
 changes a few families of a line per account; the families of the balances keep their
 compacted parts. The parts are kept in the body's order, so a gzipped body is one join of
 slices of them and a scrape after a change costs the changed account's rendering and a copy.
@@ -194,9 +193,11 @@ def _gzip_members(texts: list[list[bytes]]) -> tuple[bytes, ...]:
     return tuple(_gzip_member(b"".join(family)) for family in texts)
 
 
-class _Segments:
-    """Deflate segments of texts, each compressed on its own: one compressor, kept warm, whose
-    every segment ends with a full flush (which forgets what came before)."""
+class _Members:
+    """Gzip members of texts, from one compressor kept warm: a full flush ends each text's
+    deflate segment and forgets what came before, so the segment, a final empty block and the
+    text's CRC make a member of its own (gzip.compress sets up a compressor for each, five times
+    the cost of compressing an account's family)."""
 
     def __init__(self) -> None:
         self._compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
@@ -204,29 +205,19 @@ class _Segments:
     def of(self, text: bytes) -> bytes:
         if not text:
             return b""
-        return self._compressor.compress(text) + self._compressor.flush(zlib.Z_FULL_FLUSH)
-
-
-def _member_of_segments(texts: list[bytes], segments: list[bytes]) -> bytes:
-    """One gzip member of the texts, from their segments; nothing for no text."""
-    crc, size = 0, 0
-    for text in texts:
-        crc = zlib.crc32(text, crc)
-        size += len(text)
-    if not size:
-        return b""
-    return b"".join([_GZIP_HEADER, *segments, _FINAL_BLOCK,
-                     struct.pack("<II", crc, size & 0xFFFFFFFF)])
+        return b"".join([_GZIP_HEADER, self._compressor.compress(text),
+                         self._compressor.flush(zlib.Z_FULL_FLUSH), _FINAL_BLOCK,
+                         struct.pack("<II", zlib.crc32(text), len(text) & 0xFFFFFFFF)])
 
 
 @dataclass(frozen=True, slots=True)
 class _Fragments:
-    """One account's sample lines per family, as text and as a deflate segment (both formats')."""
+    """One account's sample lines per family, as text and as a gzip member (both formats')."""
 
     snapshot: AccountSnapshot
     # Tuples, not lists: a tuple of bytes is left out of the cyclic garbage collector's walks.
     text: tuple[bytes, ...]
-    deflated: tuple[bytes, ...]
+    gzipped: tuple[bytes, ...]
     # Made whole from `snapshot` (not kept from before a render that failed): only then may a
     # family group whose parts did not change keep its lines.
     complete: bool = True
@@ -271,9 +262,9 @@ class ExpositionCache:
         self._accounts: dict[str, _Fragments] = {}
         # Per family, its part of each group (GROUP_ACCOUNTS consecutive accounts of `_order`),
         # in the body's order (`_slot`): a list, so that a body is joined from slices of it. A
-        # part is one gzip member of a family's lines for a group: compacted, or the accounts'
-        # segments one after another. When one of its accounts' lines of the family change,
-        # the part is made again (its slot is `_unmade` until then) from the accounts' segments.
+        # part is one family's gzip members for a group: one compacted member, or the accounts'
+        # own members one after another. When one of its accounts' lines of the family change,
+        # the part is made again (its slot is `_unmade` until then) from the accounts' members.
         self._parts: list[bytes] = []
         self._unmade: set[int] = set()
         # Moves on whenever a part is compacted: a body joined across that is not kept.
@@ -286,7 +277,7 @@ class ExpositionCache:
         # (group, family) of the parts not compacted since their lines changed, and since when
         # (monotonic).
         self._stale: dict[tuple[int, int], float] = {}
-        self._segments = _Segments()
+        self._members = _Members()
         self._compacting: asyncio.Task[None] | None = None
         # Compacting is only worth it once a scraper asked for gzip.
         self._gzip_asked = False
@@ -452,10 +443,8 @@ class ExpositionCache:
     def _part(self, index: int, family: int) -> bytes:
         slot = self._slot(index, family)
         if slot in self._unmade:
-            accounts = self._group_accounts(index)
-            self._parts[slot] = _member_of_segments(
-                [fragments.text[family] for fragments in accounts],
-                [fragments.deflated[family] for fragments in accounts])
+            self._parts[slot] = b"".join(
+                [fragments.gzipped[family] for fragments in self._group_accounts(index)])
             self._unmade.discard(slot)
         return self._parts[slot]
 
@@ -549,7 +538,7 @@ class ExpositionCache:
                 for cache in self._formats.values():
                     cache.bodies.pop(True, None)
                 await slices.pause_if_due()
-        except Exception:  # the segments keep serving; never a crash of the loop
+        except Exception:  # the accounts' members keep serving; never a crash of the loop
             self.counters.collect_errors += 1
             log.exception("compacting the gzip body failed")
 
@@ -591,8 +580,8 @@ class ExpositionCache:
             snapshot,
             tuple(old if same else text
                   for text, old, same in zip(texts, previous.text, unchanged, strict=True)),
-            tuple(old if same else self._segments.of(text)
-                  for text, old, same in zip(texts, previous.deflated, unchanged, strict=True)))
+            tuple(old if same else self._members.of(text)
+                  for text, old, same in zip(texts, previous.gzipped, unchanged, strict=True)))
         position = self._positions.get(label)
         if position is not None:
             for family, same in enumerate(unchanged):

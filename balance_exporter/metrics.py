@@ -106,14 +106,13 @@ class GaugeSamples:
 
 
 def _row_samples(
-    accounts: tuple[AccountSnapshot, ...], endpoint: Endpoint, gauge: BalanceGauge,
-    quoted: bool,
+    rows: list[tuple[AccountSnapshot, tuple[Any, ...]]], gauge: BalanceGauge, quoted: bool,
 ) -> Iterator[tuple[Sequence[str], float]]:
-    for snapshot in accounts:
+    for snapshot, account_rows in rows:
         if gauge.pending and not snapshot.target.show_pending_balances:
             continue
         extra = (snapshot.target.notional_currency or "",) if quoted else ()
-        for row in snapshot.poll(endpoint).rows:
+        for row in account_rows:
             yield (snapshot.target.label, row.currency, *extra), getattr(row, gauge.field)
 
 
@@ -123,9 +122,11 @@ def _row_gauges(
 ) -> Iterator[GaugeSamples]:
     """One gauge per field of an endpoint's rows, one sample per account and currency."""
     quoted = "notional_currency" in labels
+    # The rows once for all the gauges: a state makes them from its fields on every call.
+    rows = [(snapshot, snapshot.poll(endpoint).rows) for snapshot in accounts]
     for gauge in gauges:
         yield GaugeSamples(gauge.name, f"{gauge.help} {suffix}", tuple(labels),
-                           list(_row_samples(accounts, endpoint, gauge, quoted)))
+                           list(_row_samples(rows, gauge, quoted)))
 
 
 def _provider_samples(
