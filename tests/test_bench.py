@@ -61,13 +61,20 @@ def test_steal_is_read_from_the_kernels_cpu_line(tmp_path: Path) -> None:
     assert steal_seconds(tmp_path / "missing") is None
 
 
-def test_the_poll_cost_bench_reports_ours_the_floor_and_the_scrapes() -> None:
-    result = subprocess.run([sys.executable, "-m", "bench.poll_cost", "measure", "--quick"],
+def test_the_poll_cost_bench_reports_ours_the_floor_the_scrapes_and_the_idle_share() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench.poll_cost", "measure", "--quick",
+                             "changing_500", "idle"],
                             cwd=ROOT, capture_output=True, text=True, check=False, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     figures = json.loads(result.stdout[result.stdout.index("{"):])
-    for workload in ("changing", "unchanged"):
-        assert figures[workload]["polls_per_second"] > 100
-        assert figures[workload]["ours_cpu_per_poll_ms"] > 0
-        assert figures[workload]["floor_cpu_per_request_ms"] > 0
-        assert figures[workload]["scrapes"] > 0
+    assert set(figures) == {"changing_500", "idle"}
+    polling = figures["changing_500"]
+    assert polling["ours_polls_per_second"] > 100
+    assert polling["ours_cpu_per_poll_ms"] > 0
+    assert polling["floor_cpu_per_request_ms"] > 0
+    assert polling["ratio"] > 0
+    assert polling["scrapes"] > 0
+    # Idle: every account was polled once in the warm-up, none in the window.
+    assert figures["idle"]["ours_polls_per_second"] == 0
+    assert 0 <= figures["idle"]["ours_cpu_share"] < 1
+    assert "floor_cpu_per_request_ms" not in figures["idle"]
