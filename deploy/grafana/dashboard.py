@@ -326,6 +326,15 @@ def polling_row() -> list[AnyPanel]:
                         "{{key}} requests")),
         over_time("Poll duration", "How long each account's last poll took.", "s",
                   query(of_accounts("gemini_account_poll_duration_seconds"), "{{account}}")),
+        over_time("Poll lag per key", "How late each key's last request started after it was "
+                  "due: above a second or two the exporter is behind its plan, short of CPU or "
+                  "of a shared budget (GeminiBalancePollingBehind); its data ages.", "s",
+                  query("max by (key) (gemini_key_poll_lag_seconds)", "{{key}}")),
+        over_time("Exporter CPU", "The exporter's CPU in cores: at 1 it is saturated, and the "
+                  "keys' poll lag grows (a scrape still answers).", "none",
+                  # This exporter's processes, whatever their job is called.
+                  query("rate(process_cpu_seconds_total[$__rate_interval]) "
+                        "and on (job, instance) gemini_exporter_build_info", "{{instance}}")),
     ]
 
 
