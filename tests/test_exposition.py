@@ -423,11 +423,9 @@ async def test_changed_accounts_are_rendered_in_the_background_between_scrapes(
 async def test_a_scrape_behind_many_changes_is_answered_with_the_last_body_and_never_renders(
     monkeypatch: pytest.MonkeyPatch, gzipped: bool,
 ) -> None:
-    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", 3600.0)
     store = large_store(20, 3)
-    cache = ExpositionCache(store, process_metrics=False)
-    cache.start()  # its pass will not come round during the test
-    try:
+    # Its pass will not come round during the test.
+    async with with_background_pass(monkeypatch, 3600.0, store) as cache:
         last = await fast(cache, gzipped=gzipped)
         assert last == reference_body(store)
         rendered = rendered_labels(cache, monkeypatch)
@@ -443,18 +441,13 @@ async def test_a_scrape_behind_many_changes_is_answered_with_the_last_body_and_n
             update(store, f"acct-{index}", 2_000 + index, 3)
         assert await fast(cache, gzipped=gzipped) == last != reference_body(store)
         assert rendered == []
-    finally:
-        await cache.close()
 
 
 async def test_the_background_pass_makes_the_scraped_bodies_again_after_changes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", 0.001)
     store = large_store(20, 3)
-    cache = ExpositionCache(store, process_metrics=False)
-    cache.start()
-    try:
+    async with with_background_pass(monkeypatch, 0.001, store) as cache:
         await fast(cache, gzipped=True)
         for index in range(exposition.SCRAPE_RENDER_ACCOUNTS + 1):
             update(store, f"acct-{index}", 3_000 + index, 3)
@@ -465,26 +458,23 @@ async def test_the_background_pass_makes_the_scraped_bodies_again_after_changes(
 
         await wait_until(made_again, "the body made again by the background pass")
         assert await fast(cache, gzipped=True) == reference_body(store)
-    finally:
-        await cache.close()
 
 
 async def test_an_idle_exporter_renders_nothing_and_its_pass_does_not_wake(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", 0.001)
     store = large_store(5, 3)
-    cache = ExpositionCache(store, process_metrics=False)
-    passes: list[int] = []
-    original = cache._refresh
+    # The parts the scrape left stale would wake it once, a delay later, to compact them.
+    monkeypatch.setattr("balance_exporter.exposition.COMPACTION_DELAY_SECONDS", 3600.0)
+    async with with_background_pass(monkeypatch, 0.001, store) as cache:
+        passes: list[int] = []
+        original = cache._refresh
 
-    async def counting(slices: Slices) -> None:
-        passes.append(1)
-        await original(slices)
+        async def counting(slices: Slices) -> None:
+            passes.append(1)
+            await original(slices)
 
-    monkeypatch.setattr(cache, "_refresh", counting)
-    cache.start()
-    try:
+        monkeypatch.setattr(cache, "_refresh", counting)
         await fast(cache, gzipped=True)
         await asyncio.sleep(0.1)  # a hundred pass intervals
         before = len(passes)
@@ -496,8 +486,6 @@ async def test_an_idle_exporter_renders_nothing_and_its_pass_does_not_wake(
             return len(passes) > before
 
         await wait_until(passed, "a pass after a change")
-    finally:
-        await cache.close()
 
 
 async def test_a_background_render_that_fails_is_counted_and_logged_once_in_a_row(
@@ -575,12 +563,12 @@ async def test_a_gzip_scrape_compacts_after_itself_without_the_background_pass()
 
 @contextlib.asynccontextmanager
 async def with_background_pass(
-    monkeypatch: pytest.MonkeyPatch, every_seconds: float,
+    monkeypatch: pytest.MonkeyPatch, every_seconds: float, store: BalanceStore | None = None,
 ) -> AsyncIterator[ExpositionCache]:
-    """A cache of two groups of accounts whose background pass comes round every
-    `every_seconds`, closed afterwards."""
+    """A cache of `store` (by default two groups of accounts) whose background pass comes round
+    `every_seconds` after a change, closed afterwards."""
     monkeypatch.setattr("balance_exporter.exposition.BACKGROUND_RENDER_SECONDS", every_seconds)
-    cache = ExpositionCache(large_store(GROUP_ACCOUNTS + 1, 20), process_metrics=False)
+    cache = ExpositionCache(store or large_store(GROUP_ACCOUNTS + 1, 20), process_metrics=False)
     cache.start()
     try:
         yield cache
