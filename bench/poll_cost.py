@@ -11,9 +11,10 @@ Three processes, so that each one's CPU is its own:
 
 Each reports its own process CPU over the measured window divided by its requests: ours / floor
 is P9. P10 is the scrapes' p99 (and their count) while ours polls. Two more workloads: the
-exporter saturated (40 requests/s a key planned: more polls than a core can make), where the
-scrapes must still answer and the keys' poll lag shows the polls falling behind; and idle (every
-account polled once an hour: after the first polls nothing is due), its CPU share.
+exporter saturated (150 keys of 10 accounts at 10 requests/s: more polls planned than a core
+can make), where the scrapes must still answer and the keys' poll lag shows the polls falling
+behind; and idle (every account polled once an hour: after the first polls nothing is due), its
+CPU share.
 `python -m bench.poll_cost series N` runs the whole measurement N times and gives each figure's
 median, least and greatest.
 """
@@ -130,11 +131,12 @@ async def floor(url: str, rate: float, warmup: float, window: float) -> dict[str
 # Ours.
 
 def ours_document(base_url: str, rate_per_key: float = RATE_PER_KEY,
-                  interval_seconds: float | None = None) -> dict[str, Any]:
+                  interval_seconds: float | None = None, keys_count: int = KEYS,
+                  ) -> dict[str, Any]:
     """The exporter's config: each key's accounts at `interval_seconds`, by default as often as
     the key's rate allows."""
     keys, accounts = [], []
-    for key in range(KEYS):
+    for key in range(keys_count):
         keys.append({"name": f"k{key:02d}", "api_key": f"master-bench{key:02d}",
                      "api_secret": SECRET, "requests_per_second": rate_per_key})
         accounts += [{"key": f"k{key:02d}", "account": f"a{key:02d}x{account}",
@@ -145,14 +147,15 @@ def ours_document(base_url: str, rate_per_key: float = RATE_PER_KEY,
 
 
 async def ours(base_url: str, warmup: float, window: float, rate_per_key: float,
-               interval_seconds: float | None) -> dict[str, float]:
+               interval_seconds: float | None, keys_count: int) -> dict[str, float]:
     from balance_exporter.config import load_config
     from balance_exporter.server import ListenAddress, WebOptions
     from balance_exporter.service import Service
 
     with TemporaryDirectory() as directory:
         path = Path(directory) / "exporter.yml"
-        path.write_text(yaml.safe_dump(ours_document(base_url, rate_per_key, interval_seconds)))
+        path.write_text(yaml.safe_dump(ours_document(base_url, rate_per_key, interval_seconds,
+                                                     keys_count)))
         service = Service(load_config(path), path,
                           WebOptions(listen_address=ListenAddress("127.0.0.1", 0)))
         await service.start()
@@ -182,7 +185,8 @@ def _line(child: "subprocess.Popen[str]", prefix: str) -> str:
     for line in child.stdout:
         if line.startswith(prefix):
             return line[len(prefix):].strip()
-    raise RuntimeError(f"the child ended without a {prefix!r} line")
+    raise RuntimeError(f"the child {child.args!r} ended ({child.wait()}) without a {prefix!r} "
+                       "line")
 
 
 def _child(*args: str) -> "subprocess.Popen[str]":
@@ -223,6 +227,7 @@ class Workload:
     interval_seconds: float | None = None  # None: as often as the key's rate allows
     floor: bool = True  # measure the bare client at ours' rate beside it
     scrape_every_seconds: float = 0.05
+    keys: int = KEYS
 
 
 WORKLOADS = {
@@ -230,8 +235,9 @@ WORKLOADS = {
     "unchanged_500": Workload(changing=False, rate_per_key=RATE_PER_KEY),
     "changing_50": Workload(changing=True, rate_per_key=1.0),
     "unchanged_50": Workload(changing=False, rate_per_key=1.0),
-    # More polls planned than a core makes: the scrapes still answer, the polls fall behind.
-    "saturated": Workload(changing=True, rate_per_key=40.0, floor=False),
+    # More polls planned than a core makes (150 keys at Gemini's 10 requests/s, 1,500 accounts):
+    # the scrapes still answer, the polls fall behind.
+    "saturated": Workload(changing=True, rate_per_key=RATE_PER_KEY, floor=False, keys=150),
     # Every account polled once an hour: after the first polls nothing is due; scraped as
     # Prometheus does, every 15 s.
     "idle": Workload(changing=False, rate_per_key=RATE_PER_KEY, interval_seconds=3600.0,
@@ -245,7 +251,7 @@ def run(workload: Workload, warmup: float, window: float) -> dict[str, float]:
         assert server.stdout is not None
         base_url = f"http://127.0.0.1:{int(server.stdout.readline())}"
         exporter = _child("ours", base_url, str(warmup), str(window), str(workload.rate_per_key),
-                          str(workload.interval_seconds or 0.0))
+                          str(workload.interval_seconds or 0.0), str(workload.keys))
         url = _line(exporter, URL)
         results: list[str] = []
 
@@ -301,7 +307,7 @@ def main() -> None:
         print(f"{RESULT}{json.dumps(figures)}", flush=True)
     elif role == "ours":
         figures = asyncio.run(ours(args[0], float(args[1]), float(args[2]), float(args[3]),
-                                   float(args[4]) or None))
+                                   float(args[4]) or None, int(args[5])))
         print(f"{RESULT}{json.dumps(figures)}", flush=True)
     elif role == "series":
         print(json.dumps(series(int(args[0]), "--quick" in args), indent=1))
