@@ -74,7 +74,7 @@ BACKGROUND_RENDER_SECONDS = 0.05
 # A scrape renders at most this many changed accounts itself. With more (the pollers are ahead
 # of the background pass, the process is saturated) it is answered at once with the body the last
 # pass made, so that it never waits for the pollers' work: polling falls behind instead, in the
-# open (`gemini_key_poll_lag_seconds`, the data's age).
+# open (fewer polls than planned, GeminiBalancePollingBehind; the data's age).
 SCRAPE_RENDER_ACCOUNTS = 8
 # A body (a format, gzipped or not) scraped within this long is made again by every background
 # pass, for such a scrape to find.

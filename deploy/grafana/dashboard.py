@@ -327,8 +327,9 @@ def polling_row() -> list[AnyPanel]:
         over_time("Poll duration", "How long each account's last poll took.", "s",
                   query(of_accounts("gemini_account_poll_duration_seconds"), "{{account}}")),
         over_time("Poll lag per key", "How late each key's last request started after it was "
-                  "due: above a second or two the exporter is behind its plan, short of CPU or "
-                  "of a shared budget (GeminiBalancePollingBehind); its data ages.", "s",
+                  "due: a key at its budget starts late by its queue; a lag that stays is the "
+                  "exporter short of CPU or of a shared budget (GeminiBalancePollingBehind).",
+                  "s",
                   query("max by (key) (gemini_key_poll_lag_seconds)", "{{key}}")),
         over_time("Exporter CPU", "The exporter's CPU in cores: at 1 it is saturated, and the "
                   "keys' poll lag grows (a scrape still answers).", "none",
