@@ -20,11 +20,12 @@ a body of them is about three times one gzip stream of the same text. So the mem
 compacted: per family, one member for each group of GROUP_ACCOUNTS consecutive accounts (a
 part). A part whose accounts' lines of its family change is made again from the accounts' own
 members at once, so a change costs no compression beyond the changed account's, and compacted
-again by a background pass once it has been so for COMPACTION_DELAY_SECONDS (not by the scrape,
-whose reply is still being written): on the event loop when it is small, in a thread when it is
-large. The delay bounds the compression to a part's text once a second however often its
-accounts change: at 500 polls a second every part changes every few tens of milliseconds, and
-compacting them as often took a third of the exporter's CPU. A poll that moved no balance
+again by a background pass (not by the scrape, whose reply is still being written): on the event
+loop when it is small, in a thread when it is large. After each round of compaction the next
+waits long enough for compaction to take at most COMPACTION_SHARE of the time: at a production
+rate the rounds are small and come every pass (the body stays compact), while at 500 polls a
+second every part changes every few tens of milliseconds, and compacting them at every pass
+took a third of the exporter's CPU. A poll that moved no balance
 changes a few families of a line per account; the families of the balances keep their
 compacted parts. The parts are kept in the body's order, so a gzipped body is one join of
 slices of them and a scrape after a change costs the changed account's rendering and a copy.
@@ -83,8 +84,8 @@ PUBLISH_SECONDS = 300.0
 # so: families of a line an account, which every poll changes); larger ones in a thread.
 INLINE_COMPACTION_BYTES = 16 * 1024
 GZIP_LEVEL = 6
-# How long a part's lines may have changed before it is compacted again (see the docstring).
-COMPACTION_DELAY_SECONDS = 1.0
+# The most of the time compaction may take: a round that took t waits t * (1 / share - 1).
+COMPACTION_SHARE = 0.05
 # A gzip member's header (deflate, no name, no time, unknown system) and the deflate stream's
 # end: an empty final block with fixed codes.
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
@@ -274,9 +275,11 @@ class ExpositionCache:
         self._order: tuple[str, ...] | None = None
         self._positions: dict[str, int] = {}
         self._store_version = -1
-        # (group, family) of the parts not compacted since their lines changed, and since when
-        # (monotonic).
-        self._stale: dict[tuple[int, int], float] = {}
+        # (group, family) of the parts not compacted since their lines changed.
+        self._stale: set[tuple[int, int]] = set()
+        # When the last round of compaction ended (monotonic), and how long its compression
+        # took: the next waits for COMPACTION_SHARE.
+        self._last_round: tuple[float, float] = (0.0, 0.0)
         self._members = _Members()
         self._compacting: asyncio.Task[None] | None = None
         # Compacting is only worth it once a scraper asked for gzip.
@@ -302,11 +305,13 @@ class ExpositionCache:
     async def _keep_rendered(self) -> None:
         failing = False
         while True:
-            # Wakes for a change only, or for parts left to compact (their delay).
+            # Wakes for a change only, or for parts left to compact once compaction may go on.
             compacting_later = self._gzip_asked and bool(self._stale)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.store.changed.wait(),
-                                       COMPACTION_DELAY_SECONDS if compacting_later else None)
+                await asyncio.wait_for(
+                    self.store.changed.wait(),
+                    max(0.0, self._next_round_at() - time.monotonic()) if compacting_later
+                    else None)
             await asyncio.sleep(BACKGROUND_RENDER_SECONDS)
             self.store.changed.clear()
             try:
@@ -412,8 +417,7 @@ class ExpositionCache:
             self._parts = [b""] * slots  # other accounts in each group now
             self._unmade = set(range(slots))
             self._positions = {label: position for position, label in enumerate(order or ())}
-            now = time.monotonic()
-            self._stale = {(index, family): now
+            self._stale = {(index, family)
                            for index in range(_groups_of(len(order or ())))
                            for family in range(self._family_count)}
             for label in set(self._accounts) - set(self._positions):
@@ -461,17 +465,22 @@ class ExpositionCache:
         or it was compacted."""
         if compacted is None:
             self._unmade.add(self._slot(index, family))
-            self._stale.setdefault((index, family), time.monotonic())
+            self._stale.add((index, family))
         else:
             self._parts[self._slot(index, family)] = compacted
-            self._stale.pop((index, family), None)
+            self._stale.discard((index, family))
             self._compactions += 1
 
+    def _next_round_at(self) -> float:
+        ended, took = self._last_round
+        return ended + took * (1 / COMPACTION_SHARE - 1)
+
     def _due(self, every: bool) -> list[tuple[int, int]]:
-        """The stale parts to compact: those stale for COMPACTION_DELAY_SECONDS, or `every`."""
-        since = time.monotonic() - COMPACTION_DELAY_SECONDS
-        return sorted(key for key, stale_since in self._stale.items()
-                      if every or stale_since <= since)
+        """The stale parts to compact: all of them once compaction may go on (`_next_round_at`),
+        or `every`; none before."""
+        if not every and time.monotonic() < self._next_round_at():
+            return []
+        return sorted(self._stale)
 
     def _start_compacting(self, every: bool = False) -> None:
         if (self._compacting is None or self._compacting.done()) and self._due(every):
@@ -498,7 +507,9 @@ class ExpositionCache:
 
     async def _compact(self, every: bool) -> None:
         """Compress the parts due (`_due`): small ones on the event loop, large ones a group at
-        a time in a thread. A part whose lines changed meanwhile stays stale, from now."""
+        a time in a thread. A part whose lines changed meanwhile stays stale. The time the
+        compression took sets when the next round may come."""
+        took = 0.0
         try:
             slices = Slices(RENDER_SLICE_SECONDS)
             groups: dict[int, list[int]] = {}
@@ -512,15 +523,19 @@ class ExpositionCache:
                     accounts = self._group_accounts(index)
                     parts = [(family, self._part(index, family)) for family in families]
                     large: list[tuple[int, list[bytes]]] = []
+                    started = time.perf_counter()
                     for family in families:
                         text = [fragments.text[family] for fragments in accounts]
                         if sum(map(len, text)) <= INLINE_COMPACTION_BYTES:
                             members[family] = _gzip_member(b"".join(text))
                         else:
                             large.append((family, text))
+                    took += time.perf_counter() - started
                 if large:
+                    started = time.perf_counter()
                     compressed = await asyncio.to_thread(
                         _gzip_members, [text for _, text in large])
+                    took += time.perf_counter() - started
                     members.update(zip([family for family, _ in large], compressed,
                                        strict=True))
                 # Under the lock again: a render may be half-way through a new set of
@@ -531,16 +546,16 @@ class ExpositionCache:
                             continue
                         # Equal members hold equal lines, so the compacted member is right for
                         # a part made again alike.
-                        if self._part(index, family) == part:
+                        if self._part(index, family) == part:  # else it changed meanwhile
                             self._replace_part(index, family, compacted=members[family])
-                        elif (index, family) in self._stale:  # its lines changed meanwhile
-                            self._stale[index, family] = time.monotonic()
                 for cache in self._formats.values():
                     cache.bodies.pop(True, None)
                 await slices.pause_if_due()
         except Exception:  # the accounts' members keep serving; never a crash of the loop
             self.counters.collect_errors += 1
             log.exception("compacting the gzip body failed")
+        finally:
+            self._last_round = (time.monotonic(), took)
 
     def _account_texts(self, snapshot: AccountSnapshot,
                         previous: _Fragments | None) -> tuple[bytes, ...]:

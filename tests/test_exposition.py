@@ -464,8 +464,8 @@ async def test_an_idle_exporter_renders_nothing_and_its_pass_does_not_wake(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     store = large_store(5, 3)
-    # The parts the scrape left stale would wake it once, a delay later, to compact them.
-    monkeypatch.setattr("balance_exporter.exposition.COMPACTION_DELAY_SECONDS", 3600.0)
+    # The parts the scrape left stale would wake it once, to compact them: not during the test.
+    monkeypatch.setattr("balance_exporter.exposition.COMPACTION_SHARE", 1e-9)
     async with with_background_pass(monkeypatch, 0.001, store) as cache:
         passes: list[int] = []
         original = cache._refresh
@@ -596,17 +596,27 @@ async def test_the_background_pass_compacts_what_a_gzip_scrape_left(
                 == reference_body(cache.store))
 
 
-async def test_the_background_pass_compacts_a_part_only_once_it_has_been_stale_for_the_delay(
+async def test_after_a_round_of_compaction_the_next_waits_for_compaction_s_share_of_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("balance_exporter.exposition.COMPACTION_DELAY_SECONDS", 3600.0)
+    # A share so small that the wait after the first round outlasts the test.
+    monkeypatch.setattr("balance_exporter.exposition.COMPACTION_SHARE", 1e-9)
     async with with_background_pass(monkeypatch, 0.001) as cache:
         first = (await cache.render("", "gzip")).body
-        await asyncio.sleep(0.1)  # a hundred passes came round, none compacted a part
-        assert (await cache.render("", "gzip")).body == first
-        monkeypatch.setattr("balance_exporter.exposition.COMPACTION_DELAY_SECONDS", 0.0)
-        update(cache.store, "acct-1", 5)  # the next pass: every stale part is due now
-        await wait_compacted(cache, first, "the compaction once the delay is over")
+        await wait_compacted(cache, first, "the first round, which nothing waits for")
+        compact = (await cache.render("", "gzip")).body
+        update(cache.store, "acct-1", 5)
+        changed = (await cache.render("", "gzip")).body
+        assert len(changed) > len(compact)
+        await asyncio.sleep(0.1)  # a hundred passes came round, none compacted the part
+        assert (await cache.render("", "gzip")).body == changed
+        monkeypatch.setattr("balance_exporter.exposition.COMPACTION_SHARE", 1.0)
+        update(cache.store, "acct-1", 6)  # the next pass: compaction may go on at once
+
+        async def compacted_again() -> bool:
+            return len((await cache.render("", "gzip")).body) <= len(compact) * 1.01
+
+        await wait_until(compacted_again, "the round once compaction's share allows it")
 
 
 @pytest.mark.parametrize("meanwhile", ["changed-again", "group-removed"])
