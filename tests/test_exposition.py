@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import shutil
 import threading
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
@@ -441,6 +442,41 @@ async def test_a_scrape_behind_many_changes_is_answered_with_the_last_body_and_n
             update(store, f"acct-{index}", 2_000 + index, 3)
         assert await fast(cache, gzipped=gzipped) == last != reference_body(store)
         assert rendered == []
+
+
+async def test_after_a_reload_that_shrinks_the_set_a_scrape_renders_and_never_serves_the_old_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = large_store(20, 3)
+    async with with_background_pass(monkeypatch, 3600.0, store) as cache:
+        await fast(cache, gzipped=True)  # the last body: twenty accounts
+        for index in range(exposition.SCRAPE_RENDER_ACCOUNTS + 1):
+            update(store, f"acct-{index}", 4_000 + index, 3)
+        # Behind more changes than a scrape renders, and then a reload keeps three accounts.
+        store.configure([snapshot.target for snapshot in store.account_snapshots()][:3],
+                        [f"key-{k}" for k in range(3)])
+        body = await fast(cache, gzipped=True)
+        assert body == reference_body(store)
+        assert b'account="acct-19"' not in body
+
+
+@pytest.mark.parametrize(("past_the_bound", "made_again"), [(-1.0, True), (1.0, False)])
+async def test_the_pass_makes_again_only_the_bodies_scraped_within_publish_seconds(
+    monkeypatch: pytest.MonkeyPatch, past_the_bound: float, made_again: bool,
+) -> None:
+    store = large_store(20, 3)
+    async with with_background_pass(monkeypatch, 0.001, store) as cache:
+        old = await fast(cache)  # a text scrape, and its body published
+        variant = (exposition.TEXT_TYPE, False)
+        cache._scraped[variant] = (time.monotonic() - exposition.PUBLISH_SECONDS
+                                   - past_the_bound)
+        update(store, "acct-1", 5_000, 3)
+
+        async def rendered() -> bool:  # the pass after the change came round, and ended
+            return cache._store_version == store.accounts_version and not cache._lock.locked()
+
+        await wait_until(rendered, "the pass after the change")
+        assert (cache._published[variant] != old) is made_again
 
 
 async def test_the_background_pass_makes_the_scraped_bodies_again_after_changes(
