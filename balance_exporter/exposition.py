@@ -201,13 +201,23 @@ class _Members:
     the cost of compressing an account's family)."""
 
     def __init__(self) -> None:
-        self._compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+        self._compressor = self._fresh()
+
+    @staticmethod
+    def _fresh() -> "zlib._Compress":
+        return zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
 
     def of(self, text: bytes) -> bytes:
         if not text:
             return b""
-        return b"".join([_GZIP_HEADER, self._compressor.compress(text),
-                         self._compressor.flush(zlib.Z_FULL_FLUSH), _FINAL_BLOCK,
+        try:
+            deflated = self._compressor.compress(text) + self._compressor.flush(
+                zlib.Z_FULL_FLUSH)
+        except BaseException:
+            # Part of the text may still be in the compressor: the next member would carry it.
+            self._compressor = self._fresh()
+            raise
+        return b"".join([_GZIP_HEADER, deflated, _FINAL_BLOCK,
                          struct.pack("<II", zlib.crc32(text), len(text) & 0xFFFFFFFF)])
 
 

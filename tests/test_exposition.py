@@ -295,6 +295,23 @@ async def test_gzip_members_are_compacted_per_group_and_a_change_stays_exact() -
     assert members(again) == members(compact)
 
 
+def test_a_member_after_a_failed_compression_holds_its_own_text_only() -> None:
+    members = exposition._Members()
+    real = members._compressor
+
+    class FailingOnce:
+        def compress(self, data: bytes) -> bytes:
+            return real.compress(data)  # the text goes in...
+
+        def flush(self, mode: int) -> bytes:
+            raise MemoryError("injected")  # ...and never out
+
+    members._compressor = FailingOnce()  # type: ignore[assignment]
+    with pytest.raises(MemoryError):
+        members.of(b"lost text\n" * 50)
+    assert gzip.decompress(members.of(b"kept\n")) == b"kept\n"
+
+
 async def test_compacted_members_follow_removed_and_reordered_accounts() -> None:
     store = large_store(GROUP_ACCOUNTS + 3, 3)
     cache = ExpositionCache(store, process_metrics=False)
